@@ -1,0 +1,87 @@
+"""Wiring: build every component from one Config, start and stop them in order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy.admin import create_admin_app
+from proxy.clock import ServerClock
+from proxy.config import Config
+from proxy.forward import Forwarder
+from proxy.schemes import AuthScheme, BearerScheme, LuxSciScheme
+from proxy.session import LuxSciSession
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("proxy.app")
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    port: int = runner.addresses[0][1]
+    return port
+
+
+class ProxyService:
+    """The running proxy: listeners, upstream pool and auth session."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.clock = ServerClock()
+        self.upstream = Upstream(cfg.upstream)
+        self.session: LuxSciSession | None = None
+        scheme: AuthScheme
+        if cfg.auth.scheme == "luxsci":
+            self.session = LuxSciSession(cfg.auth, self.upstream, self.clock)
+            scheme = LuxSciScheme(self.session)
+        else:
+            assert cfg.auth.api_key is not None
+            scheme = BearerScheme(cfg.auth.api_key.get())
+        self.forwarder = Forwarder(self.upstream, scheme, self.clock, cfg.listen.max_body_bytes)
+        # No aiohttp access log: the forwarder writes one structured event per request.
+        self._proxy_runner = web.ServerRunner(
+            web.Server(self.forwarder), access_log=None, shutdown_timeout=cfg.shutdown_timeout
+        )
+        self._admin_runner = web.AppRunner(
+            create_admin_app(self.readiness), access_log=None, shutdown_timeout=5
+        )
+        self.port = 0
+        self.admin_port = 0
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.session is None:
+            return True, {"auth": {"ok": True, "scheme": "bearer"}}
+        status = self.session.status()
+        return bool(status["ok"]), {"auth": status}
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        await self._admin_runner.setup()
+        admin = web.TCPSite(self._admin_runner, self.cfg.admin.host, self.cfg.admin.port)
+        await admin.start()
+        self.admin_port = _bound_port(self._admin_runner)
+        if self.session is not None:
+            await self.session.start()
+        await self._proxy_runner.setup()
+        site = web.TCPSite(self._proxy_runner, self.cfg.listen.host, self.cfg.listen.port)
+        await site.start()
+        self.port = _bound_port(self._proxy_runner)
+        log.info(
+            "proxy_started",
+            listen=f"{self.cfg.listen.host}:{self.port}",
+            admin=f"{self.cfg.admin.host}:{self.admin_port}",
+            upstream=self.cfg.upstream.url,
+            scheme=self.cfg.auth.scheme,
+            ready=self.readiness()[0],
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, revoke the session, close."""
+        log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
+        await self._proxy_runner.cleanup()
+        if self.session is not None:
+            await self.session.revoke()
+        await self._admin_runner.cleanup()
+        await self.upstream.close()
+        log.info("shutdown_complete")

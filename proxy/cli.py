@@ -1,0 +1,181 @@
+"""Command line: `luxsci-proxy run | check | sandbox | demo`. No logic beyond wiring."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from proxy import __version__
+from proxy import log as proxy_log
+from proxy.app import ProxyService
+from proxy.config import (
+    AdminConfig,
+    AuthConfig,
+    Config,
+    ConfigError,
+    ListenConfig,
+    LoggingConfig,
+    Secret,
+    UpstreamConfig,
+    load,
+    masked,
+    validate,
+)
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    path: str | None = args.config or os.environ.get("LUXSCI_PROXY_CONFIG")
+    if not path:
+        raise ConfigError("--config: no config file given (use --config FILE or LUXSCI_PROXY_CONFIG)")
+    return path
+
+
+def _secrets_of(cfg: Config) -> list[str]:
+    values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
+    return [v.get() for v in values if v is not None]
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
+async def serve(cfg: Config) -> int:
+    service = ProxyService(cfg)
+    try:
+        await service.start()
+    except OSError as e:
+        # Typically a port in use; say which listener, then leave cleanly.
+        print(f"error: cannot start listeners: {e.strerror or e}", file=sys.stderr)
+        await service.stop()
+        return EXIT_RUNTIME
+    await _wait_for_signal()
+    await service.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load(_config_path(args))
+    proxy_log.configure(cfg.logging.level, cfg.logging.format, _secrets_of(cfg))
+    return asyncio.run(serve(cfg))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    cfg = load(path)
+    print(f"{path}: OK")
+    print(yaml.safe_dump(masked(cfg), sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from proxy.sandbox import cli as sandbox_cli
+
+    asyncio.run(sandbox_cli.serve(args))
+    return 0
+
+
+async def _demo(port: int, admin_port: int) -> int:
+    from proxy.sandbox import SandboxConfig, start_sandbox
+
+    token, secret = "demo-" + secrets.token_hex(8), secrets.token_hex(24)
+    sandbox = await start_sandbox(SandboxConfig(token=token, secret=secret), host="127.0.0.1", port=0)
+    cfg = validate(
+        Config(
+            listen=ListenConfig(port=port),
+            admin=AdminConfig(port=admin_port),
+            upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True),
+            auth=AuthConfig(scheme="luxsci", token=Secret(token), secret=Secret(secret)),
+            logging=LoggingConfig(format="console"),
+        )
+    )
+    proxy_log.configure("info", "console", [secret])
+    service = ProxyService(cfg)
+    try:
+        await service.start()
+    except OSError as e:
+        print(f"error: cannot listen: {e.strerror or e} (try --port 0)", file=sys.stderr)
+        await service.stop()
+        await sandbox.close()
+        return EXIT_RUNTIME
+    base = f"http://127.0.0.1:{service.port}"
+    user = "joe@example.com"
+    print(
+        f"""
+LuxSci sandbox  {sandbox.url}   (a local simulator of the LuxSci REST API)
+luxsci-proxy    {base}   (admin: http://127.0.0.1:{service.admin_port})
+
+Your app sends plain requests; the proxy signs them. Try:
+  curl -s {base}/perl/api/v2/user/{user}/profile
+  curl -s -X POST {base}/perl/api/v2/account/1234/echo -d '{{"hello": "world"}}'
+  curl -s -F 'json={{"subject":"hi"}};filename=json.js;type=application/json' \\
+       -F 'files=@README.md' {base}/perl/api/v2/user/{user}/email/compose/secureline/send
+  curl -s http://127.0.0.1:{service.admin_port}/readyz
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+    await _wait_for_signal()
+    await service.stop()
+    await sandbox.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(args.port, args.admin_port))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from proxy.sandbox import cli as sandbox_cli
+
+    parser = argparse.ArgumentParser(
+        prog="luxsci-proxy",
+        description="Local authenticating reverse proxy for the LuxSci REST API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run the proxy")
+    run.add_argument("--config", help="YAML config file (default: $LUXSCI_PROXY_CONFIG)")
+    run.set_defaults(func=cmd_run)
+
+    check = verbs.add_parser("check", help="validate a config file and print it, secrets masked")
+    check.add_argument("--config", help="YAML config file (default: $LUXSCI_PROXY_CONFIG)")
+    check.set_defaults(func=cmd_check)
+
+    sandbox = verbs.add_parser("sandbox", help="run the built-in LuxSci API simulator")
+    sandbox_cli.add_arguments(sandbox)
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    demo = verbs.add_parser("demo", help="run the sandbox and the proxy wired together")
+    demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
+    demo.add_argument("--admin-port", type=int, default=0, help="admin port (default: a free one)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+    return code

@@ -1,0 +1,345 @@
+"""One validated configuration, loaded from one YAML file.
+
+Everything is checked before any socket opens; a problem raises ConfigError
+whose message starts with the dotted key (``auth.secret: ...``) and says the fix.
+``${VAR}`` and ``${VAR:-default}`` are expanded from the environment in every
+string value (after YAML parsing, so a variable can never inject YAML).
+Secrets may instead come from files (``secret_file: /run/secrets/x``), the way
+container platforms mount them. Secret values are wrapped in `Secret`, whose
+repr never shows them, so a config object can be logged or printed safely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+class Secret:
+    """A secret string that never shows itself in repr/str (logs, tracebacks, `check`)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Client bodies are buffered (they are signed, and replayed on retry), so cap them.
+    max_body_bytes: int = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9100
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "https://rest.luxsci.com"
+    ca_file: str | None = None
+    # Plain http:// upstreams are for the sandbox and tests only.
+    allow_insecure: bool = False
+    connect_timeout: float = 5.0
+    # Longest silence from the upstream (waiting for the response head or the next body bytes).
+    read_timeout: float = 60.0
+    pool_size: int = 100
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    scheme: Literal["luxsci", "bearer"] = "luxsci"
+    token: Secret | None = None
+    secret: Secret | None = None
+    user: str | None = None
+    password: Secret | None = None
+    api_key: Secret | None = None
+    # How long the API honours an auth code, and how long before that we stop using one.
+    code_lifetime: float = 900.0
+    refresh_margin: float = 60.0
+    # Backoff between authentication attempts after a failure (seconds, doubling to the max).
+    retry_min: float = 1.0
+    retry_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Seconds to let in-flight requests finish after SIGTERM/SIGINT.
+    shutdown_timeout: float = 30.0
+
+
+# Keys that may be given as `<key>_file` instead (a path whose content is the value).
+_FILE_KEYS = {"auth": ("token", "secret", "password", "api_key")}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str, env: Mapping[str, str], key: str) -> str:
+    """Expand ${VAR} and ${VAR:-default}; a missing VAR without default is an error."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{key}: environment variable {name} is not set (and has no :-default)")
+
+    return _VAR.sub(sub, value)
+
+
+def _expand_all(node: Any, env: Mapping[str, str], key: str) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, env, key)
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key or '<top>'}: keys must be strings, got {k!r}")
+            out[k] = _expand_all(v, env, f"{key}.{k}" if key else k)
+        return out
+    if isinstance(node, list):
+        return [_expand_all(v, env, f"{key}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def _read_secret_files(section: dict[str, Any], name: str) -> None:
+    for key in _FILE_KEYS.get(name, ()):
+        file_key = f"{key}_file"
+        if file_key not in section:
+            continue
+        path = section.pop(file_key)
+        if path is None:
+            continue
+        if section.get(key) not in (None, ""):
+            raise ConfigError(f"{name}.{file_key}: give either {name}.{key} or {file_key}, not both")
+        try:
+            # Mounted secrets usually end with a newline that is not part of the secret.
+            section[key] = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"{name}.{file_key}: cannot read {path}: {e.strerror}") from None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value (or an env-expanded string) to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None or value == "":
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: a value is required")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
+        return value
+    if tp is Secret:
+        if not isinstance(value, str | int):
+            raise ConfigError(f"{key}: must be a string")
+        return Secret(str(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: must be true or false (got {value!r})")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a number (got {value!r})")
+        try:
+            number = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: must be a number (got {value!r})") from None
+        if tp is int and isinstance(value, float) and value != number:
+            raise ConfigError(f"{key}: must be a whole number (got {value!r})")
+        return number
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a string (got {value!r})")
+        return str(value)
+    raise AssertionError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type[Any], data: Any, key: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: must be a mapping of keys to values")
+    data = dict(data)
+    _read_secret_files(data, key)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        expected = ", ".join(names)
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(f"{where}: unknown key (expected one of: {expected})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        sub = f"{key}.{name}" if key else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], sub)  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(data[name], tp, sub)
+    return cls(**kwargs)
+
+
+def _check_port(value: int, key: str) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key}: must be a TCP port 0-65535 (got {value})")
+
+
+def _check_positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0 (got {value})")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span keys or need more than a type; returns cfg unchanged."""
+    _check_port(cfg.listen.port, "listen.port")
+    _check_port(cfg.admin.port, "admin.port")
+    _check_positive(cfg.listen.max_body_bytes, "listen.max_body_bytes")
+    _check_positive(cfg.upstream.connect_timeout, "upstream.connect_timeout")
+    _check_positive(cfg.upstream.read_timeout, "upstream.read_timeout")
+    _check_positive(cfg.upstream.pool_size, "upstream.pool_size")
+    _check_positive(cfg.shutdown_timeout, "shutdown_timeout")
+
+    up = urlsplit(cfg.upstream.url)
+    if up.scheme not in ("https", "http") or not up.hostname:
+        raise ConfigError(
+            f"upstream.url: must be an https:// URL such as https://rest.luxsci.com "
+            f"(got {cfg.upstream.url!r})"
+        )
+    if up.scheme == "http" and not cfg.upstream.allow_insecure:
+        raise ConfigError(
+            "upstream.url: plain http:// sends credentials in the clear; use https:// "
+            "or set upstream.allow_insecure: true (sandbox and tests only)"
+        )
+    if up.path not in ("", "/") or up.query or up.fragment or up.username or up.password:
+        raise ConfigError(
+            "upstream.url: give only scheme, host and port (no path, query or credentials); "
+            "request paths come from the client"
+        )
+    try:
+        up.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise ConfigError(f"upstream.url: invalid port in {cfg.upstream.url!r}") from None
+    if cfg.upstream.ca_file is not None and not Path(cfg.upstream.ca_file).is_file():
+        raise ConfigError(f"upstream.ca_file: no such file {cfg.upstream.ca_file!r}")
+
+    auth = cfg.auth
+    if auth.scheme == "luxsci":
+        for name in ("token", "secret"):
+            value = getattr(auth, name)
+            if value is None or not value.get():
+                raise ConfigError(
+                    f"auth.{name}: required for scheme luxsci "
+                    f"(set auth.{name} or auth.{name}_file)"
+                )
+        if (auth.user is None) != (auth.password is None):
+            raise ConfigError("auth.password: auth.user and auth.password go together")
+        _check_positive(auth.code_lifetime, "auth.code_lifetime")
+        if not 0 <= auth.refresh_margin < auth.code_lifetime:
+            raise ConfigError(
+                "auth.refresh_margin: must be at least 0 and less than auth.code_lifetime"
+            )
+    else:
+        if auth.api_key is None or not auth.api_key.get():
+            raise ConfigError(
+                "auth.api_key: required for scheme bearer (set auth.api_key or auth.api_key_file)"
+            )
+    _check_positive(auth.retry_min, "auth.retry_min")
+    if auth.retry_max < auth.retry_min:
+        raise ConfigError("auth.retry_max: must be at least auth.retry_min")
+    return cfg
+
+
+def parse(text: str, env: Mapping[str, str] | None = None, source: str = "config") -> Config:
+    """Parse and validate YAML text."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    expanded = _expand_all(raw, os.environ if env is None else env, "")
+    return validate(_build(Config, expanded, ""))
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    return parse(text, env, source=str(path))
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with every secret masked (for `check` and logs)."""
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, Secret):
+            return "********"
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return obj
+
+    result: dict[str, Any] = walk(cfg)
+    return result

@@ -1,0 +1,67 @@
+"""The one error tree for everything the proxy itself answers.
+
+    ProxyError                    (status, reason)
+    ├── BadRequest                400 bad_request
+    ├── BodyTooLarge              413 body_too_large
+    └── UpstreamError
+        ├── UpstreamUnreachable   502 upstream_unreachable
+        ├── UpstreamTimeout       504 upstream_timeout
+        └── UpstreamAuthFailed    502 upstream_auth_failed
+
+Each leaf knows its HTTP status and the `X-Proxy-Error` reason. Messages are
+written for the client and the log alike, so they never carry a secret, an
+auth code or a signature: build them from fixed text and non-secret values.
+Third-party exceptions are translated at the boundary (`raise ... from`).
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ProxyError(Exception):
+    status: int = 500
+    reason: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Proxy-Error": self.reason}
+
+    def body(self) -> bytes:
+        """LuxSci's own error shape, so legacy clients parse it like any API error."""
+        return json.dumps({"success": 0, "error_message": self.message}).encode()
+
+
+class BadRequest(ProxyError):
+    status = 400
+    reason = "bad_request"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    reason = "body_too_large"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    reason = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    status = 502
+    reason = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    reason = "upstream_timeout"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The API refused our credentials (or the auth call failed): not the client's fault."""
+
+    status = 502
+    reason = "upstream_auth_failed"

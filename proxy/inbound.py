@@ -1,0 +1,158 @@
+"""Turning a client's request into the outbound request: validation, body, headers.
+
+Header filtering is pure (tested on plain data); `read_request` is the only
+part that touches the client connection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import multipart, signing
+from proxy.errors import BadRequest, BodyTooLarge
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones clients still send.
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+# Never upstream: Host and Content-Length are the client library's to set;
+# Expect makes the API answer 417; credentials are the proxy's to add.
+_DROP_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "cookie"}
+# From responses the framing is re-done for the client connection.
+_DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length"}
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass(slots=True)
+class Outbound:
+    """One request as it goes upstream (before the auth scheme adds credentials)."""
+
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDict[str]
+    body: bytes
+    body_digest: str
+    # The client's own cookies, minus any `signature` one; the scheme adds its own.
+    cookies: str | None = None
+
+    def cookie_header(self, extra: str | None = None) -> str | None:
+        parts = [c for c in (self.cookies, extra) if c]
+        return "; ".join(parts) if parts else None
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Fields named in `Connection` are hop-by-hop too (RFC 9110 7.6.1)."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
+    """The client's cookies minus any `signature` one (that is the proxy's to make)."""
+    kept = []
+    for header in cookie_headers:
+        for item in header.split(";"):
+            pair = item.strip()
+            if pair and pair.split("=", 1)[0].strip() != "signature":
+                kept.append(pair)
+    return "; ".join(kept) if kept else None
+
+
+def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    drop = _DROP_UPSTREAM | _connection_tokens(headers)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _DROP_DOWNSTREAM | _connection_tokens(headers)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def check_target(raw_target: str) -> tuple[str, str]:
+    """Only origin-form targets (`/path?query`): nothing may redirect the proxy elsewhere."""
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise BadRequest(
+            "the request target must be a path such as /perl/api/v2/...; absolute URLs, "
+            "authority-form (CONNECT) and '*' targets are not accepted"
+        )
+    return signing.split_target(raw_target)
+
+
+def _looks_like_json(body: bytes) -> bool:
+    head = body.lstrip(b" \t\r\n")[:1]
+    if head not in (b"{", b"["):
+        return False
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def prepare_body(headers: CIMultiDict[str], body: bytes) -> tuple[bytes, str]:
+    """Returns (body to send, body digest to sign); may fix the Content-Type in `headers`."""
+    if not body:
+        return body, ""
+    content_type = headers.get("Content-Type", "")
+    boundary = multipart.boundary_of(content_type) if content_type else None
+    if boundary is not None:
+        upload = multipart.prepare_upload(body, boundary)
+        return upload.body, upload.body_digest
+    # The API takes only JSON bodies; a legacy client (or `curl -d`) that sends
+    # JSON without a type, or labelled as a form, gets the type the API needs.
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in ("", _FORM) and _looks_like_json(body):
+        headers["Content-Type"] = "application/json"
+    return body, signing.body_hash(body)
+
+
+async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise BodyTooLarge(
+            f"request body of {declared} bytes is over the limit of {max_bytes} bytes "
+            "(listen.max_body_bytes)"
+        )
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue" and request.version >= (1, 1):
+        # Only now that the size is acceptable do we invite the body (as aiohttp's
+        # router would); the API itself must never see Expect.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await request.content.readany():
+        total += len(chunk)
+        if total > max_bytes:
+            raise BodyTooLarge(
+                f"request body is over the limit of {max_bytes} bytes (listen.max_body_bytes)"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_request(request: web.BaseRequest, max_body: int) -> Outbound:
+    path, query = check_target(request.raw_path)
+    headers = upstream_headers(request.headers)
+    body = await read_body(request, max_body)
+    body, digest = prepare_body(headers, body)
+    cookies = strip_signature_cookie(request.headers.getall("Cookie", []))
+    return Outbound(request.method, path, query, headers, body, digest, cookies)

@@ -1,0 +1,181 @@
+"""Shared fixtures: real sockets everywhere (sandbox, proxy, echo upstream, TLS)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+
+from proxy.app import ProxyService
+from proxy.config import (
+    AuthConfig,
+    Config,
+    ListenConfig,
+    LoggingConfig,
+    Secret,
+    UpstreamConfig,
+    validate,
+)
+from proxy.sandbox import SandboxConfig, SandboxServer, start_sandbox
+
+TOKEN = "test-token-0123"
+SECRET = "test-secret-key-abcdef"
+USER = "joe@example.com"
+PASSWORD = "joe-password"
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def server_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+MakeSandbox = Callable[..., Awaitable[SandboxServer]]
+
+
+@pytest.fixture
+async def make_sandbox(server_ssl: ssl.SSLContext) -> AsyncIterator[MakeSandbox]:
+    started: list[SandboxServer] = []
+
+    async def make(tls: bool = False, **overrides: Any) -> SandboxServer:
+        # Limits high enough not to matter, unless a test is about them.
+        limits = {"user_per_window": 100_000, "account_per_window": 100_000, "per_day": 10**7}
+        cfg = SandboxConfig(
+            token=TOKEN, secret=SECRET, users={USER: PASSWORD}, **{**limits, **overrides}
+        )
+        server = await start_sandbox(
+            cfg,
+            host="localhost" if tls else "127.0.0.1",
+            port=0,
+            ssl_context=server_ssl if tls else None,
+        )
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
+
+
+@pytest.fixture
+async def sandbox(make_sandbox: MakeSandbox) -> SandboxServer:
+    return await make_sandbox()
+
+
+def proxy_config(upstream_url: str, **sections: Any) -> Config:
+    """A Config for tests: ephemeral ports, the test credentials, overrides per section."""
+    auth = {"token": Secret(TOKEN), "secret": Secret(SECRET), **sections.pop("auth", {})}
+    upstream = {"url": upstream_url, "allow_insecure": True, **sections.pop("upstream", {})}
+    listen = {"port": 0, **sections.pop("listen", {})}
+    cfg = Config(
+        listen=ListenConfig(**listen),
+        admin=dataclasses.replace(Config().admin, port=0),
+        upstream=UpstreamConfig(**upstream),
+        auth=AuthConfig(**auth),
+        logging=LoggingConfig(level="debug"),
+        **sections,
+    )
+    return validate(cfg)
+
+
+class RunningProxy:
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.service.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.service.admin_port}"
+
+
+MakeProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[MakeProxy]:
+    running: list[ProxyService] = []
+
+    async def make(upstream_url: str, **sections: Any) -> RunningProxy:
+        service = ProxyService(proxy_config(upstream_url, **sections))
+        await service.start()
+        running.append(service)
+        return RunningProxy(service)
+
+    yield make
+    for service in running:
+        if service.port:
+            await service.stop()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, sandbox: SandboxServer) -> RunningProxy:
+    return await make_proxy(sandbox.url)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class EchoUpstream:
+    """A plain upstream that records what reached it and echoes the request headers."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        seen = {
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body": body.decode("utf-8", "replace"),
+        }
+        self.requests.append(seen)
+        if request.path.startswith("/status/"):
+            return web.json_response({"success": 0}, status=int(request.path.split("/")[2]))
+        return web.json_response(seen, headers={"X-Upstream": "echo"})
+
+
+@pytest.fixture
+async def echo_upstream() -> AsyncIterator[EchoUpstream]:
+    echo = EchoUpstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    echo.url = f"http://127.0.0.1:{port}"
+    yield echo
+    await runner.cleanup()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, Secret, load, masked, parse
+
+ENV = {"LUXSCI_API_TOKEN": "tok-123", "LUXSCI_API_SECRET": "s3cr3t-value"}
+MINIMAL = """
+auth:
+  token: ${LUXSCI_API_TOKEN}
+  secret: ${LUXSCI_API_SECRET}
+"""
+
+
+def test_defaults_follow_the_documented_contract() -> None:
+    cfg = parse(MINIMAL, ENV)
+    assert (cfg.listen.host, cfg.listen.port) == ("127.0.0.1", 8080)
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9100)
+    assert cfg.upstream.url == "https://rest.luxsci.com"
+    assert cfg.auth.scheme == "luxsci"
+    assert cfg.auth.token == Secret("tok-123")
+    assert cfg.auth.secret is not None and cfg.auth.secret.get() == "s3cr3t-value"
+    assert cfg.auth.code_lifetime == 900
+
+
+def test_env_default_is_used_and_numbers_are_coerced_from_strings() -> None:
+    cfg = parse(MINIMAL + "listen: {port: '${PORT:-8181}'}\n", ENV)
+    assert cfg.listen.port == 8181
+    cfg = parse(MINIMAL + "listen: {port: '${PORT:-8181}'}\n", {**ENV, "PORT": "9000"})
+    assert cfg.listen.port == 9000
+
+
+def test_missing_env_var_without_default_names_key_and_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^auth\.secret: environment variable LUXSCI_API_SECRET"):
+        parse(MINIMAL, {"LUXSCI_API_TOKEN": "t"})
+
+
+def test_env_values_are_not_parsed_as_yaml() -> None:
+    cfg = parse(MINIMAL, {**ENV, "LUXSCI_API_SECRET": "a: b\n- [c"})
+    assert cfg.auth.secret is not None and cfg.auth.secret.get() == "a: b\n- [c"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("listen: {prot: 1}", r"^listen\.prot: unknown key"),
+        ("listen: {port: 70000}", r"^listen\.port: must be a TCP port"),
+        ("listen: {port: eighty}", r"^listen\.port: must be a number"),
+        ("upstream: {url: ftp://x}", r"^upstream\.url: must be an https:// URL"),
+        ("upstream: {url: 'http://127.0.0.1:1'}", r"^upstream\.url: plain http://"),
+        ("upstream: {url: 'https://h/perl'}", r"^upstream\.url: give only scheme"),
+        ("upstream: {ca_file: /nope.pem}", r"^upstream\.ca_file: no such file"),
+        ("auth: {scheme: basic}", r"^auth\.scheme: must be one of luxsci, bearer"),
+        ("auth: {user: joe@example.com}", r"^auth\.password: auth\.user and auth\.password"),
+        ("auth: {refresh_margin: 1000}", r"^auth\.refresh_margin"),
+        ("bogus: 1", r"^bogus: unknown key"),
+        ("listen: [1, 2]", r"^listen: must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(extra: str, message: str) -> None:
+    text = MINIMAL + extra if not extra.startswith("auth:") else extra.replace(
+        "auth: {", "auth: {token: t, secret: s, "
+    )
+    with pytest.raises(ConfigError, match=message):
+        parse(text, ENV)
+
+
+def test_luxsci_scheme_requires_token_and_secret() -> None:
+    with pytest.raises(ConfigError, match=r"^auth\.token: required for scheme luxsci"):
+        parse("auth: {scheme: luxsci}", {})
+
+
+def test_bearer_scheme_requires_api_key() -> None:
+    with pytest.raises(ConfigError, match=r"^auth\.api_key: required for scheme bearer"):
+        parse("auth: {scheme: bearer}", {})
+    cfg = parse("auth: {scheme: bearer, api_key: '${K}'}", {"K": "key-1"})
+    assert cfg.auth.api_key == Secret("key-1")
+
+
+def test_secret_file_is_read_and_trailing_newline_dropped(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("from-file\n")
+    cfg = parse(f"auth: {{token: t, secret_file: {tmp_path / 'secret'}}}", {})
+    assert cfg.auth.secret == Secret("from-file")
+
+
+def test_secret_file_problems_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^auth\.secret_file: cannot read"):
+        parse(f"auth: {{token: t, secret_file: {tmp_path / 'missing'}}}", {})
+    (tmp_path / "s").write_text("x")
+    with pytest.raises(ConfigError, match=r"^auth\.secret_file: give either"):
+        parse(f"auth: {{token: t, secret: y, secret_file: {tmp_path / 's'}}}", {})
+
+
+def test_invalid_yaml_is_a_config_error_with_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("listen:\n  port: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load(path)
+
+
+def test_secrets_never_show_in_repr_or_masked_dump() -> None:
+    cfg = parse(MINIMAL + "auth: {token: t, secret: s3cr3t-value, user: u, password: pw-value}", ENV)
+    assert "s3cr3t-value" not in repr(cfg)
+    assert "pw-value" not in repr(cfg)
+    dump = masked(cfg)
+    assert dump["auth"]["secret"] == "********"
+    assert dump["auth"]["password"] == "********"
+    assert dump["auth"]["user"] == "u"
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    cfg = load(example, {"LUXSCI_API_TOKEN": "t", "LUXSCI_API_SECRET": "s"})
+    assert cfg.listen.port == 8080
