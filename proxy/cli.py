@@ -8,7 +8,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import yaml
 
@@ -36,7 +36,9 @@ EXIT_RUNTIME = 1
 def _config_path(args: argparse.Namespace) -> str:
     path: str | None = args.config or os.environ.get("LUXSCI_PROXY_CONFIG")
     if not path:
-        raise ConfigError("--config: no config file given (use --config FILE or LUXSCI_PROXY_CONFIG)")
+        raise ConfigError(
+            "--config: no config file given (use --config FILE or LUXSCI_PROXY_CONFIG)"
+        )
     return path
 
 
@@ -55,15 +57,18 @@ async def _wait_for_signal() -> None:
         loop.remove_signal_handler(sig)
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, announce: Callable[[ProxyService], None] | None = None) -> int:
+    """Run until SIGINT/SIGTERM; `announce` is called once the listeners are up."""
     service = ProxyService(cfg)
     try:
         await service.start()
     except OSError as e:
-        # Typically a port in use; say which listener, then leave cleanly.
+        # Typically a port in use; say so, then leave cleanly.
         print(f"error: cannot start listeners: {e.strerror or e}", file=sys.stderr)
         await service.stop()
         return EXIT_RUNTIME
+    if announce is not None:
+        announce(service)
     await _wait_for_signal()
     await service.stop()
     return 0
@@ -94,7 +99,9 @@ async def _demo(port: int, admin_port: int) -> int:
     from proxy.sandbox import SandboxConfig, start_sandbox
 
     token, secret = "demo-" + secrets.token_hex(8), secrets.token_hex(24)
-    sandbox = await start_sandbox(SandboxConfig(token=token, secret=secret), host="127.0.0.1", port=0)
+    sandbox = await start_sandbox(
+        SandboxConfig(token=token, secret=secret), host="127.0.0.1", port=0
+    )
     cfg = validate(
         Config(
             listen=ListenConfig(port=port),
@@ -105,18 +112,12 @@ async def _demo(port: int, admin_port: int) -> int:
         )
     )
     proxy_log.configure("info", "console", [secret])
-    service = ProxyService(cfg)
-    try:
-        await service.start()
-    except OSError as e:
-        print(f"error: cannot listen: {e.strerror or e} (try --port 0)", file=sys.stderr)
-        await service.stop()
-        await sandbox.close()
-        return EXIT_RUNTIME
-    base = f"http://127.0.0.1:{service.port}"
-    user = "joe@example.com"
-    print(
-        f"""
+
+    def banner(service: ProxyService) -> None:
+        base = f"http://127.0.0.1:{service.port}"
+        user = "joe@example.com"
+        print(
+            f"""
 LuxSci sandbox  {sandbox.url}   (a local simulator of the LuxSci REST API)
 luxsci-proxy    {base}   (admin: http://127.0.0.1:{service.admin_port})
 
@@ -128,12 +129,13 @@ Your app sends plain requests; the proxy signs them. Try:
   curl -s http://127.0.0.1:{service.admin_port}/readyz
 Press Ctrl-C to stop.
 """,
-        flush=True,
-    )
-    await _wait_for_signal()
-    await service.stop()
-    await sandbox.close()
-    return 0
+            flush=True,
+        )
+
+    try:
+        return await serve(cfg, announce=banner)
+    finally:
+        await sandbox.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

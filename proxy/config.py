@@ -155,7 +155,9 @@ def _read_secret_files(section: dict[str, Any], name: str) -> None:
         if path is None:
             continue
         if section.get(key) not in (None, ""):
-            raise ConfigError(f"{name}.{file_key}: give either {name}.{key} or {file_key}, not both")
+            raise ConfigError(
+                f"{name}.{file_key}: give either {name}.{key} or {file_key}, not both"
+            )
         try:
             # Mounted secrets usually end with a newline that is not part of the secret.
             section[key] = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
@@ -284,8 +286,7 @@ def validate(cfg: Config) -> Config:
             value = getattr(auth, name)
             if value is None or not value.get():
                 raise ConfigError(
-                    f"auth.{name}: required for scheme luxsci "
-                    f"(set auth.{name} or auth.{name}_file)"
+                    f"auth.{name}: required for scheme luxsci (set auth.{name} or auth.{name}_file)"
                 )
         if (auth.user is None) != (auth.password is None):
             raise ConfigError("auth.password: auth.user and auth.password go together")

@@ -7,7 +7,6 @@ chunks as they pass, so a large download is never buffered or parsed whole.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -154,7 +153,7 @@ class Forwarder:
         while True:
             try:
                 chunk = await content.readany()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 # The head is already sent: all we can do is cut the client off, so it
                 # sees a truncated answer rather than a complete-looking wrong one.
                 log.warning("upstream_failed_mid_body", request_id=rid, error=type(e).__name__)

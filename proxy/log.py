@@ -56,7 +56,10 @@ class Redactor:
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, dict):
-            return {k: MASK if _SENSITIVE_KEY.search(str(k)) else self._value(v) for k, v in value.items()}
+            return {
+                k: MASK if _SENSITIVE_KEY.search(str(k)) else self._value(v)
+                for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
             return [self._value(v) for v in value]
         if isinstance(value, int | float | bool) or value is None:

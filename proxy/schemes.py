@@ -20,11 +20,15 @@ class AuthScheme(Protocol):
 
     def invalidate(self, used: AuthCode | None) -> None: ...
 
-    def harvester(self, used: AuthCode | None, content_encoding: str | None) -> CodeHarvester | None:
+    def harvester(
+        self, used: AuthCode | None, content_encoding: str | None
+    ) -> CodeHarvester | None:
         """A harvester for the fresh code in a success response, or None if there is none."""
         ...
 
-    def harvested(self, used: AuthCode | None, sent_at: float, harvester: CodeHarvester) -> None: ...
+    def harvested(
+        self, used: AuthCode | None, sent_at: float, harvester: CodeHarvester
+    ) -> None: ...
 
 
 class LuxSciScheme:

@@ -20,6 +20,7 @@ Life of a session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -60,7 +61,7 @@ def api_error_message(body: bytes, status: int) -> str:
         data = None
     if isinstance(data, dict) and isinstance(data.get("error_message"), str):
         # Bounded: this text goes to clients and logs.
-        return data["error_message"][:300]
+        return str(data["error_message"])[:300]
     return f"HTTP {status} without an API error message"
 
 
@@ -129,7 +130,7 @@ class LuxSciSession:
         return await asyncio.shield(self._auth_task)
 
     def offer(self, value: str, used: AuthCode, sent_at: float) -> None:
-        """A success response to a request signed with `used` (sent at `sent_at`) carried `value`."""
+        """A success answer to a request signed with `used` (sent at `sent_at`) carried `value`."""
         current = self._current
         if current is None:
             # Invalidated meanwhile, or expired: only a code of a newer login may revive.
@@ -167,7 +168,7 @@ class LuxSciSession:
         return code
 
     async def _login(self) -> AuthCode:
-        """POST /auth; on a date rejection caused by our clock, once more with the corrected clock."""
+        """POST /auth; after a date rejection caused by our clock, once more with the server's."""
         for attempt in (1, 2):
             signed_date = int(self._clock.now())
             sent_at = self._monotonic()
@@ -179,18 +180,28 @@ class LuxSciSession:
                 return AuthCode(value, sent_at, self._generation)
             # The failure's Date header has corrected the clock; if our date was
             # the problem, the second try uses the server's time.
-            if attempt == 1 and status in (400, 401, 403) and not self._clock.in_window(signed_date):
-                log.warning("auth_clock_skew_corrected", offset_seconds=round(self._clock.offset, 1))
+            if (
+                attempt == 1
+                and status in (400, 401, 403)
+                and not self._clock.in_window(signed_date)
+            ):
+                log.warning(
+                    "auth_clock_skew_corrected", offset_seconds=round(self._clock.offset, 1)
+                )
                 continue
             message = api_error_message(body, status)
-            raise UpstreamAuthFailed(f"authentication with the API failed (HTTP {status}): {message}")
+            raise UpstreamAuthFailed(
+                f"authentication with the API failed (HTTP {status}): {message}"
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _post_auth(self, date: str) -> tuple[int, bytes]:
         payload: dict[str, str] = {"token": self._token, "date": date}
         user = self.cfg.user
         password = self.cfg.password.get() if self.cfg.password is not None else None
-        payload["signature"] = signing.auth_signature(self._secret, self._token, date, user, password)
+        payload["signature"] = signing.auth_signature(
+            self._secret, self._token, date, user, password
+        )
         if user is not None:
             payload["user"] = user
             payload["pass"] = password or ""
@@ -247,10 +258,8 @@ class LuxSciSession:
 
     async def start(self) -> None:
         """Authenticate at start-up; a failure is not fatal (we keep trying)."""
-        try:
+        with contextlib.suppress(ProxyError):
             await self.code()
-        except ProxyError:
-            pass
 
     async def revoke(self) -> bool:
         """DELETE /auth with the newest usable code; True when the API confirmed it."""
@@ -263,7 +272,9 @@ class LuxSciSession:
         self._current = None
         try:
             resp = await asyncio.wait_for(
-                self._upstream.request("DELETE", AUTH_PATH, "", {"Cookie": f"signature={cookie}"}, b""),
+                self._upstream.request(
+                    "DELETE", AUTH_PATH, "", {"Cookie": f"signature={cookie}"}, b""
+                ),
                 timeout=10,
             )
             async with resp:

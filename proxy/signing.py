@@ -3,8 +3,8 @@
 Time and secrets are parameters so fixed vectors pin the exact output bytes
 (see tests/test_signing.py). The rules are in ../shared/PROTOCOL.md:
 
-    auth signature = HMAC(token \\n date \\n [user \\n pass \\n])
-    cookie         = signature=<auth_code>:HMAC(auth_code \\n METHOD \\n path \\n query \\n body_hash \\n)
+    auth signature   = HMAC(token \\n date \\n [user \\n pass \\n])
+    signature cookie = <auth_code>:HMAC(auth_code \\n METHOD \\n path \\n query \\n body_hash \\n)
 
 HMAC is HMAC-SHA256 keyed with the integration's secret key, lower-case hex.
 """

@@ -131,7 +131,8 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
 
 
 @pytest.fixture
-async def proxy(make_proxy: MakeProxy, sandbox: SandboxServer) -> RunningProxy:
+async def proxy(sandbox: SandboxServer, make_proxy: MakeProxy) -> RunningProxy:
+    # Sandbox first, so it is torn down last and the proxy can revoke its session.
     return await make_proxy(sandbox.url)
 
 

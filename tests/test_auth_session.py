@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import aiohttp
-
 from conftest import PASSWORD, USER, MakeProxy, MakeSandbox, RunningProxy
+
 from proxy.sandbox import SandboxServer
 
 PROFILE = f"/perl/api/v2/user/{USER}/profile"
@@ -201,7 +201,7 @@ async def test_shutdown_finishes_in_flight_requests_then_revokes_the_session(
     assert all(entry["scope"] != "auth" or entry["status"] < 400 for entry in sandbox.sandbox.log)
 
 
-def _secret(value: str):  # noqa: ANN202 - tiny helper for config overrides
+def _secret(value: str):
     from proxy.config import Secret
 
     return Secret(value)

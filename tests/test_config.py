@@ -58,8 +58,10 @@ def test_env_values_are_not_parsed_as_yaml() -> None:
     ],
 )
 def test_bad_values_name_the_key(extra: str, message: str) -> None:
-    text = MINIMAL + extra if not extra.startswith("auth:") else extra.replace(
-        "auth: {", "auth: {token: t, secret: s, "
+    text = (
+        MINIMAL + extra
+        if not extra.startswith("auth:")
+        else extra.replace("auth: {", "auth: {token: t, secret: s, ")
     )
     with pytest.raises(ConfigError, match=message):
         parse(text, ENV)
@@ -99,7 +101,9 @@ def test_invalid_yaml_is_a_config_error_with_line(tmp_path: Path) -> None:
 
 
 def test_secrets_never_show_in_repr_or_masked_dump() -> None:
-    cfg = parse(MINIMAL + "auth: {token: t, secret: s3cr3t-value, user: u, password: pw-value}", ENV)
+    cfg = parse(
+        MINIMAL + "auth: {token: t, secret: s3cr3t-value, user: u, password: pw-value}", ENV
+    )
     assert "s3cr3t-value" not in repr(cfg)
     assert "pw-value" not in repr(cfg)
     dump = masked(cfg)

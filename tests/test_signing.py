@@ -57,7 +57,11 @@ def test_whitespace_only_body_hashes_the_empty_string() -> None:
         ("/perl/api/v2/auth", "/perl/api/v2/auth", ""),
         ("/a?b=1?c", "/a", "b=1?c"),  # only the first '?' splits
         ("/a?", "/a", ""),
-        ("/u/joe%40example.com/x?q=a+b&r=%20&r=&flag", "/u/joe%40example.com/x", "q=a+b&r=%20&r=&flag"),
+        (
+            "/u/joe%40example.com/x?q=a+b&r=%20&r=&flag",
+            "/u/joe%40example.com/x",
+            "q=a+b&r=%20&r=&flag",
+        ),
     ],
 )
 def test_split_target_keeps_raw_bytes(target: str, path: str, query: str) -> None:
@@ -68,21 +72,51 @@ def test_split_target_keeps_raw_bytes(target: str, path: str, query: str) -> Non
     ("method", "path", "query", "digest", "expected"),
     [
         # The revocation request: no query, no body.
-        ("DELETE", "/perl/api/v2/auth", "", "",
-         "a626350b2ebffecb6a7782eb0d739a4ab05646727c52f26015cc6843e265460b"),
-        ("GET", "/perl/api/v2/user/joe@example.com/profile", "", "",
-         "740a38c3de7e4f4e5806877e7452af339005b27ce7a3f750b9514d09b0ec4f86"),
+        (
+            "DELETE",
+            "/perl/api/v2/auth",
+            "",
+            "",
+            "a626350b2ebffecb6a7782eb0d739a4ab05646727c52f26015cc6843e265460b",
+        ),
+        (
+            "GET",
+            "/perl/api/v2/user/joe@example.com/profile",
+            "",
+            "",
+            "740a38c3de7e4f4e5806877e7452af339005b27ce7a3f750b9514d09b0ec4f86",
+        ),
         # %40 is signed as sent, not decoded to '@': a different signature.
-        ("GET", "/perl/api/v2/user/joe%40example.com/profile", "", "",
-         "001d08cad0c897f614ffe9e3e579e7e6bb74b7427e3af48578c37caaf6533a2b"),
+        (
+            "GET",
+            "/perl/api/v2/user/joe%40example.com/profile",
+            "",
+            "",
+            "001d08cad0c897f614ffe9e3e579e7e6bb74b7427e3af48578c37caaf6533a2b",
+        ),
         # %2F in a segment, '+', '%20', a repeated key, an empty value, a bare flag.
-        ("GET", "/perl/api/v2/account/42/files/a%2Fb", "q=a+b&r=%20&r=&flag", "",
-         "059310b6c805216236c5fc57c410a69bd5cb8b0696bdf398bc8847a6d46ade21"),
-        ("POST", "/perl/api/v2/account/42/echo", "", BODY_SHA,
-         "e1932aeeb056ee5feb235ab5fd545950a44e3f50304001b27b6372367de751ca"),
+        (
+            "GET",
+            "/perl/api/v2/account/42/files/a%2Fb",
+            "q=a+b&r=%20&r=&flag",
+            "",
+            "059310b6c805216236c5fc57c410a69bd5cb8b0696bdf398bc8847a6d46ade21",
+        ),
+        (
+            "POST",
+            "/perl/api/v2/account/42/echo",
+            "",
+            BODY_SHA,
+            "e1932aeeb056ee5feb235ab5fd545950a44e3f50304001b27b6372367de751ca",
+        ),
         # The method is upper-cased before signing.
-        ("post", "/perl/api/v2/account/42/echo", "", BODY_SHA,
-         "e1932aeeb056ee5feb235ab5fd545950a44e3f50304001b27b6372367de751ca"),
+        (
+            "post",
+            "/perl/api/v2/account/42/echo",
+            "",
+            BODY_SHA,
+            "e1932aeeb056ee5feb235ab5fd545950a44e3f50304001b27b6372367de751ca",
+        ),
     ],
 )
 def test_request_signature_matches_vector(

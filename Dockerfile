@@ -1,0 +1,28 @@
+# luxsci-proxy as a sidecar container.
+#   docker build -t luxsci-proxy .
+#   docker run --rm -v "$PWD/config.yaml:/etc/luxsci-proxy/config.yaml:ro" \
+#     -e LUXSCI_API_TOKEN -e LUXSCI_API_SECRET luxsci-proxy
+# Config comes from a mounted file, secrets from the environment or mounted secret files.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+# A fixed, unprivileged uid so volume and secret permissions can be planned for.
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin luxsci
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER 10001
+ENV LUXSCI_PROXY_CONFIG=/etc/luxsci-proxy/config.yaml \
+    LUXSCI_PROXY_ADMIN_PORT=9100 \
+    PYTHONUNBUFFERED=1
+EXPOSE 8080 9100
+# /healthz on the admin listener; set LUXSCI_PROXY_ADMIN_PORT if admin.port differs.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['LUXSCI_PROXY_ADMIN_PORT'], timeout=2)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["luxsci-proxy"]
+CMD ["run"]

@@ -1,0 +1,3 @@
+from proxy.sandbox.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""End to end: the real `luxsci-proxy` processes, driven with curl."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import USER, repo_root
+
+SECRET = "e2e-secret-Zq8w3VvX"
+TOKEN = "e2e-token-77"
+PROXY = [sys.executable, "-m", "proxy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def curl(*args: str) -> tuple[int, str]:
+    """Run curl; returns (HTTP status, body)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def wait_until(check: callable, timeout: float = 15.0) -> None:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUXSCI_")}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def sandbox_process() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *PROXY,
+            "sandbox",
+            "--port",
+            str(port),
+            "--token",
+            TOKEN,
+            "--secret",
+            SECRET,
+            "--user",
+            f"{USER}:joe-pass",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with(),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "sandbox listening on" in line, line + (proc.stderr.read() if proc.stderr else "")
+    assert SECRET not in line
+    yield f"http://127.0.0.1:{port}"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+
+
+def write_config(tmp_path: Path, upstream: str, **extra: str) -> tuple[Path, int, int]:
+    port, admin = free_port(), free_port()
+    text = f"""
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+upstream: {{url: "{upstream}", allow_insecure: true}}
+auth:
+  scheme: luxsci
+  token: ${{LUXSCI_API_TOKEN}}
+  secret: ${{LUXSCI_API_SECRET}}
+logging: {{level: debug, format: json}}
+shutdown_timeout: 5
+"""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text)
+    return path, port, admin
+
+
+def test_run_serves_curl_end_to_end_and_shuts_down_cleanly_without_leaking_secrets(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    config, port, admin = write_config(tmp_path, sandbox_process)
+    proc = subprocess.Popen(
+        [*PROXY, "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with(LUXSCI_API_TOKEN=TOKEN, LUXSCI_API_SECRET=SECRET),
+    )
+    try:
+        wait_until(lambda: _status(f"http://127.0.0.1:{admin}/readyz") == 200)
+        base = f"http://127.0.0.1:{port}"
+
+        status, body = curl(f"{base}/perl/api/v2/user/{USER}/profile")
+        assert status == 200 and json.loads(body)["data"]["login"] == USER
+
+        status, body = curl("-d", '{"hello": "world"}', f"{base}/perl/api/v2/account/9/echo")
+        assert status == 200 and json.loads(body)["data"]["json"] == {"hello": "world"}
+
+        attachment = tmp_path / "note.txt"
+        attachment.write_bytes(b"file content\r\n--not-a-boundary\r\n")
+        status, body = curl(
+            "-F",
+            'json={"subject":"hi"};filename=json.js;type=application/json',
+            "-F",
+            f"files=@{attachment}",
+            f"{base}/perl/api/v2/user/{USER}/email/compose/secureline/send",
+        )
+        assert status == 200, body
+        assert json.loads(body)["data"]["attachments"][0]["name"] == "note.txt"
+
+        status, body = curl("-H", "X-Request-ID: e2e-1", f"{base}/nowhere")
+        assert status == 404  # the API's own answer, passed through
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr[-2000:]
+
+    stats = json.loads(curl(f"{sandbox_process}/_sandbox/stats")[1])
+    assert stats["revocations"] == 1  # the session was revoked on SIGTERM
+
+    events = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    names = [e["event"] for e in events]
+    assert "proxy_started" in names and "shutdown_complete" in names
+    access = [e for e in events if e["event"] == "request"]
+    assert len(access) == 4
+    assert {e["status"] for e in access} == {200, 404}
+
+    # The real log output of a full debug-level run holds no secret and no auth code.
+    output = stdout + stderr
+    assert SECRET not in output
+    assert TOKEN not in output
+    assert stats["issued_codes"], "the sandbox issued codes"
+    for code in stats["issued_codes"]:
+        assert code not in output
+        assert code.rsplit("-", 1)[1] not in output
+
+
+def _status(url: str) -> int:
+    try:
+        return curl(url)[0]
+    except subprocess.CalledProcessError:
+        return 0
+
+
+def test_check_accepts_a_good_config_and_masks_secrets(tmp_path: Path) -> None:
+    config, _, _ = write_config(tmp_path, "https://rest.luxsci.com")
+    result = subprocess.run(
+        [*PROXY, "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env_with(LUXSCI_API_TOKEN=TOKEN, LUXSCI_API_SECRET=SECRET),
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+    assert "secret: '********'" in result.stdout
+
+
+def test_check_config_from_environment_variable(tmp_path: Path) -> None:
+    config, _, _ = write_config(tmp_path, "https://rest.luxsci.com")
+    result = subprocess.run(
+        [*PROXY, "check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env_with(LUXSCI_PROXY_CONFIG=str(config), LUXSCI_API_TOKEN="t", LUXSCI_API_SECRET="s"),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "env", "expected"),
+    [
+        (
+            ("port: ", "prot: "),
+            {"LUXSCI_API_TOKEN": "t", "LUXSCI_API_SECRET": "s"},
+            r"listen\.prot: unknown key",
+        ),
+        (
+            ("", ""),
+            {"LUXSCI_API_TOKEN": "t"},
+            r"auth\.secret: environment variable LUXSCI_API_SECRET",
+        ),
+    ],
+)
+def test_check_rejects_a_bad_config_with_one_line_naming_the_key(
+    tmp_path: Path, edit: tuple[str, str], env: dict[str, str], expected: str
+) -> None:
+    config, _, _ = write_config(tmp_path, "https://rest.luxsci.com")
+    config.write_text(config.read_text().replace(*edit, 1) if edit[0] else config.read_text())
+    result = subprocess.run(
+        [*PROXY, "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env_with(**env),
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr
+
+
+def test_run_with_a_port_in_use_fails_with_a_clear_message(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    config, port, _ = write_config(tmp_path, sandbox_process)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        result = subprocess.run(
+            [*PROXY, "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env_with(LUXSCI_API_TOKEN=TOKEN, LUXSCI_API_SECRET=SECRET),
+        )
+    assert result.returncode == 1
+    assert "cannot start listeners" in result.stderr
+
+
+def test_demo_prints_curl_lines_that_work() -> None:
+    proc = subprocess.Popen(
+        [*PROXY, "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with(),
+        cwd=repo_root(),
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        commands = [line.strip() for line in lines if line.strip().startswith("curl ")]
+        assert len(commands) >= 3
+        for command in commands[:2]:
+            out = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=30)
+            assert json.loads(out.stdout)["success"] == 1, out.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr[-2000:]
+
+
+def test_version_and_help() -> None:
+    result = subprocess.run([*PROXY, "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("luxsci-proxy ")
+    result = subprocess.run([*PROXY, "--help"], capture_output=True, text=True, timeout=30)
+    for verb in ("run", "check", "sandbox", "demo"):
+        assert verb in result.stdout

@@ -1,0 +1,171 @@
+"""Pure pieces: header filtering, target checks, the server clock, log redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import log as proxy_log
+from proxy.clock import ServerClock, parse_http_date
+from proxy.errors import BadRequest
+from proxy.inbound import (
+    check_target,
+    downstream_headers,
+    prepare_body,
+    strip_signature_cookie,
+    upstream_headers,
+)
+
+CODE = "965823916111409-1426025141-b3486705691ba0bd15e31292166e3494034c748cb3fdfed0b9d456c647012763"
+
+
+def test_upstream_headers_drop_hop_by_hop_connection_named_and_credentials() -> None:
+    given = CIMultiDict(
+        [
+            ("Host", "127.0.0.1:8080"),
+            ("Connection", "close, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Transfer-Encoding", "chunked"),
+            ("Expect", "100-continue"),
+            ("Authorization", "Bearer client"),
+            ("Cookie", "a=1"),
+            ("Accept", "application/json"),
+            ("X-Multi", "1"),
+            ("X-Multi", "2"),
+        ]
+    )
+    out = upstream_headers(CIMultiDictProxy(given))
+    assert list(out.items()) == [
+        ("Accept", "application/json"),
+        ("X-Multi", "1"),
+        ("X-Multi", "2"),
+    ]
+
+
+def test_downstream_headers_keep_repeated_set_cookie_and_drop_framing() -> None:
+    given = CIMultiDict(
+        [
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Length", "10"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "keep-alive"),
+            ("X-RateLimit-Remaining", "59"),
+        ]
+    )
+    out = downstream_headers(CIMultiDictProxy(given))
+    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
+    assert "Content-Length" not in out and "Transfer-Encoding" not in out
+    assert out["X-RateLimit-Remaining"] == "59"
+
+
+@pytest.mark.parametrize(
+    ("cookies", "expected"),
+    [
+        (["signature=a:b"], None),
+        (["theme=dark; signature=a:b; lang=en"], "theme=dark; lang=en"),
+        (["signature2=x", "signature = y"], "signature2=x"),
+        ([], None),
+    ],
+)
+def test_only_the_signature_cookie_is_stripped(cookies: list[str], expected: str | None) -> None:
+    assert strip_signature_cookie(cookies) == expected
+
+
+@pytest.mark.parametrize("target", ["http://x/y", "x.example:443", "*", "//x/y", ""])
+def test_only_origin_form_targets_pass(target: str) -> None:
+    with pytest.raises(BadRequest):
+        check_target(target)
+
+
+def test_origin_form_target_is_split_raw() -> None:
+    assert check_target("/a%2Fb?c=d%20e") == ("/a%2Fb", "c=d%20e")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "sent_type"),
+    [
+        (None, b' {"a": 1} ', "application/json"),
+        ("application/x-www-form-urlencoded", b'{"a": 1}', "application/json"),
+        ("application/x-www-form-urlencoded", b"a=1&b=2", "application/x-www-form-urlencoded"),
+        (None, b"not json", None),
+        ("text/plain", b'{"a": 1}', "text/plain"),
+    ],
+)
+def test_json_bodies_get_the_json_content_type(
+    content_type: str | None, body: bytes, sent_type: str | None
+) -> None:
+    headers: CIMultiDict[str] = CIMultiDict()
+    if content_type:
+        headers["Content-Type"] = content_type
+    sent, digest = prepare_body(headers, body)
+    assert sent == body
+    assert headers.get("Content-Type") == sent_type
+    assert len(digest) == 64
+
+
+def test_empty_body_signs_an_empty_hash() -> None:
+    assert prepare_body(CIMultiDict(), b"") == (b"", "")
+
+
+def test_server_clock_learns_offset_from_date_header() -> None:
+    clock = ServerClock(wall=lambda: 1_000_000.0)
+    assert clock.now() == 1_000_000.0
+    clock.observe("Mon, 12 Jan 1970 13:41:40 GMT")  # 1_000_000 - 300
+    assert clock.offset == -300.0
+    assert clock.in_window(1_000_000.0 - 300 + 60)
+    assert not clock.in_window(1_000_000.0)  # our own time is 5 minutes ahead of the server
+    assert clock.in_window(1_000_000.0 - 300 - 899)
+
+
+def test_unreadable_date_headers_are_ignored() -> None:
+    clock = ServerClock(wall=lambda: 50.0)
+    for value in ("garbage", "", "Mon, 99 Foo 2020 99:99:99 GMT"):
+        clock.observe(value)
+    assert clock.offset == 0.0 and not clock.known
+    assert parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
+
+
+@pytest.fixture
+def rendered_log() -> io.StringIO:
+    """Configure the real logging chain, rendering JSON into a buffer."""
+    proxy_log.configure("debug", "json", ["the-secret-key", "pw-123456"])
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    yield stream
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
+    rendered_log: io.StringIO,
+) -> None:
+    logger = structlog.get_logger("careless")
+    logger.info(
+        "oops",
+        note="key is the-secret-key",
+        header=f"signature={CODE}:abcdef0123",
+        bearer="Authorization: Bearer abc.def.ghi",
+        password="pw-123456",
+        nested={"auth": CODE, "ok": 1},
+        code_in_text=f"got {CODE} back",
+    )
+    try:
+        raise RuntimeError("failed with the-secret-key")
+    except RuntimeError:
+        logger.exception("boom")
+    logging.getLogger("aiohttp.server").error("stdlib says pw-123456")
+    text = rendered_log.getvalue()
+    for leaked in ("the-secret-key", "pw-123456", CODE, "abcdef0123", "abc.def.ghi"):
+        assert leaked not in text
+    events = [json.loads(line) for line in text.splitlines()]
+    assert [e["event"] for e in events] == ["oops", "boom", "stdlib says [REDACTED]"]
+    assert events[0]["nested"] == {"auth": "[REDACTED]", "ok": 1}
+    assert "RuntimeError" in events[1]["exception"]
