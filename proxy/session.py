@@ -82,6 +82,8 @@ class LuxSciSession:
         self._monotonic = monotonic
         self._current: AuthCode | None = None
         self._generation = 0
+        # Logins up to this one ended with a 401 (or a revoke): their codes are never taken back.
+        self._dead_generation = 0
         self._auth_task: asyncio.Task[AuthCode] | None = None
         self._retry_task: asyncio.Task[None] | None = None
         # Failure state: the error callers get while we back off, and until when.
@@ -131,18 +133,16 @@ class LuxSciSession:
 
     def offer(self, value: str, used: AuthCode, sent_at: float) -> None:
         """A success answer to a request signed with `used` (sent at `sent_at`) carried `value`."""
-        current = self._current
-        if current is None:
-            # Invalidated meanwhile, or expired: only a code of a newer login may revive.
-            if used.generation == self._generation:
-                self._current = AuthCode(value, sent_at, used.generation)
+        if used.generation != self._generation or used.generation <= self._dead_generation:
+            # A late answer from a login that has ended: its codes are dead too.
             return
-        # Codes of an older login are dead; among the same login's, keep the newest.
-        if used.generation == current.generation and sent_at > current.obtained_at:
+        current = self._current
+        if current is None or sent_at > current.obtained_at:
             self._current = AuthCode(value, sent_at, used.generation)
 
     def invalidate(self, used: AuthCode) -> None:
         """The API answered 401 to a request signed with `used`: its login is over."""
+        self._dead_generation = max(self._dead_generation, used.generation)
         current = self._current
         if current is not None and current.generation == used.generation:
             log.info("auth_session_invalidated", generation=used.generation)
@@ -270,6 +270,7 @@ class LuxSciSession:
             return False
         cookie = signing.signature_cookie(self._secret, current.value, "DELETE", AUTH_PATH, "", "")
         self._current = None
+        self._dead_generation = current.generation
         try:
             resp = await asyncio.wait_for(
                 self._upstream.request(

@@ -12,6 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import log as proxy_log
 from proxy.clock import ServerClock, parse_http_date
+from proxy.config import AuthConfig, Secret, UpstreamConfig
 from proxy.errors import BadRequest
 from proxy.inbound import (
     check_target,
@@ -20,6 +21,8 @@ from proxy.inbound import (
     strip_signature_cookie,
     upstream_headers,
 )
+from proxy.session import AuthCode, LuxSciSession
+from proxy.upstream import Upstream
 
 CODE = "965823916111409-1426025141-b3486705691ba0bd15e31292166e3494034c748cb3fdfed0b9d456c647012763"
 
@@ -169,3 +172,39 @@ def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
     assert [e["event"] for e in events] == ["oops", "boom", "stdlib says [REDACTED]"]
     assert events[0]["nested"] == {"auth": "[REDACTED]", "ok": 1}
     assert "RuntimeError" in events[1]["exception"]
+
+
+def _session(now: list[float]) -> LuxSciSession:
+    cfg = AuthConfig(token=Secret("t"), secret=Secret("s"), code_lifetime=900, refresh_margin=60)
+    return LuxSciSession(cfg, Upstream(UpstreamConfig()), ServerClock(), monotonic=lambda: now[0])
+
+
+async def test_session_keeps_the_newest_code_of_the_live_login() -> None:
+    now = [100.0]
+    session = _session(now)
+    first = AuthCode("c1", obtained_at=100.0, generation=1)
+    session._generation, session._current = 1, first
+    session.offer("c3", first, sent_at=103.0)
+    session.offer("c2", first, sent_at=102.0)  # answered later, but sent earlier: older code
+    assert (await session.code()).value == "c3"
+
+
+async def test_a_late_answer_cannot_revive_a_login_that_got_a_401() -> None:
+    now = [100.0]
+    session = _session(now)
+    first = AuthCode("c1", obtained_at=100.0, generation=1)
+    session._generation, session._current = 1, first
+    session.invalidate(first)
+    session.offer("c2", first, sent_at=101.0)  # a request sent before the revocation
+    assert session._current is None
+
+
+async def test_codes_past_lifetime_minus_margin_are_not_used() -> None:
+    now = [100.0]
+    session = _session(now)
+    session._generation = 1
+    session._current = AuthCode("c1", obtained_at=100.0, generation=1)
+    now[0] = 100.0 + 900 - 60 - 0.001
+    assert session._usable(session._current, now[0])
+    now[0] = 100.0 + 900 - 60
+    assert not session._usable(session._current, now[0])
