@@ -12,11 +12,15 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
 # A fixed, unprivileged uid so volume and secret permissions can be planned for.
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin luxsci
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin luxsci \
+    && mkdir -p /var/lib/luxsci-proxy && chown 10001 /var/lib/luxsci-proxy
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001
+# The day's request count survives restarts in the state dir (mount a volume to keep it
+# across container replacements).
 ENV LUXSCI_PROXY_CONFIG=/etc/luxsci-proxy/config.yaml \
+    LUXSCI_PROXY_STATE_DIR=/var/lib/luxsci-proxy \
     LUXSCI_PROXY_ADMIN_PORT=9100 \
     PYTHONUNBUFFERED=1
 EXPOSE 8080 9100

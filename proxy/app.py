@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -11,11 +14,42 @@ from proxy.admin import create_admin_app
 from proxy.clock import ServerClock
 from proxy.config import Config
 from proxy.forward import Forwarder
+from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.schemes import AuthScheme, BearerScheme, LuxSciScheme
 from proxy.session import LuxSciSession
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("proxy.app")
+
+
+def limits_key(cfg: Config) -> str:
+    """Names the integration's shared limits: from the token (never the secret) or the host."""
+    if cfg.limits.key:
+        return cfg.limits.key
+    basis = cfg.auth.token.get() if cfg.auth.token is not None else cfg.upstream.url
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
+def state_file(cfg: Config, key: str) -> str | None:
+    """Where the memory backend keeps today's count; "" in the config turns it off."""
+    if cfg.limits.state_file is not None:
+        return cfg.limits.state_file or None
+    base = os.environ.get("LUXSCI_PROXY_STATE_DIR") or Path.home() / ".local/state/luxsci-proxy"
+    return str(Path(base) / f"limits-{key}.json")
+
+
+def make_backend(cfg: Config, key: str) -> Backend:
+    if cfg.limits.backend == "redis":
+        from proxy.limits.redis_backend import RedisBackend
+
+        return RedisBackend(
+            cfg.limits.redis_url,
+            key,
+            cfg.limits.window_seconds,
+            cfg.limits.day_seconds,
+            cfg.limits.fallback_share,
+        )
+    return MemoryBackend(state_file(cfg, key), key)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -30,18 +64,42 @@ class ProxyService:
         self.cfg = cfg
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
+        self.limits_key = limits_key(cfg)
+        self.limiter = RateLimiter(
+            cfg.limits, cfg.queue, make_backend(cfg, self.limits_key), self.clock
+        )
         self.session: LuxSciSession | None = None
         scheme: AuthScheme
         if cfg.auth.scheme == "luxsci":
-            self.session = LuxSciSession(cfg.auth, self.upstream, self.clock)
+            self.session = LuxSciSession(
+                cfg.auth,
+                self.upstream,
+                self.clock,
+                limiter=self.limiter,
+                permit_wait=cfg.queue.max_wait,
+            )
             scheme = LuxSciScheme(self.session)
         else:
             assert cfg.auth.api_key is not None
             scheme = BearerScheme(cfg.auth.api_key.get())
-        self.forwarder = Forwarder(self.upstream, scheme, self.clock, cfg.listen.max_body_bytes)
+        self.forwarder = Forwarder(
+            self.upstream,
+            scheme,
+            cfg.auth.scheme,
+            self.clock,
+            self.limiter,
+            cfg.limits.max_inflight,
+            cfg.queue,
+            cfg.retry,
+            cfg.listen.max_body_bytes,
+        )
         # No aiohttp access log: the forwarder writes one structured event per request.
+        # handler_cancellation: a client that hangs up while queued leaves the queue at
+        # once instead of holding its place (and later a permit) for nobody.
         self._proxy_runner = web.ServerRunner(
-            web.Server(self.forwarder), access_log=None, shutdown_timeout=cfg.shutdown_timeout
+            web.Server(self.forwarder, handler_cancellation=True),
+            access_log=None,
+            shutdown_timeout=cfg.shutdown_timeout,
         )
         self._admin_runner = web.AppRunner(
             create_admin_app(self.readiness), access_log=None, shutdown_timeout=5
@@ -50,13 +108,17 @@ class ProxyService:
         self.admin_port = 0
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once logged in and while no later login failed; limits are detail only
+        (on a Redis outage the proxy keeps serving on its local share)."""
+        limits = self.limiter.status()
         if self.session is None:
-            return True, {"auth": {"ok": True, "scheme": "bearer"}}
+            return True, {"auth": {"ok": True, "scheme": "bearer"}, "limits": limits}
         status = self.session.status()
-        return bool(status["ok"]), {"auth": status}
+        return bool(status["ok"]), {"auth": status, "limits": limits}
 
     async def start(self) -> None:
         await self.upstream.start()
+        await self.limiter.start()
         await self._admin_runner.setup()
         admin = web.TCPSite(self._admin_runner, self.cfg.admin.host, self.cfg.admin.port)
         await admin.start()
@@ -83,5 +145,6 @@ class ProxyService:
         if self.session is not None:
             await self.session.revoke()
         await self._admin_runner.cleanup()
+        await self.limiter.close()
         await self.upstream.close()
         log.info("shutdown_complete")

@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -20,6 +21,7 @@ from proxy.config import (
     AuthConfig,
     Config,
     ConfigError,
+    LimitsConfig,
     ListenConfig,
     LoggingConfig,
     Secret,
@@ -44,7 +46,11 @@ def _config_path(args: argparse.Namespace) -> str:
 
 def _secrets_of(cfg: Config) -> list[str]:
     values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
-    return [v.get() for v in values if v is not None]
+    found = [v.get() for v in values if v is not None]
+    redis_password = urlsplit(cfg.limits.redis_url).password
+    if redis_password:
+        found += [redis_password, unquote(redis_password)]
+    return found
 
 
 async def _wait_for_signal() -> None:
@@ -108,6 +114,8 @@ async def _demo(port: int, admin_port: int) -> int:
             admin=AdminConfig(port=admin_port),
             upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True),
             auth=AuthConfig(scheme="luxsci", token=Secret(token), secret=Secret(secret)),
+            # A throw-away integration: no day count worth keeping on disk.
+            limits=LimitsConfig(state_file=""),
             logging=LoggingConfig(format="console"),
         )
     )

@@ -95,6 +95,47 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    # Requests NOT under /perl/api/v2/user/ (auth calls included; for scheme bearer: all).
+    account_per_minute: int = 60
+    # Requests under /perl/api/v2/user/.
+    user_per_minute: int = 60
+    per_day: int = 6000
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Share of each limit one process may use alone while Redis is unreachable.
+    fallback_share: float = 0.25
+    # Where the memory backend keeps today's count across restarts ("" = do not keep it).
+    state_file: str | None = None
+    # Requests in flight upstream at once, whatever the rate.
+    max_inflight: int = 64
+    # The API's fixed windows; shorter only for tests.
+    window_seconds: float = 60.0
+    day_seconds: float = 86400.0
+    # Name the shared limits are kept under (default: derived from the token, never the secret).
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    # Requests waiting for a permit, in all; more -> 503 queue_full.
+    max_size: int = 1000
+    # Seconds a request may wait for a permit; longer -> 503 queue_timeout.
+    max_wait: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    # Attempts per request in all (the first one included); a 401 re-login is extra.
+    max_attempts: int = 4
+    # Seconds from the first attempt after which no retry starts.
+    max_time: float = 30.0
+    # Exponential backoff with full jitter: random(0, min(backoff_max, backoff_base * 2**n)).
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -106,6 +147,9 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     shutdown_timeout: float = 30.0
@@ -300,6 +344,26 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 "auth.api_key: required for scheme bearer (set auth.api_key or auth.api_key_file)"
             )
+    lim = cfg.limits
+    for name in ("account_per_minute", "user_per_minute", "per_day", "max_inflight"):
+        _check_positive(getattr(lim, name), f"limits.{name}")
+    _check_positive(lim.window_seconds, "limits.window_seconds")
+    if lim.day_seconds < lim.window_seconds:
+        raise ConfigError("limits.day_seconds: must be at least limits.window_seconds")
+    if not 0 < lim.fallback_share <= 1:
+        raise ConfigError(f"limits.fallback_share: must be in (0, 1] (got {lim.fallback_share})")
+    if lim.backend == "redis" and urlsplit(lim.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"limits.redis_url: must be a redis://, rediss:// or unix:// URL "
+            f"(got {lim.redis_url!r})"
+        )
+    _check_positive(cfg.queue.max_size, "queue.max_size")
+    _check_positive(cfg.queue.max_wait, "queue.max_wait")
+    _check_positive(cfg.retry.max_attempts, "retry.max_attempts")
+    _check_positive(cfg.retry.max_time, "retry.max_time")
+    _check_positive(cfg.retry.backoff_base, "retry.backoff_base")
+    if cfg.retry.backoff_max < cfg.retry.backoff_base:
+        raise ConfigError("retry.backoff_max: must be at least retry.backoff_base")
     _check_positive(auth.retry_min, "auth.retry_min")
     if auth.retry_max < auth.retry_min:
         raise ConfigError("auth.retry_max: must be at least auth.retry_min")
@@ -332,12 +396,24 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return parse(text, env, source=str(path))
 
 
+def mask_url_password(url: str) -> str:
+    """redis://user:pw@host/0 -> redis://user:********@host/0 (other URLs unchanged)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:********@{host}").geturl()
+
+
 def masked(cfg: Config) -> dict[str, Any]:
     """The config as plain data with every secret masked (for `check` and logs)."""
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, Secret):
             return "********"
+        if isinstance(obj, str) and "@" in obj and "://" in obj:
+            return mask_url_password(obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         return obj

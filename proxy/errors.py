@@ -3,6 +3,10 @@
     ProxyError                    (status, reason)
     ├── BadRequest                400 bad_request
     ├── BodyTooLarge              413 body_too_large
+    ├── Unavailable               503, with Retry-After
+    │   ├── QueueFull             503 queue_full
+    │   ├── QueueTimeout          503 queue_timeout
+    │   └── DailyLimit            503 daily_limit
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
         ├── UpstreamTimeout       504 upstream_timeout
@@ -17,6 +21,7 @@ Third-party exceptions are translated at the boundary (`raise ... from`).
 from __future__ import annotations
 
 import json
+import math
 
 
 class ProxyError(Exception):
@@ -43,6 +48,33 @@ class BadRequest(ProxyError):
 class BodyTooLarge(ProxyError):
     status = 413
     reason = "body_too_large"
+
+
+class Unavailable(ProxyError):
+    """The request cannot be served in time; `retry_after` says when to try again."""
+
+    status = 503
+    reason = "unavailable"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        # Whole seconds, rounded up, at least 1: a client that obeys never comes back early.
+        return {**super().headers(), "Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class QueueFull(Unavailable):
+    reason = "queue_full"
+
+
+class QueueTimeout(Unavailable):
+    reason = "queue_timeout"
+
+
+class DailyLimit(Unavailable):
+    reason = "daily_limit"
 
 
 class UpstreamError(ProxyError):

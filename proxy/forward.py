@@ -1,5 +1,10 @@
 """The one hot path: client request in, signed request upstream, answer back unchanged.
 
+Per attempt: a rate-limit permit (waiting in line if need be), credentials, a
+slot under the in-flight cap, then the request. The answer decides what comes
+next (retry.py): hand it to the client, log in again once, wait for the rate
+window, or back off and try again, within the attempt and time caps.
+
 Small answers are read whole and sent with one write; large or unsized ones
 are streamed chunk by chunk, and the fresh auth code is harvested from the
 chunks as they pass, so a large download is never buffered or parsed whole.
@@ -7,17 +12,23 @@ chunks as they pass, so a large download is never buffered or parsed whole.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from proxy import retry
 from proxy.clock import ServerClock
-from proxy.errors import ProxyError
+from proxy.config import QueueConfig, RetryConfig
+from proxy.errors import BadRequest, ProxyError
 from proxy.inbound import Outbound, downstream_headers, read_request
+from proxy.limits import RateLimiter, scope_of
 from proxy.schemes import AuthScheme
 from proxy.session import AuthCode
 from proxy.upstream import Upstream, translate
@@ -27,6 +38,7 @@ log = structlog.get_logger("proxy.access")
 # Answers up to this size (with a known length) are read whole: one write, no chunk loop.
 SMALL_BODY = 64 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+MAX_WAIT_HEADER = "X-Proxy-Max-Wait"
 
 
 def request_id(given: str | None) -> str:
@@ -44,40 +56,79 @@ def error_response(error: ProxyError, rid: str) -> web.Response:
     )
 
 
+def max_wait(header: str | None, configured: float) -> float:
+    """The client may ask to wait less than queue.max_wait, never more."""
+    if header is None:
+        return configured
+    try:
+        asked = float(header)
+    except ValueError:
+        asked = math.nan
+    if not math.isfinite(asked) or asked < 0:
+        raise BadRequest(f"{MAX_WAIT_HEADER} must be a number of seconds >= 0 (got {header!r})")
+    return min(asked, configured)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The outcome of the attempts for one request."""
+
+    resp: aiohttp.ClientResponse
+    used: AuthCode | None
+    sent_at: float
+    attempts: int
+    queue_wait: float
+
+
 class Forwarder:
     def __init__(
         self,
         upstream: Upstream,
         scheme: AuthScheme,
+        scheme_name: str,
         clock: ServerClock,
+        limiter: RateLimiter,
+        max_inflight: int,
+        queue: QueueConfig,
+        retries: RetryConfig,
         max_body: int,
     ) -> None:
         self.upstream = upstream
         self.scheme = scheme
+        self.scheme_name = scheme_name
         self.clock = clock
+        self.limiter = limiter
+        self.inflight = asyncio.Semaphore(max_inflight)
+        self.queue = queue
+        self.retries = retries
         self.max_body = max_body
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
+        started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
         event: dict[str, object] = {"request_id": rid, "method": request.method}
-        response: web.StreamResponse
+        response: web.StreamResponse | None = None
         try:
+            wait = max_wait(request.headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
             out = await read_request(request, self.max_body)
-            event["path"] = out.path
-            event["bytes_in"] = len(out.body)
+            scope = scope_of(out.path, self.scheme_name)
+            event.update(path=out.path, scope=scope, bytes_in=len(out.body))
             out.headers["X-Request-ID"] = rid
-            resp, used, sent_at, attempts = await self._exchange(out)
-            event["attempts"] = attempts
-            event["upstream_status"] = resp.status
+            exchange = await self._exchange(out, scope, started + wait, event)
+            event.update(upstream_status=exchange.resp.status)
             try:
-                response = await self._respond(request, resp, used, sent_at, rid)
+                response = await self._respond(request, exchange, rid)
             finally:
-                resp.release()
+                exchange.resp.release()
+                self.inflight.release()
         except ProxyError as e:
-            event["error"] = e.reason
-            event["error_message"] = e.message
+            event.update(error=e.reason, error_message=e.message)
             response = error_response(e, rid)
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler): nothing left to answer.
+            event.update(error="client_disconnected", total_ms=_ms(started))
+            log.info("request", **event)
+            raise
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
@@ -86,42 +137,127 @@ class Forwarder:
         event["status"] = response.status
         body = response.body if isinstance(response, web.Response) else None
         event["bytes_out"] = len(body) if isinstance(body, bytes) else response.body_length
-        event["total_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        event["total_ms"] = _ms(started)
         log.info("request", **event)
         return response
 
     async def _exchange(
-        self, out: Outbound
-    ) -> tuple[aiohttp.ClientResponse, AuthCode | None, float, int]:
-        """Send, and after a 401 log in again and send once more (at most one refresh)."""
+        self, out: Outbound, scope: str, deadline: float, event: dict[str, object]
+    ) -> Exchange:
+        """Attempt until an answer is final; returns holding an in-flight slot (caller frees it)."""
+        cfg = self.retries
+        first = time.monotonic()
         attempts = 0
+        reauthenticated = False
+        queue_wait = 0.0
+        front = False  # once a request has waited its turn, it keeps its place at the head
         while True:
+            queue_wait += await self.limiter.acquire(scope, deadline, front)
+            front = True
             attempts += 1
+            event.update(attempts=attempts, queue_wait_ms=round(queue_wait * 1000, 2))
             used = await self.scheme.apply(out)
+            await self.inflight.acquire()
             sent_at = time.monotonic()
-            resp = await self.upstream.request(
-                out.method, out.path, out.query, out.headers, out.body
-            )
-            self.clock.observe(resp.headers.get("Date"))
-            if resp.status == 401 and attempts == 1 and self.scheme.refreshes_on_401:
-                resp.release()
-                log.info("auth_retry_after_401", path=out.path)
-                self.scheme.invalidate(used)
+            try:
+                resp = await self.upstream.request(
+                    out.method, out.path, out.query, out.headers, out.body
+                )
+            except ProxyError as e:
+                self.inflight.release()
+                decision = retry.after_error(out.method, e)
+                delay = self._retry_delay(decision, attempts - reauthenticated, first)
+                if delay is None:
+                    raise
+                log.info(
+                    "retry",
+                    request_id=event["request_id"],
+                    reason=decision.reason,
+                    attempt=attempts,
+                    delay_s=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
                 continue
-            return resp, used, sent_at, attempts
+            except BaseException:
+                self.inflight.release()
+                raise
+            event["upstream_ms"] = round((time.monotonic() - sent_at) * 1000, 2)
+            self.clock.observe(resp.headers.get("Date"))
+            await self.limiter.observe(scope, resp.headers)
+            decision = retry.after_response(
+                self.scheme_name,
+                out.method,
+                resp.status,
+                resp.headers,
+                self.limiter.is_rate_limited(resp.status, resp.headers),
+                self.clock.now(),
+            )
+            if decision.action is retry.Action.DONE:
+                return Exchange(resp, used, sent_at, attempts, queue_wait)
+            if decision.action is retry.Action.REAUTH:
+                if reauthenticated or not self.scheme.refreshes_on_401:
+                    return Exchange(resp, used, sent_at, attempts, queue_wait)
+                reauthenticated = True
+                log.info("auth_retry_after_401", request_id=event["request_id"])
+                self.scheme.invalidate(used)
+                delay = 0.0
+            elif decision.action is retry.Action.RATE_WAIT:
+                pause = await self._rate_pause(scope, resp, decision)
+                counted = attempts - reauthenticated
+                if counted >= cfg.max_attempts or time.monotonic() + pause > deadline:
+                    # It cannot wait for the reset: the API's own answer says why.
+                    return Exchange(resp, used, sent_at, attempts, queue_wait)
+                delay = 0.0  # the held bucket makes the next acquire wait for the reset
+            else:
+                maybe = self._retry_delay(decision, attempts - reauthenticated, first)
+                if maybe is None:
+                    return Exchange(resp, used, sent_at, attempts, queue_wait)
+                delay = maybe
+            resp.release()
+            self.inflight.release()
+            log.info(
+                "retry",
+                request_id=event["request_id"],
+                reason=decision.reason,
+                status=resp.status,
+                attempt=attempts,
+                delay_s=round(delay, 3),
+            )
+            if delay:
+                await asyncio.sleep(delay)
+
+    async def _rate_pause(
+        self, scope: str, resp: aiohttp.ClientResponse, decision: retry.Decision
+    ) -> float:
+        if decision.delay is not None:  # the server said how long (Retry-After)
+            return self.limiter.hold_for(scope, decision.delay)
+        if self.scheme_name == "luxsci":
+            return await self.limiter.hold(scope, resp.headers)
+        # A 429 with no Retry-After: back off like any retry.
+        return self.limiter.hold_for(
+            scope, retry.backoff(2, self.retries.backoff_base, self.retries.backoff_max)
+        )
+
+    def _retry_delay(self, decision: retry.Decision, attempts: int, first: float) -> float | None:
+        """The backoff before another attempt, or None when the caps say stop.
+
+        `attempts` excludes the one re-login retry, which the cap does not count.
+        """
+        if decision.action is retry.Action.DONE or attempts >= self.retries.max_attempts:
+            return None
+        delay = retry.backoff(attempts, self.retries.backoff_base, self.retries.backoff_max)
+        if time.monotonic() + delay - first > self.retries.max_time:
+            return None
+        return delay
 
     async def _respond(
-        self,
-        request: web.BaseRequest,
-        resp: aiohttp.ClientResponse,
-        used: AuthCode | None,
-        sent_at: float,
-        rid: str,
+        self, request: web.BaseRequest, exchange: Exchange, rid: str
     ) -> web.StreamResponse:
+        resp = exchange.resp
         headers = downstream_headers(resp.headers)
         headers["X-Request-ID"] = rid
         harvester = (
-            self.scheme.harvester(used, resp.headers.get("Content-Encoding"))
+            self.scheme.harvester(exchange.used, resp.headers.get("Content-Encoding"))
             if 200 <= resp.status < 300
             else None
         )
@@ -142,7 +278,7 @@ class Forwarder:
                 raise translate(e, self.upstream.where) from e
             if harvester is not None:
                 harvester.feed(body)
-                self.scheme.harvested(used, sent_at, harvester)
+                self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
             return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
 
         sr = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
@@ -171,5 +307,9 @@ class Forwarder:
                 harvester.feed(chunk)
         await sr.write_eof()
         if harvester is not None:
-            self.scheme.harvested(used, sent_at, harvester)
+            self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
         return sr
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 2)

@@ -77,8 +77,13 @@ def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
 
 
 def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, credentials, and X-Proxy-* (ours)."""
     drop = _DROP_UPSTREAM | _connection_tokens(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return CIMultiDict(
+        (k, v)
+        for k, v in headers.items()
+        if k.lower() not in drop and not k.lower().startswith("x-proxy-")
+    )
 
 
 def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

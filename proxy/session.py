@@ -15,6 +15,9 @@ Life of a session
 - A failed authentication is remembered with the API's message: callers get it
   at once (no hammering), and a background task retries with doubling backoff.
 - `revoke()` on shutdown ends the session server-side.
+- Logins spend the account rate budget (the safe reading of the API's limits),
+  ahead of the queue: every waiting request needs the code. A login refused
+  for rate waits for the window's reset instead of counting as a failure.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from multidict import CIMultiDictProxy
 
 from proxy import signing
 from proxy.clock import ServerClock
 from proxy.config import AuthConfig
 from proxy.errors import ProxyError, UpstreamAuthFailed
+from proxy.limits import RateLimiter
 from proxy.upstream import Upstream
 
 AUTH_PATH = "/perl/api/v2/auth"
@@ -72,6 +77,8 @@ class LuxSciSession:
         upstream: Upstream,
         clock: ServerClock,
         monotonic: Callable[[], float] = time.monotonic,
+        limiter: RateLimiter | None = None,
+        permit_wait: float = 30.0,
     ) -> None:
         assert cfg.token is not None and cfg.secret is not None
         self.cfg = cfg
@@ -80,6 +87,8 @@ class LuxSciSession:
         self._upstream = upstream
         self._clock = clock
         self._monotonic = monotonic
+        self._limiter = limiter
+        self._permit_wait = permit_wait
         self._current: AuthCode | None = None
         self._generation = 0
         # Logins up to this one ended with a 401 (or a revoke): their codes are never taken back.
@@ -169,10 +178,19 @@ class LuxSciSession:
 
     async def _login(self) -> AuthCode:
         """POST /auth; after a date rejection caused by our clock, once more with the server's."""
-        for attempt in (1, 2):
+        attempt = 0
+        rate_waits = 0
+        while True:
+            attempt += 1
             signed_date = int(self._clock.now())
             sent_at = self._monotonic()
-            status, body = await self._post_auth(str(signed_date))
+            status, headers, body = await self._post_auth(str(signed_date))
+            limiter = self._limiter
+            if limiter is not None and limiter.is_rate_limited(status, headers) and rate_waits < 3:
+                rate_waits += 1
+                attempt -= 1
+                await limiter.hold("account", headers)
+                continue
             if 200 <= status < 300:
                 value = self._code_from(body)
                 self._generation += 1
@@ -193,9 +211,8 @@ class LuxSciSession:
             raise UpstreamAuthFailed(
                 f"authentication with the API failed (HTTP {status}): {message}"
             )
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post_auth(self, date: str) -> tuple[int, bytes]:
+    async def _post_auth(self, date: str) -> tuple[int, CIMultiDictProxy[str], bytes]:
         payload: dict[str, str] = {"token": self._token, "date": date}
         user = self.cfg.user
         password = self.cfg.password.get() if self.cfg.password is not None else None
@@ -205,6 +222,9 @@ class LuxSciSession:
         if user is not None:
             payload["user"] = user
             payload["pass"] = password or ""
+        if self._limiter is not None:
+            # Limiter deadlines are time.monotonic(), whatever clock this session runs on.
+            await self._limiter.acquire("account", time.monotonic() + self._permit_wait, front=True)
         self.auth_calls += 1
         resp = await self._upstream.request(
             "POST",
@@ -215,8 +235,10 @@ class LuxSciSession:
         )
         async with resp:
             self._clock.observe(resp.headers.get("Date"))
+            if self._limiter is not None:
+                await self._limiter.observe("account", resp.headers)
             body = await resp.read()
-        return resp.status, body
+        return resp.status, resp.headers, body
 
     @staticmethod
     def _code_from(body: bytes) -> str:

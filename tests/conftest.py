@@ -15,12 +15,8 @@ from aiohttp import web
 
 from proxy.app import ProxyService
 from proxy.config import (
-    AuthConfig,
     Config,
-    ListenConfig,
-    LoggingConfig,
     Secret,
-    UpstreamConfig,
     validate,
 )
 from proxy.sandbox import SandboxConfig, SandboxServer, start_sandbox
@@ -83,19 +79,35 @@ async def sandbox(make_sandbox: MakeSandbox) -> SandboxServer:
 
 
 def proxy_config(upstream_url: str, **sections: Any) -> Config:
-    """A Config for tests: ephemeral ports, the test credentials, overrides per section."""
-    auth = {"token": Secret(TOKEN), "secret": Secret(SECRET), **sections.pop("auth", {})}
-    upstream = {"url": upstream_url, "allow_insecure": True, **sections.pop("upstream", {})}
-    listen = {"port": 0, **sections.pop("listen", {})}
-    cfg = Config(
-        listen=ListenConfig(**listen),
-        admin=dataclasses.replace(Config().admin, port=0),
-        upstream=UpstreamConfig(**upstream),
-        auth=AuthConfig(**auth),
-        logging=LoggingConfig(level="debug"),
-        **sections,
-    )
-    return validate(cfg)
+    """A Config for tests: ephemeral ports, the test credentials, dict overrides per section."""
+    defaults: dict[str, dict[str, Any]] = {
+        "listen": {"port": 0},
+        "admin": {"port": 0},
+        "upstream": {"url": upstream_url, "allow_insecure": True},
+        "auth": {"token": Secret(TOKEN), "secret": Secret(SECRET)},
+        # Limits far above what tests send, and no day count kept on disk, unless a test says so.
+        "limits": {
+            "user_per_minute": 100_000,
+            "account_per_minute": 100_000,
+            "per_day": 10**7,
+            "state_file": "",
+        },
+        "logging": {"level": "debug"},
+    }
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        given = sections.pop(f.name, None)
+        if (
+            dataclasses.is_dataclass(f.default_factory)
+            or f.name in defaults
+            or isinstance(given, dict)
+        ):
+            section_cls = type(getattr(Config(), f.name))
+            kwargs[f.name] = section_cls(**{**defaults.get(f.name, {}), **(given or {})})
+        elif given is not None:
+            kwargs[f.name] = given
+    assert not sections, f"unknown config sections {list(sections)}"
+    return validate(Config(**kwargs))
 
 
 class RunningProxy:
@@ -148,6 +160,8 @@ class EchoUpstream:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.url = ""
+        # Answers to give before echoing again: (status, headers), first in first out.
+        self.script: list[tuple[int, dict[str, str]]] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -158,6 +172,9 @@ class EchoUpstream:
             "body": body.decode("utf-8", "replace"),
         }
         self.requests.append(seen)
+        if self.script:
+            status, headers = self.script.pop(0)
+            return web.json_response({"success": 0}, status=status, headers=headers)
         if request.path.startswith("/status/"):
             return web.json_response({"success": 0}, status=int(request.path.split("/")[2]))
         return web.json_response(seen, headers={"X-Upstream": "echo"})

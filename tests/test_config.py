@@ -116,3 +116,21 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parent.parent / "config.example.yaml"
     cfg = load(example, {"LUXSCI_API_TOKEN": "t", "LUXSCI_API_SECRET": "s"})
     assert cfg.listen.port == 8080
+
+
+def test_masked_dump_hides_a_password_in_the_redis_url() -> None:
+    cfg = parse(
+        MINIMAL + "limits: {backend: redis, redis_url: 'redis://app:pa55word@redis:6379/0'}", ENV
+    )
+    assert masked(cfg)["limits"]["redis_url"] == "redis://app:********@redis:6379/0"
+
+
+def test_limits_queue_and_retry_are_validated() -> None:
+    with pytest.raises(ConfigError, match=r"^limits\.fallback_share"):
+        parse(MINIMAL + "limits: {fallback_share: 0}", ENV)
+    with pytest.raises(ConfigError, match=r"^limits\.redis_url"):
+        parse(MINIMAL + "limits: {backend: redis, redis_url: 'http://x'}", ENV)
+    with pytest.raises(ConfigError, match=r"^queue\.max_wait: must be greater than 0"):
+        parse(MINIMAL + "queue: {max_wait: 0}", ENV)
+    with pytest.raises(ConfigError, match=r"^retry\.backoff_max"):
+        parse(MINIMAL + "retry: {backoff_base: 2, backoff_max: 1}", ENV)

@@ -21,6 +21,7 @@ from proxy.inbound import (
     strip_signature_cookie,
     upstream_headers,
 )
+from proxy.limits import Windows
 from proxy.session import AuthCode, LuxSciSession
 from proxy.upstream import Upstream
 
@@ -122,6 +123,8 @@ def test_server_clock_learns_offset_from_date_header() -> None:
     assert clock.now() == 1_000_000.0
     clock.observe("Mon, 12 Jan 1970 13:41:40 GMT")  # 1_000_000 - 300
     assert clock.offset == -300.0
+    clock.observe("Mon, 12 Jan 1970 13:41:39 GMT")  # a later, worse sample: kept the best
+    assert clock.offset == -300.0
     assert clock.in_window(1_000_000.0 - 300 + 60)
     assert not clock.in_window(1_000_000.0)  # our own time is 5 minutes ahead of the server
     assert clock.in_window(1_000_000.0 - 300 - 899)
@@ -208,3 +211,41 @@ async def test_codes_past_lifetime_minus_margin_are_not_used() -> None:
     assert session._usable(session._current, now[0])
     now[0] = 100.0 + 900 - 60
     assert not session._usable(session._current, now[0])
+
+
+def test_server_clock_keeps_the_best_sample_and_follows_a_clock_step() -> None:
+    wall = [1000.5]
+    clock = ServerClock(wall=lambda: wall[0])
+    clock.observe("Thu, 01 Jan 1970 00:16:40 GMT")  # 1000: sample -0.5
+    assert clock.offset == -0.5
+    wall[0] = 1001.1
+    clock.observe("Thu, 01 Jan 1970 00:16:41 GMT")  # 1001: sample -0.1, better
+    assert clock.offset == pytest.approx(-0.1)
+    wall[0] = 1010.0
+    clock.observe("Thu, 01 Jan 1970 00:16:49 GMT")  # 1009: sample -1.0, worse: ignored
+    assert clock.offset == pytest.approx(-0.1)
+    wall[0] = 2000.0
+    clock.observe("Thu, 01 Jan 1970 00:16:50 GMT")  # 1010: our clock jumped ~990 s ahead
+    assert clock.offset == -990.0
+
+
+def test_server_clock_uncertainty_narrows_once_a_tick_is_bracketed() -> None:
+    wall = [1000.2]
+    clock = ServerClock(wall=lambda: wall[0])
+    assert clock.uncertainty >= 1.0  # nothing known yet
+    clock.observe("Thu, 01 Jan 1970 00:16:40 GMT")  # 1000
+    wall[0] = 1000.9
+    clock.observe("Thu, 01 Jan 1970 00:16:40 GMT")  # same second, seen later
+    assert clock.uncertainty >= 1.0
+    wall[0] = 1001.05
+    clock.observe("Thu, 01 Jan 1970 00:16:41 GMT")  # ticked between 1000.9 and 1001.05
+    assert clock.uncertainty == pytest.approx(0.15)
+    assert clock.offset == pytest.approx(-0.05)
+
+
+def test_no_permit_is_granted_within_the_clock_uncertainty_of_a_window_end() -> None:
+    windows = Windows.of(60, 86400)
+    assert windows.wait_to_grant(30.0) == 0.0
+    assert windows.wait_to_grant(59.6) == pytest.approx(0.4)  # inside the 0.5 s guard
+    assert windows.wait_to_grant(58.9, uncertainty=1.2) == pytest.approx(1.1)
+    assert windows.wait_to_grant(60.0) == 0.0  # the next window is open

@@ -1,0 +1,271 @@
+"""The rate limiter: per-scope FIFO queues released as fast as the API's limits allow.
+
+Each scope (user, account) has its own window budget and its own queue; both
+share one day budget. A request takes a permit at once when its scope's queue
+is empty and the window has room (the fast path: no task switch), otherwise it
+waits in line. One pump task per scope hands permits to the head of the line,
+sleeping to the next window when the current one is spent, and exits when the
+line is empty. A waiter that leaves (client gone, deadline passed) is skipped
+and never spends a permit.
+
+The server's X-RateLimit-* headers correct the local count (another client of
+the same integration may be spending it too); a rate-limit 403 closes the
+scope until the reset it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from proxy.clock import ServerClock
+from proxy.config import LimitsConfig, QueueConfig
+from proxy.errors import DailyLimit, QueueFull, QueueTimeout
+from proxy.limits.backend import Backend, Verdict
+from proxy.limits.windows import Windows
+
+log = structlog.get_logger("proxy.limits")
+
+USER_PREFIX = "/perl/api/v2/user/"
+SCOPES = ("user", "account")
+
+
+def scope_of(path: str, scheme: str) -> str:
+    """Which budget a request spends: user-level paths vs everything else."""
+    if scheme == "luxsci" and path.startswith(USER_PREFIX):
+        return "user"
+    return "account"
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+@dataclass(eq=False)
+class _Bucket:
+    scope: str
+    limit: int
+    server_limit: int | None = None
+    remaining: int | None = None
+    # Server time until which the API told us this scope is spent (a 403).
+    held_until: float = 0.0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    pump: asyncio.Task[None] | None = None
+
+    @property
+    def effective_limit(self) -> int:
+        if self.server_limit is None:
+            return self.limit
+        return min(self.limit, self.server_limit)
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        limits: LimitsConfig,
+        queue: QueueConfig,
+        backend: Backend,
+        clock: ServerClock,
+    ) -> None:
+        self.cfg = limits
+        self.queue = queue
+        self.backend = backend
+        self.clock = clock
+        self.windows = Windows.of(limits.window_seconds, limits.day_seconds)
+        self.buckets = {
+            "user": _Bucket("user", limits.user_per_minute),
+            "account": _Bucket("account", limits.account_per_minute),
+        }
+        self.waiting = 0
+
+    # -- taking permits ------------------------------------------------------------
+
+    async def acquire(self, scope: str, deadline: float, front: bool = False) -> float:
+        """Wait for a permit in `scope` until `deadline` (monotonic); returns seconds waited.
+
+        `front`: a request that already waited (a retry) goes to the head of its line.
+        """
+        bucket = self.buckets[scope]
+        if not bucket.waiters and self._wait_to_grant(bucket) == 0:
+            verdict = await self._try(bucket)
+            if verdict is Verdict.GRANTED:
+                return 0.0
+            if verdict is Verdict.DAY_FULL:
+                raise self._daily_limit()
+        if self.waiting >= self.queue.max_size:
+            raise QueueFull(
+                f"{self.waiting} requests are already waiting for the API's rate limit "
+                "(queue.max_size)",
+                retry_after=self._retry_after(bucket),
+            )
+        started = time.monotonic()
+        if deadline <= started:
+            raise self._queue_timeout(bucket, 0.0)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if front:
+            bucket.waiters.appendleft(future)
+        else:
+            bucket.waiters.append(future)
+        self.waiting += 1
+        self._ensure_pump(bucket)
+        try:
+            async with asyncio.timeout_at(self._loop_time(deadline)):
+                await future
+        except TimeoutError:
+            raise self._queue_timeout(bucket, time.monotonic() - started) from None
+        finally:
+            self.waiting -= 1
+            # A waiter that left stays in the deque, cancelled; the pump skips it.
+        return time.monotonic() - started
+
+    async def _try(self, bucket: _Bucket) -> Verdict:
+        now = self.clock.now()
+        return await self.backend.acquire(
+            bucket.scope,
+            self.windows.index(now),
+            bucket.effective_limit,
+            self.windows.day(now),
+            self.cfg.per_day,
+        )
+
+    def _wait_to_grant(self, bucket: _Bucket) -> float:
+        now = self.clock.now()
+        if now < bucket.held_until:
+            return bucket.held_until - now
+        return self.windows.wait_to_grant(now, self.clock.uncertainty)
+
+    def _ensure_pump(self, bucket: _Bucket) -> None:
+        if bucket.pump is None or bucket.pump.done():
+            bucket.pump = asyncio.get_running_loop().create_task(self._pump(bucket))
+
+    async def _pump(self, bucket: _Bucket) -> None:
+        waiters = bucket.waiters
+        while waiters:
+            if waiters[0].done():  # left the line (timed out or client gone)
+                waiters.popleft()
+                continue
+            delay = self._wait_to_grant(bucket)
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            verdict = await self._try(bucket)
+            if verdict is Verdict.GRANTED:
+                # The head may have left while the backend answered: the next in line gets it.
+                while waiters and waiters[0].done():
+                    waiters.popleft()
+                if waiters:
+                    waiters.popleft().set_result(None)
+            elif verdict is Verdict.WINDOW_FULL:
+                await asyncio.sleep(self.windows.until_next(self.clock.now()))
+            else:
+                error = self._daily_limit()
+                while waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_exception(error)
+
+    # -- what the server says ----------------------------------------------------------
+
+    async def observe(self, scope: str, headers: Mapping[str, str]) -> None:
+        """Correct the local view from a response's X-RateLimit-* headers."""
+        limit = _int_header(headers, "X-RateLimit-Limit")
+        remaining = _int_header(headers, "X-RateLimit-Remaining")
+        reset = _int_header(headers, "X-RateLimit-Reset")
+        if limit is None or remaining is None or reset is None:
+            return
+        bucket = self.buckets[scope]
+        bucket.server_limit = limit if limit > 0 else None
+        bucket.remaining = remaining
+        window = self.windows.index_ending_at(reset)
+        if window == self.windows.index(self.clock.now()):
+            # Whatever others spent, at most `remaining` more fit in this window.
+            await self.backend.raise_used(scope, window, bucket.effective_limit - remaining)
+
+    def is_rate_limited(self, status: int, headers: Mapping[str, str]) -> bool:
+        """A 403 that is the API's rate limit (remaining 0), not a refusal for another reason."""
+        return status == 403 and _int_header(headers, "X-RateLimit-Remaining") == 0
+
+    async def hold(self, scope: str, headers: Mapping[str, str]) -> float:
+        """The API refused for rate: close `scope` until its reset; returns seconds until then."""
+        bucket = self.buckets[scope]
+        now = self.clock.now()
+        reset = _int_header(headers, "X-RateLimit-Reset")
+        until = (
+            float(reset)
+            if reset is not None and reset > now
+            else self.windows.end(self.windows.index(now))
+        )
+        bucket.held_until = max(bucket.held_until, until)
+        await self.backend.raise_used(scope, self.windows.index(now), bucket.effective_limit)
+        log.warning("rate_limit_pause", scope=scope, seconds=round(until - now, 2))
+        return until - now
+
+    def hold_for(self, scope: str, seconds: float) -> float:
+        """Close `scope` for `seconds` (a Bearer API's 429 Retry-After); returns them."""
+        bucket = self.buckets[scope]
+        bucket.held_until = max(bucket.held_until, self.clock.now() + seconds)
+        log.warning("rate_limit_pause", scope=scope, seconds=round(seconds, 2))
+        return seconds
+
+    # -- answers -------------------------------------------------------------------------
+
+    def _retry_after(self, bucket: _Bucket) -> float:
+        """A fair guess of when a new request would get through: after the line ahead of it."""
+        now = self.clock.now()
+        windows_ahead = len(bucket.waiters) // max(1, bucket.effective_limit)
+        return max(bucket.held_until - now, self.windows.until_next(now)) + (
+            windows_ahead * self.windows.length
+        )
+
+    def _queue_timeout(self, bucket: _Bucket, waited: float) -> QueueTimeout:
+        return QueueTimeout(
+            f"no {bucket.scope} rate-limit permit within the allowed wait "
+            f"(waited {waited:.1f} s; queue.max_wait or X-Proxy-Max-Wait)",
+            retry_after=self._retry_after(bucket),
+        )
+
+    def _daily_limit(self) -> DailyLimit:
+        wait = self.windows.until_next_day(self.clock.now())
+        return DailyLimit(
+            f"the day's budget of {self.cfg.per_day} API requests is spent (limits.per_day); "
+            "it renews at the next day boundary (UTC midnight by the API's clock)",
+            retry_after=wait,
+        )
+
+    @staticmethod
+    def _loop_time(deadline: float) -> float:
+        """asyncio deadlines are in loop time; ours are time.monotonic()."""
+        loop = asyncio.get_running_loop()
+        return loop.time() + (deadline - time.monotonic())
+
+    # -- life cycle and status ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        for bucket in self.buckets.values():
+            if bucket.pump is not None:
+                bucket.pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await bucket.pump
+        await self.backend.close()
+
+    def status(self) -> dict[str, Any]:
+        return self.backend.status()
+
+    def queue_depth(self, scope: str) -> int:
+        return sum(1 for w in self.buckets[scope].waiters if not w.done())

@@ -1,0 +1,310 @@
+"""The Redis backend: permits counted in Redis, so every process of one integration shares them.
+
+Each acquisition is one Lua script, so concurrent processes can never both take
+the last permit of a window. When Redis is unreachable the backend keeps
+serving from an in-memory backend limited to `fallback_share` of each limit:
+N processes on their own share then stay inside the real limits without
+talking to each other. While in fallback, Redis is probed at most once a
+second from within `acquire`; permits granted locally meanwhile are added to
+Redis's counts when it answers again, so the day's budget stays honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import redis.asyncio
+import structlog
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from proxy.limits.backend import MemoryBackend, Verdict
+
+log = structlog.get_logger("proxy.limits")
+
+T = TypeVar("T")
+
+# Any Redis error, not only connection ones: a limiter that raises fails the
+# request, while a local share keeps it within the limits. asyncio's
+# TimeoutError is an OSError.
+_UNAVAILABLE = (RedisError, OSError)
+
+PROBE_INTERVAL = 1.0
+
+# KEYS: window, day. ARGV: window limit, day limit, window ttl ms, day ttl ms.
+# Returns 0 granted, 1 window full, 2 day full (_VERDICTS).
+_ACQUIRE = """
+local day = tonumber(redis.call('GET', KEYS[2]) or '0')
+if day >= tonumber(ARGV[2]) then return 2 end
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used >= tonumber(ARGV[1]) then return 1 end
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 0
+"""
+
+# KEYS: window. ARGV: used, window ttl ms. Returns the window's count afterwards.
+_RAISE = """
+local used = tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used > current then
+  redis.call('SET', KEYS[1], used, 'PX', ARGV[2])
+  return used
+end
+return current
+"""
+
+# KEYS: day, then windows. ARGV: window ttl ms, day ttl ms, day count, then window counts.
+# Adds permits granted during a fallback. Returns the day's count afterwards.
+_SETTLE = """
+for i = 2, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[i + 2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+local day = redis.call('INCRBY', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return day
+"""
+
+_VERDICTS = {0: Verdict.GRANTED, 1: Verdict.WINDOW_FULL, 2: Verdict.DAY_FULL}
+
+
+def _ttl_ms(seconds: float) -> int:
+    """A little over two periods: the current one is still read near its end on a late clock."""
+    return math.ceil(2 * seconds * 1000) + 1000
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) masked, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass
+class _Local:
+    """Permits granted from the local share and not yet added to Redis."""
+
+    day: int = -1
+    day_count: int = 0
+    # scope -> (window, count): only a scope's latest window still matters.
+    windows: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        window_seconds: float,
+        day_seconds: float,
+        fallback_share: float,
+        op_timeout: float = 0.5,
+    ) -> None:
+        self._url = url
+        self._prefix = f"luxsci-proxy:{{{key}}}"
+        self._window_ttl = _ttl_ms(window_seconds)
+        self._day_ttl = _ttl_ms(day_seconds)
+        self._share = fallback_share
+        self._op_timeout = op_timeout
+        password = urlsplit(url).password
+        # Both spellings: redis-py unquotes the password, an error could show either.
+        self._secrets = {p for p in (password, unquote(password or "")) if p}
+        # No retries of its own: a failed call goes to the local share at once,
+        # and the probe is the retry. Nothing connects before the first command.
+        self._client = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=op_timeout,
+            socket_connect_timeout=op_timeout,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._acquire_script: AsyncScript = self._client.register_script(_ACQUIRE)
+        self._raise_script: AsyncScript = self._client.register_script(_RAISE)
+        self._settle_script: AsyncScript = self._client.register_script(_SETTLE)
+        self._memory = MemoryBackend()
+        self._pending = _Local()
+        # Why Redis is not used now (None: it is), and when it was last asked.
+        self._down: str | None = None
+        self._down_since = 0.0
+        self._last_probe = 0.0
+        # The window in which Redis was lost: how much of it the others spent is
+        # unknown, so the local share starts only with the next one.
+        self._outage_window: int | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._memory.start()
+        try:
+            await self._bounded(self._client.ping())
+        except _UNAVAILABLE as e:
+            self._fall_back(e)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        await self._memory.close()
+
+    # -- counting --------------------------------------------------------------------
+
+    async def acquire(
+        self, scope: str, window: int, limit: int, day: int, day_limit: int
+    ) -> Verdict:
+        if self._down is None or await self._recovered():
+            try:
+                code = await self._bounded(
+                    self._acquire_script(
+                        keys=[self._window_key(scope, window), self._day_key(day)],
+                        args=[limit, day_limit, self._window_ttl, self._day_ttl],
+                    )
+                )
+                return _VERDICTS[int(code)]
+            except _UNAVAILABLE as e:
+                self._fall_back(e)
+        if self._outage_window is None:
+            self._outage_window = window
+        if window <= self._outage_window:
+            return Verdict.WINDOW_FULL
+        verdict = self._memory.acquire_now(
+            scope, window, self._local(limit), day, self._local(day_limit)
+        )
+        if verdict is Verdict.GRANTED:
+            self._remember_local(scope, window, day)
+        return verdict
+
+    async def raise_used(self, scope: str, window: int, used: int) -> None:
+        if self._down is None:
+            try:
+                await self._bounded(
+                    self._raise_script(
+                        keys=[self._window_key(scope, window)],
+                        args=[used, self._window_ttl],
+                    )
+                )
+                return
+            except _UNAVAILABLE as e:
+                self._fall_back(e)
+        await self._memory.raise_used(scope, window, used)
+
+    async def day_used(self, day: int) -> int:
+        if self._down is None:
+            try:
+                value = await self._bounded(self._client.get(self._day_key(day)))
+                return int(value or 0)
+            except _UNAVAILABLE as e:
+                self._fall_back(e)
+        return await self._memory.day_used(day)
+
+    def status(self) -> dict[str, Any]:
+        if self._down is None:
+            return {"ok": True, "backend": self.name}
+        return {"ok": False, "backend": self.name, "fallback": True, "error": self._down}
+
+    # -- keys and shares ---------------------------------------------------------------
+
+    def _window_key(self, scope: str, window: int) -> str:
+        return f"{self._prefix}:w:{scope}:{window}"
+
+    def _day_key(self, day: int) -> str:
+        return f"{self._prefix}:d:{day}"
+
+    def _local(self, limit: int) -> int:
+        return max(1, math.floor(limit * self._share))
+
+    # -- fallback and recovery -----------------------------------------------------------
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        # The socket timeouts bound each read and connect; this bounds the whole call.
+        async with asyncio.timeout(self._op_timeout):
+            return await call
+
+    def _fall_back(self, error: BaseException) -> None:
+        self._last_probe = time.monotonic()
+        if self._down is not None:
+            return
+        self._down = self._describe(error)
+        self._down_since = self._last_probe
+        log.warning(
+            "limits_redis_unavailable",
+            error=self._down,
+            redis=redact_url(self._url),
+            fallback_share=self._share,
+        )
+
+    async def _recovered(self) -> bool:
+        """At most once a second: is Redis back? Everyone else goes straight to the local share."""
+        now = time.monotonic()
+        if now - self._last_probe < PROBE_INTERVAL:
+            return False
+        self._last_probe = now
+        try:
+            await self._bounded(self._client.ping())
+            await self._settle()
+        except _UNAVAILABLE as e:
+            self._down = self._describe(e)
+            return False
+        log.info(
+            "limits_redis_recovered",
+            redis=redact_url(self._url),
+            after_seconds=round(time.monotonic() - self._down_since, 1),
+        )
+        self._down = None
+        self._outage_window = None
+        return True
+
+    def _remember_local(self, scope: str, window: int, day: int) -> None:
+        pending = self._pending
+        if day != pending.day:
+            pending.day, pending.day_count = day, 0
+        pending.day_count += 1
+        current, count = pending.windows.get(scope, (window, 0))
+        pending.windows[scope] = (window, count + 1 if current == window else 1)
+
+    async def _settle(self) -> None:
+        """Add the permits the local share granted to Redis's counts."""
+        pending = self._pending
+        if pending.day_count == 0:
+            return
+        windows = dict(pending.windows)
+        day, day_count = pending.day, pending.day_count
+        await self._bounded(
+            self._settle_script(
+                keys=[self._day_key(day)]
+                + [self._window_key(s, w) for s, (w, _) in windows.items()],
+                args=[self._window_ttl, self._day_ttl, day_count]
+                + [n for _, n in windows.values()],
+            )
+        )
+        # Acquisitions that went local while the script ran stay pending.
+        if pending.day == day:
+            pending.day_count -= day_count
+        for scope, (window, count) in windows.items():
+            now_window, now_count = pending.windows.get(scope, (window, 0))
+            if now_window == window:
+                if now_count > count:
+                    pending.windows[scope] = (window, now_count - count)
+                else:
+                    del pending.windows[scope]
+
+    def _describe(self, error: BaseException) -> str:
+        """A short reason for logs and /readyz, never with the URL's password."""
+        text = str(error) or f"no answer within {self._op_timeout} s"
+        text = f"{type(error).__name__}: {text}"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:200]

@@ -1,0 +1,52 @@
+"""Fixed rate windows on the server's clock: pure arithmetic, no I/O, no clock of its own.
+
+The API counts requests in fixed windows (its minutes) and days. A permit is
+only worth having if the request lands in the window it was counted in, so no
+permits are granted in the last `guard` seconds of a window: our estimate of
+the server's clock is never ahead of it (see clock.py) but may trail it a
+little, and the request still has to travel. Nothing is lost by the guard
+under load: a window's permits are all granted at its start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    length: float
+    day_length: float
+    guard: float
+
+    @classmethod
+    def of(cls, length: float, day_length: float) -> Windows:
+        return cls(length, day_length, guard=min(0.5, length / 20))
+
+    def index(self, t: float) -> int:
+        return math.floor(t / self.length)
+
+    def end(self, index: int) -> float:
+        return (index + 1) * self.length
+
+    def index_ending_at(self, reset: float) -> int:
+        """The window whose end is `reset` (the API's X-RateLimit-Reset)."""
+        return round(reset / self.length) - 1
+
+    def wait_to_grant(self, t: float, uncertainty: float = 0.0) -> float:
+        """0 when a permit may be granted at server time t, else seconds until one may.
+
+        `uncertainty`: how far the caller's t may trail the server's real time.
+        """
+        end = self.end(self.index(t))
+        return 0.0 if t < end - max(self.guard, uncertainty) else end - t
+
+    def until_next(self, t: float) -> float:
+        return self.end(self.index(t)) - t
+
+    def day(self, t: float) -> int:
+        return math.floor(t / self.day_length)
+
+    def until_next_day(self, t: float) -> float:
+        return (self.day(t) + 1) * self.day_length - t

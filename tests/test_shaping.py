@@ -1,0 +1,189 @@
+"""Traffic shaping against the sandbox's enforced limits, over real sockets.
+
+Windows are 2 s here (the sandbox and the proxy agree) to keep the suite fast;
+the default is the API's real minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+from conftest import USER, MakeProxy, MakeSandbox
+
+WINDOW = 2
+USER_PATH = f"/perl/api/v2/user/{USER}/profile"
+ACCOUNT_PATH = "/perl/api/v2/account/42/things"
+
+
+def limits(**overrides: object) -> dict[str, object]:
+    return {"window_seconds": WINDOW, **overrides}
+
+
+async def fetch(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], float]:
+    started = time.monotonic()
+    async with http.get(url, headers=headers) as resp:
+        await resp.read()
+        return resp.status, dict(resp.headers), time.monotonic() - started
+
+
+async def test_five_times_overload_is_queued_with_no_rate_rejection_at_90_percent_of_the_rate(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    sandbox = await make_sandbox(window_seconds=WINDOW, user_per_window=10)
+    proxy = await make_proxy(sandbox.url, limits=limits(user_per_minute=10))
+    results = await asyncio.gather(*(fetch(http, proxy.url + USER_PATH) for _ in range(50)))
+
+    assert [status for status, _, _ in results] == [200] * 50
+    assert sandbox.sandbox.stats.rate_limited == 0  # the API never had to reject one
+    served = [e["ts"] for e in sandbox.sandbox.log if e["scope"] == "user" and e["status"] == 200]
+    per_window = Counter(int(ts // WINDOW) for ts in served)
+    windows = sorted(per_window)
+    # Every window from the first to the last was used, each at >= 90% of the limit
+    # (the first may be partly spent when the burst arrives mid-window).
+    assert windows == list(range(windows[0], windows[0] + len(windows)))
+    assert all(per_window[w] >= 9 for w in windows[1:-1]), per_window
+    assert len(windows) <= 6
+
+
+async def test_queue_full_answers_503_at_once_with_retry_after(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    sandbox = await make_sandbox(window_seconds=WINDOW, user_per_window=2)
+    proxy = await make_proxy(
+        sandbox.url, limits=limits(user_per_minute=2), queue={"max_size": 3, "max_wait": 30}
+    )
+    results = await asyncio.gather(*(fetch(http, proxy.url + USER_PATH) for _ in range(10)))
+    full = [(h, took) for status, h, took in results if status == 503]
+    assert len(full) == 5  # 2 went at once, 3 waited, 5 did not fit
+    for headers, took in full:
+        assert headers["X-Proxy-Error"] == "queue_full"
+        assert int(headers["Retry-After"]) >= 1
+        assert took < 0.5  # prompt: no waiting for a place that will not come
+    assert sum(1 for status, _, _ in results if status == 200) == 5
+    assert sandbox.sandbox.stats.rate_limited == 0
+
+
+async def test_queue_timeout_answers_503_when_the_wait_runs_out(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    sandbox = await make_sandbox(window_seconds=10, user_per_window=2)
+    proxy = await make_proxy(
+        sandbox.url,
+        limits=limits(window_seconds=10, user_per_minute=2),
+        queue={"max_size": 100, "max_wait": 0.5},
+    )
+    results = await asyncio.gather(*(fetch(http, proxy.url + USER_PATH) for _ in range(5)))
+    timed_out = [(h, took) for status, h, took in results if status == 503]
+    assert len(timed_out) == 3
+    for headers, took in timed_out:
+        assert headers["X-Proxy-Error"] == "queue_timeout"
+        assert int(headers["Retry-After"]) >= 1
+        assert 0.4 < took < 2.0
+    # A client may ask for a shorter wait: zero means "now or never".
+    status, headers, took = await fetch(
+        http, proxy.url + USER_PATH, headers={"X-Proxy-Max-Wait": "0"}
+    )
+    assert status == 503 and headers["X-Proxy-Error"] == "queue_timeout" and took < 0.3
+    async with http.get(proxy.url + USER_PATH, headers={"X-Proxy-Max-Wait": "soon"}) as resp:
+        assert resp.status == 400
+        assert resp.headers["X-Proxy-Error"] == "bad_request"
+        assert "X-Proxy-Max-Wait" in (await resp.json())["error_message"]
+
+
+async def test_daily_limit_fails_fast_with_retry_after_to_the_day_boundary(
+    sandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(sandbox.url, limits=limits(per_day=5, day_seconds=3600))
+    statuses = []
+    for _ in range(6):
+        status, headers, took = await fetch(http, proxy.url + ACCOUNT_PATH)
+        statuses.append(status)
+    # The login spent one of the day's five: four requests fit.
+    assert statuses == [200, 200, 200, 200, 503, 503]
+    assert headers["X-Proxy-Error"] == "daily_limit"
+    assert 1 <= int(headers["Retry-After"]) <= 3600
+    assert took < 0.3
+    assert sandbox.sandbox.stats.requests == 5
+
+
+async def test_user_and_account_budgets_are_independent(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    sandbox = await make_sandbox(window_seconds=10, user_per_window=2)
+    proxy = await make_proxy(sandbox.url, limits=limits(window_seconds=10, user_per_minute=2))
+    for _ in range(2):
+        assert (await fetch(http, proxy.url + USER_PATH))[0] == 200
+    waiting = asyncio.create_task(fetch(http, proxy.url + USER_PATH, {"X-Proxy-Max-Wait": "1"}))
+    status, _, took = await fetch(http, proxy.url + ACCOUNT_PATH)
+    assert status == 200 and took < 0.5  # the account budget is untouched by the user queue
+    status, headers, _ = await waiting
+    assert status == 503 and headers["X-Proxy-Error"] == "queue_timeout"
+
+
+async def test_a_rate_limit_403_is_absorbed_by_waiting_for_the_reset(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    # Someone else spends this integration's budget too: the proxy thinks it has 10 per
+    # window, the API allows 4. Its 403s (remaining 0) are not the client's problem.
+    sandbox = await make_sandbox(window_seconds=WINDOW, user_per_window=4)
+    proxy = await make_proxy(sandbox.url, limits=limits(user_per_minute=10))
+    results = await asyncio.gather(*(fetch(http, proxy.url + USER_PATH) for _ in range(12)))
+    assert [status for status, _, _ in results] == [200] * 12
+    assert sandbox.sandbox.stats.rate_limited > 0  # the API did refuse some attempts...
+    # ...and the proxy learned the real limit from X-RateLimit-Limit.
+    assert proxy.service.limiter.buckets["user"].effective_limit == 4
+
+
+async def test_a_client_that_disconnects_while_queued_spends_no_permit(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    sandbox = await make_sandbox(window_seconds=WINDOW, user_per_window=1)
+    proxy = await make_proxy(sandbox.url, limits=limits(user_per_minute=1))
+    assert (await fetch(http, proxy.url + USER_PATH))[0] == 200  # the window's one permit
+
+    async def impatient() -> None:
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as s:
+                await fetch(s, proxy.url + USER_PATH)
+        except TimeoutError:
+            pass
+
+    await impatient()  # queued, then hung up
+    await asyncio.sleep(0.05)
+    assert proxy.service.limiter.queue_depth("user") == 0
+    status, _, took = await fetch(http, proxy.url + USER_PATH)
+    assert status == 200
+    assert took < WINDOW + 0.5  # served in the next window: the leaver took no permit
+    user_requests = [e for e in sandbox.sandbox.log if e["scope"] == "user"]
+    assert len(user_requests) == 2
+
+
+async def test_a_restart_keeps_the_days_count(
+    sandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "limits.json")
+    day = limits(per_day=8, day_seconds=3600, state_file=state)
+    first = await make_proxy(sandbox.url, limits=day)
+    for _ in range(5):  # + 1 login = 6 of 8
+        assert (await fetch(http, first.url + ACCOUNT_PATH))[0] == 200
+    await first.service.stop()
+    second = await make_proxy(sandbox.url, limits=day)  # its login: 7 of 8
+    assert (await fetch(http, second.url + ACCOUNT_PATH))[0] == 200  # 8 of 8
+    status, headers, _ = await fetch(http, second.url + ACCOUNT_PATH)
+    assert status == 503 and headers["X-Proxy-Error"] == "daily_limit"
+
+
+async def test_the_in_flight_cap_holds_whatever_the_rate(
+    sandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    proxy = await make_proxy(sandbox.url, limits=limits(max_inflight=2))
+    sandbox.sandbox.add_fault(delay=0.2, times=8, path_prefix="/perl/api/v2/account/")
+    results = await asyncio.gather(*(fetch(http, proxy.url + ACCOUNT_PATH) for _ in range(8)))
+    assert [status for status, _, _ in results] == [200] * 8
+    assert sandbox.sandbox.stats.max_inflight <= 2
