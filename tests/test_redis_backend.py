@@ -174,7 +174,8 @@ async def test_instances_with_same_key_share_counts(
 async def test_concurrent_acquires_are_atomic(
     redis_server: RedisServer, raw: redis.asyncio.Redis, make: MakeBackend
 ) -> None:
-    backends = [await make(redis_server.url) for _ in range(3)]
+    # Generous op timeout: this is about atomicity, not about a slow machine falling back.
+    backends = [await make(redis_server.url, op_timeout=5.0) for _ in range(3)]
     verdicts = await asyncio.gather(
         *(backends[i % 3].acquire("user", 5, 50, 0, 1000) for i in range(300))
     )

@@ -45,6 +45,11 @@ class Backend(Protocol):
         """The server says at least `used` permits of this window are gone."""
         ...
 
+    def known_used(self, scope: str, window: int) -> int:
+        """The window's count as this process last saw it (no I/O): raise_used is only
+        worth a call when the server reports more."""
+        ...
+
     async def day_used(self, day: int) -> int: ...
 
     def status(self) -> dict[str, Any]:
@@ -94,6 +99,10 @@ class MemoryBackend:
         self._windows[scope] = (window, used + 1)
         self._day_count += 1
         return Verdict.GRANTED
+
+    def known_used(self, scope: str, window: int) -> int:
+        current, count = self._windows.get(scope, (window, 0))
+        return count if current == window else 0
 
     async def raise_used(self, scope: str, window: int, used: int) -> None:
         current, count = self._windows.get(scope, (window, 0))

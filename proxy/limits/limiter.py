@@ -191,8 +191,11 @@ class RateLimiter:
         bucket.remaining = remaining
         window = self.windows.index_ending_at(reset)
         if window == self.windows.index(self.clock.now()):
-            # Whatever others spent, at most `remaining` more fit in this window.
-            await self.backend.raise_used(scope, window, bucket.effective_limit - remaining)
+            # Whatever others spent, at most `remaining` more fit in this window. Only
+            # news is worth a call: usually the count already says as much.
+            used = bucket.effective_limit - remaining
+            if used > self.backend.known_used(scope, window):
+                await self.backend.raise_used(scope, window, used)
 
     def is_rate_limited(self, status: int, headers: Mapping[str, str]) -> bool:
         """A 403 that is the API's rate limit (remaining 0), not a refusal for another reason."""

@@ -40,17 +40,18 @@ _UNAVAILABLE = (RedisError, OSError)
 PROBE_INTERVAL = 1.0
 
 # KEYS: window, day. ARGV: window limit, day limit, window ttl ms, day ttl ms.
-# Returns 0 granted, 1 window full, 2 day full (_VERDICTS).
+# Returns {verdict, window count afterwards}: verdict 0 granted, 1 window full,
+# 2 day full (_VERDICTS).
 _ACQUIRE = """
-local day = tonumber(redis.call('GET', KEYS[2]) or '0')
-if day >= tonumber(ARGV[2]) then return 2 end
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used >= tonumber(ARGV[1]) then return 1 end
-redis.call('INCR', KEYS[1])
+local day = tonumber(redis.call('GET', KEYS[2]) or '0')
+if day >= tonumber(ARGV[2]) then return {2, used} end
+if used >= tonumber(ARGV[1]) then return {1, used} end
+used = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 0
+return {0, used}
 """
 
 # KEYS: window. ARGV: used, window ttl ms. Returns the window's count afterwards.
@@ -138,6 +139,8 @@ class RedisBackend:
         self._raise_script: AsyncScript = self._client.register_script(_RAISE)
         self._settle_script: AsyncScript = self._client.register_script(_SETTLE)
         self._memory = MemoryBackend()
+        # scope -> (window, count): the shared count as the last script saw it.
+        self._known: dict[str, tuple[int, int]] = {}
         self._pending = _Local()
         # Why Redis is not used now (None: it is), and when it was last asked.
         self._down: str | None = None
@@ -167,12 +170,13 @@ class RedisBackend:
     ) -> Verdict:
         if self._down is None or await self._recovered():
             try:
-                code = await self._bounded(
+                code, used = await self._bounded(
                     self._acquire_script(
                         keys=[self._window_key(scope, window), self._day_key(day)],
                         args=[limit, day_limit, self._window_ttl, self._day_ttl],
                     )
                 )
+                self._known[scope] = (window, int(used))
                 return _VERDICTS[int(code)]
             except _UNAVAILABLE as e:
                 self._fall_back(e)
@@ -187,15 +191,22 @@ class RedisBackend:
             self._remember_local(scope, window, day)
         return verdict
 
+    def known_used(self, scope: str, window: int) -> int:
+        if self._down is not None:
+            return self._memory.known_used(scope, window)
+        known_window, count = self._known.get(scope, (window, 0))
+        return count if known_window == window else 0
+
     async def raise_used(self, scope: str, window: int, used: int) -> None:
         if self._down is None:
             try:
-                await self._bounded(
+                count = await self._bounded(
                     self._raise_script(
                         keys=[self._window_key(scope, window)],
                         args=[used, self._window_ttl],
                     )
                 )
+                self._known[scope] = (window, int(count))
                 return
             except _UNAVAILABLE as e:
                 self._fall_back(e)
