@@ -15,6 +15,7 @@ from proxy.clock import ServerClock
 from proxy.config import Config
 from proxy.forward import Forwarder
 from proxy.limits import Backend, MemoryBackend, RateLimiter
+from proxy.metrics import Metrics, ScopeState, StateSources
 from proxy.schemes import AuthScheme, BearerScheme, LuxSciScheme
 from proxy.session import LuxSciSession
 from proxy.upstream import Upstream
@@ -64,6 +65,7 @@ class ProxyService:
         self.cfg = cfg
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
+        self.metrics = Metrics()
         self.limits_key = limits_key(cfg)
         self.limiter = RateLimiter(
             cfg.limits, cfg.queue, make_backend(cfg, self.limits_key), self.clock
@@ -77,6 +79,7 @@ class ProxyService:
                 self.clock,
                 limiter=self.limiter,
                 permit_wait=cfg.queue.max_wait,
+                metrics=self.metrics,
             )
             scheme = LuxSciScheme(self.session)
         else:
@@ -92,6 +95,17 @@ class ProxyService:
             cfg.queue,
             cfg.retry,
             cfg.listen.max_body_bytes,
+            self.metrics,
+        )
+        self.metrics.describe(cfg.auth.scheme, cfg.limits.backend)
+        self.metrics.watch(
+            StateSources(
+                scopes=self._scope_states,
+                inflight=lambda: self.forwarder.inflight_count,
+                daily_used=lambda: self.limiter.day_used_known(),
+                code_age=lambda: self.session.code_age() if self.session else None,
+                session_valid=lambda: self.session.valid() if self.session else True,
+            )
         )
         # No aiohttp access log: the forwarder writes one structured event per request.
         # handler_cancellation: a client that hangs up while queued leaves the queue at
@@ -102,10 +116,22 @@ class ProxyService:
             shutdown_timeout=cfg.shutdown_timeout,
         )
         self._admin_runner = web.AppRunner(
-            create_admin_app(self.readiness), access_log=None, shutdown_timeout=5
+            create_admin_app(self.readiness, self.metrics.registry),
+            access_log=None,
+            shutdown_timeout=5,
         )
         self.port = 0
         self.admin_port = 0
+
+    def _scope_states(self) -> dict[str, ScopeState]:
+        return {
+            scope: ScopeState(
+                queue_depth=self.limiter.queue_depth(scope),
+                rate_limit_remaining=bucket.remaining,
+                rate_limit_limit=bucket.server_limit,
+            )
+            for scope, bucket in self.limiter.buckets.items()
+        }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once logged in and while no later login failed; limits are detail only

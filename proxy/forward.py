@@ -29,8 +29,9 @@ from proxy.config import QueueConfig, RetryConfig
 from proxy.errors import BadRequest, ProxyError
 from proxy.inbound import Outbound, downstream_headers, read_request
 from proxy.limits import RateLimiter, scope_of
+from proxy.metrics import Metrics
 from proxy.schemes import AuthScheme
-from proxy.session import AuthCode
+from proxy.session import AUTH_PATH, AuthCode
 from proxy.upstream import Upstream, translate
 
 log = structlog.get_logger("proxy.access")
@@ -92,6 +93,7 @@ class Forwarder:
         queue: QueueConfig,
         retries: RetryConfig,
         max_body: int,
+        metrics: Metrics,
     ) -> None:
         self.upstream = upstream
         self.scheme = scheme
@@ -99,20 +101,25 @@ class Forwarder:
         self.clock = clock
         self.limiter = limiter
         self.inflight = asyncio.Semaphore(max_inflight)
+        self.inflight_count = 0  # for the gauge; the semaphore does not say
         self.queue = queue
         self.retries = retries
         self.max_body = max_body
+        self.metrics = metrics
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
         event: dict[str, object] = {"request_id": rid, "method": request.method}
         response: web.StreamResponse | None = None
+        # Until the target is read: the account budget is what non-user requests spend.
+        label_scope = "account"
         try:
             wait = max_wait(request.headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
             out = await read_request(request, self.max_body)
             scope = scope_of(out.path, self.scheme_name)
-            event.update(path=out.path, scope=scope, bytes_in=len(out.body))
+            label_scope = "auth" if out.path.startswith(AUTH_PATH) else scope
+            event.update(path=out.path, scope=label_scope, bytes_in=len(out.body))
             out.headers["X-Request-ID"] = rid
             exchange = await self._exchange(out, scope, started + wait, event)
             event.update(upstream_status=exchange.resp.status)
@@ -120,9 +127,10 @@ class Forwarder:
                 response = await self._respond(request, exchange, rid)
             finally:
                 exchange.resp.release()
-                self.inflight.release()
+                self._release_slot()
         except ProxyError as e:
             event.update(error=e.reason, error_message=e.message)
+            self.metrics.rejected(e.reason)
             response = error_response(e, rid)
         except asyncio.CancelledError:
             # The client went away (aiohttp cancels the handler): nothing left to answer.
@@ -133,13 +141,24 @@ class Forwarder:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
             event["error"] = "internal_error"
+            self.metrics.rejected("internal_error")
             response = error_response(ProxyError("internal proxy error; see the proxy log"), rid)
         event["status"] = response.status
         body = response.body if isinstance(response, web.Response) else None
         event["bytes_out"] = len(body) if isinstance(body, bytes) else response.body_length
-        event["total_ms"] = _ms(started)
+        elapsed = time.monotonic() - started
+        event["total_ms"] = round(elapsed * 1000, 2)
+        self.metrics.request(request.method, label_scope, response.status, elapsed)
         log.info("request", **event)
         return response
+
+    async def _take_slot(self) -> None:
+        await self.inflight.acquire()
+        self.inflight_count += 1
+
+    def _release_slot(self) -> None:
+        self.inflight_count -= 1
+        self.inflight.release()
 
     async def _exchange(
         self, out: Outbound, scope: str, deadline: float, event: dict[str, object]
@@ -152,23 +171,27 @@ class Forwarder:
         queue_wait = 0.0
         front = False  # once a request has waited its turn, it keeps its place at the head
         while True:
-            queue_wait += await self.limiter.acquire(scope, deadline, front)
+            waited = await self.limiter.acquire(scope, deadline, front)
+            self.metrics.queue_wait(scope, waited)
+            queue_wait += waited
             front = True
             attempts += 1
             event.update(attempts=attempts, queue_wait_ms=round(queue_wait * 1000, 2))
             used = await self.scheme.apply(out)
-            await self.inflight.acquire()
+            await self._take_slot()
             sent_at = time.monotonic()
             try:
                 resp = await self.upstream.request(
                     out.method, out.path, out.query, out.headers, out.body
                 )
             except ProxyError as e:
-                self.inflight.release()
+                self._release_slot()
+                self.metrics.upstream(scope, None, time.monotonic() - sent_at)
                 decision = retry.after_error(out.method, e)
                 delay = self._retry_delay(decision, attempts - reauthenticated, first)
                 if delay is None:
                     raise
+                self.metrics.retry(decision.reason)
                 log.info(
                     "retry",
                     request_id=event["request_id"],
@@ -179,9 +202,11 @@ class Forwarder:
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                self.inflight.release()
+                self._release_slot()
                 raise
-            event["upstream_ms"] = round((time.monotonic() - sent_at) * 1000, 2)
+            upstream_s = time.monotonic() - sent_at
+            event["upstream_ms"] = round(upstream_s * 1000, 2)
+            self.metrics.upstream(scope, resp.status, upstream_s)
             self.clock.observe(resp.headers.get("Date"))
             await self.limiter.observe(scope, resp.headers)
             decision = retry.after_response(
@@ -214,7 +239,8 @@ class Forwarder:
                     return Exchange(resp, used, sent_at, attempts, queue_wait)
                 delay = maybe
             resp.release()
-            self.inflight.release()
+            self._release_slot()
+            self.metrics.retry(decision.reason)
             log.info(
                 "retry",
                 request_id=event["request_id"],

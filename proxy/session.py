@@ -39,6 +39,7 @@ from proxy.clock import ServerClock
 from proxy.config import AuthConfig
 from proxy.errors import ProxyError, UpstreamAuthFailed
 from proxy.limits import RateLimiter
+from proxy.metrics import Metrics
 from proxy.upstream import Upstream
 
 AUTH_PATH = "/perl/api/v2/auth"
@@ -70,6 +71,13 @@ def api_error_message(body: bytes, status: int) -> str:
     return f"HTTP {status} without an API error message"
 
 
+def _auth_result(status: int) -> str:
+    """auth_requests_total's result label for one login answer."""
+    if 200 <= status < 300:
+        return "success"
+    return "rejected" if 400 <= status < 500 else "error"
+
+
 class LuxSciSession:
     def __init__(
         self,
@@ -79,6 +87,7 @@ class LuxSciSession:
         monotonic: Callable[[], float] = time.monotonic,
         limiter: RateLimiter | None = None,
         permit_wait: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         assert cfg.token is not None and cfg.secret is not None
         self.cfg = cfg
@@ -89,6 +98,7 @@ class LuxSciSession:
         self._monotonic = monotonic
         self._limiter = limiter
         self._permit_wait = permit_wait
+        self._metrics = metrics or Metrics()
         self._current: AuthCode | None = None
         self._generation = 0
         # Logins up to this one ended with a 401 (or a revoke): their codes are never taken back.
@@ -115,6 +125,15 @@ class LuxSciSession:
         if not self.ever_authenticated:
             return {"ok": False, "error": "not authenticated yet"}
         return {"ok": True}
+
+    def code_age(self) -> float | None:
+        """Seconds since the newest code was earned; None without one."""
+        current = self._current
+        return None if current is None else self._monotonic() - current.obtained_at
+
+    def valid(self) -> bool:
+        """Holds a code it would sign with right now."""
+        return self._usable(self._current, self._monotonic())
 
     # -- the signer's view -------------------------------------------------------
 
@@ -184,7 +203,12 @@ class LuxSciSession:
             attempt += 1
             signed_date = int(self._clock.now())
             sent_at = self._monotonic()
-            status, headers, body = await self._post_auth(str(signed_date))
+            try:
+                status, headers, body = await self._post_auth(str(signed_date))
+            except ProxyError:
+                self._metrics.auth("error")  # the API could not be reached
+                raise
+            self._metrics.auth(_auth_result(status))
             limiter = self._limiter
             if limiter is not None and limiter.is_rate_limited(status, headers) and rate_waits < 3:
                 rate_waits += 1
@@ -233,6 +257,7 @@ class LuxSciSession:
             {"Content-Type": "application/json", "Accept": "application/json"},
             json.dumps(payload).encode(),
         )
+        self._metrics.upstream_response(resp.status)
         async with resp:
             self._clock.observe(resp.headers.get("Date"))
             if self._limiter is not None:
@@ -304,7 +329,9 @@ class LuxSciSession:
                 await resp.read()
         except (ProxyError, TimeoutError) as e:
             log.warning("auth_revoke_failed", error=str(e))
+            self._metrics.auth("revoke_failed")
             return False
         ok = 200 <= resp.status < 300
+        self._metrics.auth("revoked" if ok else "revoke_failed")
         log.info("auth_revoked" if ok else "auth_revoke_failed", status=resp.status)
         return ok

@@ -52,6 +52,10 @@ class Backend(Protocol):
 
     async def day_used(self, day: int) -> int: ...
 
+    def known_day_used(self, day: int) -> int:
+        """The day's count as this process last saw it (no I/O; for the metrics gauge)."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """For /readyz: {"ok": bool, "backend": name, ...}."""
         ...
@@ -110,6 +114,9 @@ class MemoryBackend:
             self._windows[scope] = (window, used)
 
     async def day_used(self, day: int) -> int:
+        return self.known_day_used(day)
+
+    def known_day_used(self, day: int) -> int:
         return self._day_count if day == self._day else self._loaded_count(day)
 
     def status(self) -> dict[str, Any]:

@@ -270,5 +270,8 @@ class RateLimiter:
     def status(self) -> dict[str, Any]:
         return self.backend.status()
 
+    def day_used_known(self) -> int:
+        return self.backend.known_day_used(self.windows.day(self.clock.now()))
+
     def queue_depth(self, scope: str) -> int:
         return sum(1 for w in self.buckets[scope].waiters if not w.done())

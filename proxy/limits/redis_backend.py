@@ -40,18 +40,18 @@ _UNAVAILABLE = (RedisError, OSError)
 PROBE_INTERVAL = 1.0
 
 # KEYS: window, day. ARGV: window limit, day limit, window ttl ms, day ttl ms.
-# Returns {verdict, window count afterwards}: verdict 0 granted, 1 window full,
-# 2 day full (_VERDICTS).
+# Returns {verdict, window count, day count} afterwards: verdict 0 granted,
+# 1 window full, 2 day full (_VERDICTS).
 _ACQUIRE = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local day = tonumber(redis.call('GET', KEYS[2]) or '0')
-if day >= tonumber(ARGV[2]) then return {2, used} end
-if used >= tonumber(ARGV[1]) then return {1, used} end
+if day >= tonumber(ARGV[2]) then return {2, used, day} end
+if used >= tonumber(ARGV[1]) then return {1, used, day} end
 used = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('INCR', KEYS[2])
+day = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {0, used}
+return {0, used, day}
 """
 
 # KEYS: window. ARGV: used, window ttl ms. Returns the window's count afterwards.
@@ -141,6 +141,7 @@ class RedisBackend:
         self._memory = MemoryBackend()
         # scope -> (window, count): the shared count as the last script saw it.
         self._known: dict[str, tuple[int, int]] = {}
+        self._known_day = (-1, 0)
         self._pending = _Local()
         # Why Redis is not used now (None: it is), and when it was last asked.
         self._down: str | None = None
@@ -170,13 +171,14 @@ class RedisBackend:
     ) -> Verdict:
         if self._down is None or await self._recovered():
             try:
-                code, used = await self._bounded(
+                code, used, day_count = await self._bounded(
                     self._acquire_script(
                         keys=[self._window_key(scope, window), self._day_key(day)],
                         args=[limit, day_limit, self._window_ttl, self._day_ttl],
                     )
                 )
                 self._known[scope] = (window, int(used))
+                self._known_day = (day, int(day_count))
                 return _VERDICTS[int(code)]
             except _UNAVAILABLE as e:
                 self._fall_back(e)
@@ -196,6 +198,14 @@ class RedisBackend:
             return self._memory.known_used(scope, window)
         known_window, count = self._known.get(scope, (window, 0))
         return count if known_window == window else 0
+
+    def known_day_used(self, day: int) -> int:
+        known_day, count = self._known_day
+        shared = count if known_day == day else 0
+        if self._down is not None:
+            # Redis's count as last seen, plus what the local share granted since.
+            return shared + self._memory.known_day_used(day)
+        return shared
 
     async def raise_used(self, scope: str, window: int, used: int) -> None:
         if self._down is None:
