@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from conftest import USER, MakeProxy, MakeSandbox, RunningProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import USER, MakeProxy, MakeSandbox, RunningProxy
 from proxy.sandbox import SandboxServer
 
 USER_PATH = f"/perl/api/v2/user/{USER}/profile"
