@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from proxy.admin import create_admin_app
 from proxy.clock import ServerClock
-from proxy.config import Config
+from proxy.config import AuthConfig, Config
 from proxy.forward import Forwarder
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.metrics import Metrics, ScopeState, StateSources
@@ -53,6 +54,14 @@ def make_backend(cfg: Config, key: str) -> Backend:
     return MemoryBackend(state_file(cfg, key), key)
 
 
+# Limits keys a reload cannot change: they shape state already counted.
+_RESTART_LIMITS = ("backend", "redis_url", "key", "state_file", "window_seconds", "day_seconds")
+
+
+def _credentials(auth: AuthConfig) -> tuple[object, ...]:
+    return (auth.token, auth.secret, auth.user, auth.password)
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
@@ -72,6 +81,7 @@ class ProxyService:
         )
         self.session: LuxSciSession | None = None
         scheme: AuthScheme
+        # The scheme is fixed for the life of the process (a reload cannot switch it).
         if cfg.auth.scheme == "luxsci":
             self.session = LuxSciSession(
                 cfg.auth,
@@ -85,6 +95,7 @@ class ProxyService:
         else:
             assert cfg.auth.api_key is not None
             scheme = BearerScheme(cfg.auth.api_key.get())
+        self.scheme = scheme
         self.forwarder = Forwarder(
             self.upstream,
             scheme,
@@ -96,6 +107,7 @@ class ProxyService:
             cfg.retry,
             cfg.listen.max_body_bytes,
             self.metrics,
+            cfg.logging,
         )
         self.metrics.describe(cfg.auth.scheme, cfg.limits.backend)
         self.metrics.watch(
@@ -122,6 +134,12 @@ class ProxyService:
         )
         self.port = 0
         self.admin_port = 0
+        # Which checks /readyz requires (limits: the shared Redis, when used).
+        self._ready_needs = {"auth", "shutdown"} | (
+            {"limits"}
+            if cfg.limits.backend == "redis" and cfg.admin.ready_requires_redis
+            else set()
+        )
 
     def _scope_states(self) -> dict[str, ScopeState]:
         return {
@@ -136,13 +154,24 @@ class ProxyService:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once logged in and while no later login failed; limits are detail only
         (on a Redis outage the proxy keeps serving on its local share)."""
-        limits = self.limiter.status()
-        if self.session is None:
-            return True, {"auth": {"ok": True, "scheme": "bearer"}, "limits": limits}
-        status = self.session.status()
-        return bool(status["ok"]), {"auth": status, "limits": limits}
+        checks: dict[str, Any] = {
+            "auth": {"ok": True, "scheme": "bearer"}
+            if self.session is None
+            else self.session.status(),
+            "limits": self.limiter.status(),
+        }
+        if self.forwarder.draining:
+            checks["shutdown"] = {"ok": False, "error": "draining: shutting down"}
+        ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
+        return ready, checks
 
     async def start(self) -> None:
+        if self.cfg.logging.log_bodies:
+            log.warning(
+                "log_bodies_enabled",
+                note="request and response bodies go to the log; they may hold protected "
+                "health information: turn logging.log_bodies off outside debugging",
+            )
         await self.upstream.start()
         await self.limiter.start()
         await self._admin_runner.setup()
@@ -164,9 +193,54 @@ class ProxyService:
             ready=self.readiness()[0],
         )
 
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a new config without a restart; returns the keys that still need one.
+
+        Limits, queue, retry and logging settings apply at once; new credentials end
+        the old login and start a new one. Listeners, the upstream, the limiter's
+        backend and windows, and the auth scheme keep their old values.
+        """
+        old = self.cfg
+        restart = [
+            name
+            for name in ("listen", "admin", "upstream")
+            if getattr(new, name) != getattr(old, name)
+        ]
+        fixed_limits = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
+        restart += [f"limits.{k}" for k, v in fixed_limits.items() if getattr(new.limits, k) != v]
+        auth = new.auth
+        if auth.scheme != old.auth.scheme:
+            restart.append("auth.scheme")
+            auth = old.auth
+        applied = dataclasses.replace(
+            new,
+            listen=old.listen,
+            admin=old.admin,
+            upstream=old.upstream,
+            limits=dataclasses.replace(new.limits, **fixed_limits),
+            auth=auth,
+        )
+        self.limiter.reconfigure(applied.limits, applied.queue)
+        self.forwarder.reconfigure(applied)
+        self.cfg = applied
+        if self.session is not None:
+            if _credentials(auth) != _credentials(old.auth):
+                await self.session.change_credentials(auth)
+            else:
+                self.session.cfg = auth
+        elif isinstance(self.scheme, BearerScheme) and auth.api_key is not None:
+            self.scheme.set_key(auth.api_key.get())
+        return restart
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, revoke the session, close."""
+        """Stop accepting; let in-flight and queued requests finish within shutdown_timeout,
+        answer the rest 503; revoke the session; close everything."""
         log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
+        for site in list(self._proxy_runner.sites):
+            await site.stop()  # no new connections from here on
+        cut_off = await self.forwarder.drain(self.cfg.shutdown_timeout)
+        if cut_off:
+            log.warning("shutdown_cut_off_requests", count=cut_off)
         await self._proxy_runner.cleanup()
         if self.session is not None:
             await self.session.revoke()

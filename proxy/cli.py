@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
+import structlog
 import yaml
 
 from proxy import __version__
@@ -30,6 +31,8 @@ from proxy.config import (
     masked,
     validate,
 )
+
+log = structlog.get_logger("proxy.cli")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -53,18 +56,52 @@ def _secrets_of(cfg: Config) -> list[str]:
     return found
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = [signal.SIGINT, signal.SIGTERM]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        signals.append(signal.SIGHUP)
     await stop.wait()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in signals:
         loop.remove_signal_handler(sig)
 
 
-async def serve(cfg: Config, announce: Callable[[ProxyService], None] | None = None) -> int:
-    """Run until SIGINT/SIGTERM; `announce` is called once the listeners are up."""
+class Reloader:
+    """SIGHUP: read the config file again; a bad file is refused and the old config stays."""
+
+    def __init__(self, service: ProxyService, path: str) -> None:
+        self.service = service
+        self.path = path
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        async with self._lock:  # one reload at a time, in signal order
+            try:
+                new = load(self.path)
+            except ConfigError as e:
+                log.error("config_reload_rejected", error=str(e), path=self.path)
+                return
+            proxy_log.configure(new.logging.level, new.logging.format, _secrets_of(new))
+            restart = await self.service.reload(new)
+            log.info("config_reloaded", path=self.path, needs_restart=restart)
+
+
+async def serve(
+    cfg: Config,
+    announce: Callable[[ProxyService], None] | None = None,
+    config_path: str | None = None,
+) -> int:
+    """Run until SIGINT/SIGTERM (SIGHUP reloads `config_path`); `announce` runs once listening."""
     service = ProxyService(cfg)
     try:
         await service.start()
@@ -75,15 +112,16 @@ async def serve(cfg: Config, announce: Callable[[ProxyService], None] | None = N
         return EXIT_RUNTIME
     if announce is not None:
         announce(service)
-    await _wait_for_signal()
+    await _wait_for_signal(Reloader(service, config_path) if config_path else None)
     await service.stop()
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load(_config_path(args))
+    path = _config_path(args)
+    cfg = load(path)
     proxy_log.configure(cfg.logging.level, cfg.logging.format, _secrets_of(cfg))
-    return asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg, config_path=path))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

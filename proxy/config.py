@@ -64,6 +64,9 @@ class ListenConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9100
+    # With limits.backend redis, /readyz fails while Redis is unreachable (the proxy
+    # still serves, on its fallback share). false: report it, stay ready.
+    ready_requires_redis: bool = True
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,10 @@ class RetryConfig:
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    # Debugging only: bodies may hold protected health information.
+    log_bodies: bool = False
+    # Mask the user segment of /perl/api/v2/user/<login>/... in logged paths.
+    redact_paths: bool = False
 
 
 @dataclass(frozen=True)

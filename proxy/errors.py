@@ -6,7 +6,8 @@
     ├── Unavailable               503, with Retry-After
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
-    │   └── DailyLimit            503 daily_limit
+    │   ├── DailyLimit            503 daily_limit
+    │   └── ShuttingDown          503 shutting_down
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
         ├── UpstreamTimeout       504 upstream_timeout
@@ -75,6 +76,10 @@ class QueueTimeout(Unavailable):
 
 class DailyLimit(Unavailable):
     reason = "daily_limit"
+
+
+class ShuttingDown(Unavailable):
+    reason = "shutting_down"
 
 
 class UpstreamError(ProxyError):

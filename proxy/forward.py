@@ -25,10 +25,12 @@ from aiohttp import web
 
 from proxy import retry
 from proxy.clock import ServerClock
-from proxy.config import QueueConfig, RetryConfig
-from proxy.errors import BadRequest, ProxyError
+from proxy.config import Config, LoggingConfig, QueueConfig, RetryConfig
+from proxy.errors import BadRequest, ProxyError, ShuttingDown
 from proxy.inbound import Outbound, downstream_headers, read_request
 from proxy.limits import RateLimiter, scope_of
+from proxy.limits.gate import Gate
+from proxy.log import body_text, mask_user
 from proxy.metrics import Metrics
 from proxy.schemes import AuthScheme
 from proxy.session import AUTH_PATH, AuthCode
@@ -40,6 +42,8 @@ log = structlog.get_logger("proxy.access")
 SMALL_BODY = 64 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 MAX_WAIT_HEADER = "X-Proxy-Max-Wait"
+# Request key: the answer to the client has begun (so it can no longer be replaced).
+_STARTED = web.RequestKey("proxy_response_started", bool)
 
 
 def request_id(given: str | None) -> str:
@@ -94,20 +98,61 @@ class Forwarder:
         retries: RetryConfig,
         max_body: int,
         metrics: Metrics,
+        logging: LoggingConfig,
     ) -> None:
         self.upstream = upstream
         self.scheme = scheme
         self.scheme_name = scheme_name
         self.clock = clock
         self.limiter = limiter
-        self.inflight = asyncio.Semaphore(max_inflight)
-        self.inflight_count = 0  # for the gauge; the semaphore does not say
+        self.inflight = Gate(max_inflight)
         self.queue = queue
         self.retries = retries
         self.max_body = max_body
         self.metrics = metrics
+        # Replaced whole on reload (SIGHUP), never mutated.
+        self.logging = logging
+        # Handler tasks still working, so a shutdown can wait for them (or cut them off).
+        self._active: set[asyncio.Task[object]] = set()
+        self.draining = False
+        self._cut_off = False
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Reload: settings read per request are swapped whole."""
+        self.queue = cfg.queue
+        self.retries = cfg.retry
+        self.logging = cfg.logging
+        self.inflight.resize(cfg.limits.max_inflight)
+
+    @property
+    def inflight_count(self) -> int:
+        return self.inflight.held
+
+    async def drain(self, grace: float) -> int:
+        """Let requests finish for `grace` seconds, then answer the rest 503; returns how many."""
+        self.draining = True
+        pending: set[asyncio.Task[object]] = set()
+        if self._active:
+            _, pending = await asyncio.wait(set(self._active), timeout=grace)
+        if pending:
+            self._cut_off = True
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=5)
+        return len(pending)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        try:
+            return await self._handle(request, task)
+        finally:
+            self._active.discard(task)
+
+    async def _handle(
+        self, request: web.BaseRequest, task: asyncio.Task[object]
+    ) -> web.StreamResponse:
         started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
         event: dict[str, object] = {"request_id": rid, "method": request.method}
@@ -115,16 +160,22 @@ class Forwarder:
         # Until the target is read: the account budget is what non-user requests spend.
         label_scope = "account"
         try:
+            if self.draining:
+                # Stopping: a request on a kept-alive connection goes to another replica.
+                raise ShuttingDown("the proxy is shutting down; send the request again", 1)
             wait = max_wait(request.headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
             out = await read_request(request, self.max_body)
             scope = scope_of(out.path, self.scheme_name)
             label_scope = "auth" if out.path.startswith(AUTH_PATH) else scope
-            event.update(path=out.path, scope=label_scope, bytes_in=len(out.body))
+            logged_path = mask_user(out.path) if self.logging.redact_paths else out.path
+            event.update(path=logged_path, scope=label_scope, bytes_in=len(out.body))
+            if self.logging.log_bodies:
+                event["request_body"] = body_text(out.body)
             out.headers["X-Request-ID"] = rid
             exchange = await self._exchange(out, scope, started + wait, event)
             event.update(upstream_status=exchange.resp.status)
             try:
-                response = await self._respond(request, exchange, rid)
+                response = await self._respond(request, exchange, rid, event)
             finally:
                 exchange.resp.release()
                 self._release_slot()
@@ -133,10 +184,19 @@ class Forwarder:
             self.metrics.rejected(e.reason)
             response = error_response(e, rid)
         except asyncio.CancelledError:
-            # The client went away (aiohttp cancels the handler): nothing left to answer.
-            event.update(error="client_disconnected", total_ms=_ms(started))
-            log.info("request", **event)
-            raise
+            if not self._cut_off or request.get(_STARTED):
+                # The client went away (aiohttp cancels the handler): nothing left to answer.
+                event.update(error="client_disconnected", total_ms=_ms(started))
+                log.info("request", **event)
+                raise
+            # Shutdown's deadline passed before this request was served: say so.
+            task.uncancel()
+            error = ShuttingDown(
+                "the proxy shut down before this request could be served; send it again", 1
+            )
+            event.update(error=error.reason, error_message=error.message)
+            self.metrics.rejected(error.reason)
+            response = error_response(error, rid)
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
@@ -154,10 +214,8 @@ class Forwarder:
 
     async def _take_slot(self) -> None:
         await self.inflight.acquire()
-        self.inflight_count += 1
 
     def _release_slot(self) -> None:
-        self.inflight_count -= 1
         self.inflight.release()
 
     async def _exchange(
@@ -277,7 +335,7 @@ class Forwarder:
         return delay
 
     async def _respond(
-        self, request: web.BaseRequest, exchange: Exchange, rid: str
+        self, request: web.BaseRequest, exchange: Exchange, rid: str, event: dict[str, object]
     ) -> web.StreamResponse:
         resp = exchange.resp
         headers = downstream_headers(resp.headers)
@@ -293,6 +351,7 @@ class Forwarder:
             if length is not None:
                 headers["Content-Length"] = str(length)
             sr = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+            request[_STARTED] = True  # from here on, a cut-off cannot be answered 503
             await sr.prepare(request)
             await sr.write_eof()
             return sr
@@ -305,11 +364,14 @@ class Forwarder:
             if harvester is not None:
                 harvester.feed(body)
                 self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
+            if self.logging.log_bodies:
+                event["response_body"] = body_text(body)
             return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
 
         sr = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         if length is not None:
             sr.content_length = length
+        request[_STARTED] = True
         await sr.prepare(request)
         content = resp.content
         while True:

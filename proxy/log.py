@@ -28,6 +28,8 @@ _PATTERNS = (
     (re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE), r"\1" + MASK),
     # LuxSci auth codes: <session>-<epoch>-<long hex> (see PROTOCOL.md examples)
     (re.compile(r"\b\d+-\d{9,11}-[0-9a-fA-F]{32,}\b"), MASK),
+    # Whatever shape a code takes, it travels as the JSON key "auth" (logged bodies).
+    (re.compile(r'("auth"\s*:\s*")(?:[^"\\]|\\.)*"'), r"\1" + MASK + '"'),
 )
 
 
@@ -75,6 +77,22 @@ class Redactor:
             else:
                 event[key] = self._value(value)
         return event
+
+
+_USER_SEGMENT = re.compile(r"^(/perl/api/v2/user/)[^/]+")
+# How much of a body log_bodies writes.
+BODY_LOG_LIMIT = 2048
+
+
+def mask_user(path: str) -> str:
+    """/perl/api/v2/user/joe@example.com/profile -> /perl/api/v2/user/[user]/profile"""
+    return _USER_SEGMENT.sub(r"\1[user]", path)
+
+
+def body_text(body: bytes) -> str:
+    """A body for the log when log_bodies is on: decoded leniently, cut at BODY_LOG_LIMIT."""
+    text = body[:BODY_LOG_LIMIT].decode("utf-8", "replace")
+    return text + ("…" if len(body) > BODY_LOG_LIMIT else "")
 
 
 # One redactor for the process; `configure` loads the secrets into it.

@@ -36,12 +36,12 @@ class LuxSciScheme:
 
     def __init__(self, session: LuxSciSession) -> None:
         self.session = session
-        self._secret = session.secret()
 
     async def apply(self, out: Outbound) -> AuthCode:
         code = await self.session.code()
+        # Read per request: a reload may have changed the credentials.
         cookie = "signature=" + signing.signature_cookie(
-            self._secret, code.value, out.method, out.path, out.query, out.body_digest
+            self.session.secret(), code.value, out.method, out.path, out.query, out.body_digest
         )
         # Set (not added) on every attempt: a retry is signed afresh with the newest code.
         out.headers["Cookie"] = out.cookie_header(cookie) or cookie
@@ -64,6 +64,9 @@ class BearerScheme:
     refreshes_on_401 = False  # a 401 means the key is wrong; a retry would not change that
 
     def __init__(self, api_key: str) -> None:
+        self.set_key(api_key)
+
+    def set_key(self, api_key: str) -> None:
         self._header = f"Bearer {api_key}"
 
     async def apply(self, out: Outbound) -> None:

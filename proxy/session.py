@@ -155,9 +155,21 @@ class LuxSciSession:
         if self._failure is not None and now < self._retry_at and self._auth_task is None:
             raise self._failure
         if self._auth_task is None:
-            self._auth_task = asyncio.get_running_loop().create_task(self._authenticate())
-            self._auth_task.add_done_callback(self._auth_done)
+            if current is not None:
+                reason = "expired"
+            elif not self.ever_authenticated:
+                reason = "startup"
+            elif self._failure is not None:
+                reason = "retry"
+            else:
+                reason = "after_401"
+            self._start_login(reason)
+        assert self._auth_task is not None
         return await asyncio.shield(self._auth_task)
+
+    def _start_login(self, reason: str) -> None:
+        self._auth_task = asyncio.get_running_loop().create_task(self._authenticate(reason))
+        self._auth_task.add_done_callback(self._auth_done)
 
     def offer(self, value: str, used: AuthCode, sent_at: float) -> None:
         """A success answer to a request signed with `used` (sent at `sent_at`) carried `value`."""
@@ -183,9 +195,9 @@ class LuxSciSession:
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not warn when nobody awaited it
 
-    async def _authenticate(self) -> AuthCode:
+    async def _authenticate(self, reason: str) -> AuthCode:
         try:
-            code = await self._login()
+            code = await self._login(reason)
         except ProxyError as e:
             self._fail(e)
             raise
@@ -195,7 +207,7 @@ class LuxSciSession:
         self._current = code
         return code
 
-    async def _login(self) -> AuthCode:
+    async def _login(self, reason: str) -> AuthCode:
         """POST /auth; after a date rejection caused by our clock, once more with the server's."""
         attempt = 0
         rate_waits = 0
@@ -218,7 +230,9 @@ class LuxSciSession:
             if 200 <= status < 300:
                 value = self._code_from(body)
                 self._generation += 1
-                log.info("auth_succeeded", generation=self._generation, attempt=attempt)
+                log.info(
+                    "auth_succeeded", reason=reason, generation=self._generation, attempt=attempt
+                )
                 return AuthCode(value, sent_at, self._generation)
             # The failure's Date header has corrected the clock; if our date was
             # the problem, the second try uses the server's time.
@@ -297,11 +311,24 @@ class LuxSciSession:
                 return
             try:
                 if self._auth_task is None:
-                    self._auth_task = asyncio.get_running_loop().create_task(self._authenticate())
-                    self._auth_task.add_done_callback(self._auth_done)
+                    self._start_login("retry")
+                assert self._auth_task is not None
                 await asyncio.shield(self._auth_task)
             except ProxyError:
                 pass  # _fail() already scheduled the next attempt
+
+    async def change_credentials(self, cfg: AuthConfig) -> None:
+        """Reload with other credentials: end the old login, then log in with the new ones."""
+        await self.revoke()
+        assert cfg.token is not None and cfg.secret is not None
+        self.cfg = cfg
+        self._token = cfg.token.get()
+        self._secret = cfg.secret.get()
+        self._failure = None
+        self._backoff = cfg.retry_min
+        self.ever_authenticated = False
+        log.info("auth_credentials_changed")
+        await self.start()
 
     async def start(self) -> None:
         """Authenticate at start-up; a failure is not fatal (we keep trying)."""

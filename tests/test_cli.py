@@ -85,7 +85,7 @@ def sandbox_process() -> Iterator[str]:
     proc.communicate(timeout=10)
 
 
-def write_config(tmp_path: Path, upstream: str, **extra: str) -> tuple[Path, int, int]:
+def write_config(tmp_path: Path, upstream: str, extra: str = "") -> tuple[Path, int, int]:
     port, admin = free_port(), free_port()
     text = f"""
 listen: {{host: 127.0.0.1, port: {port}}}
@@ -97,10 +97,29 @@ auth:
   secret: ${{LUXSCI_API_SECRET}}
 logging: {{level: debug, format: json}}
 shutdown_timeout: 5
+limits: {{state_file: ""}}
 """
     path = tmp_path / "proxy.yaml"
-    path.write_text(text)
+    path.write_text(text + extra)
     return path, port, admin
+
+
+def start_proxy(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*PROXY, "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with(LUXSCI_API_TOKEN=TOKEN, LUXSCI_API_SECRET=SECRET),
+    )
+
+
+def stop_proxy(proc: subprocess.Popen[str]) -> list[dict]:
+    """SIGTERM, expect exit 0; returns the JSON log events it wrote."""
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr[-2000:]
+    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
 
 
 def test_run_serves_curl_end_to_end_and_shuts_down_cleanly_without_leaking_secrets(
@@ -280,3 +299,62 @@ def test_version_and_help() -> None:
     result = subprocess.run([*PROXY, "--help"], capture_output=True, text=True, timeout=30)
     for verb in ("run", "check", "sandbox", "demo"):
         assert verb in result.stdout
+
+
+def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    config, port, admin = write_config(tmp_path, sandbox_process)
+    original = config.read_text()
+    proc = start_proxy(config)
+    account = f"http://127.0.0.1:{port}/perl/api/v2/account/9/things"
+    try:
+        wait_until(lambda: _status(f"http://127.0.0.1:{admin}/readyz") == 200)
+        assert curl(account)[0] == 200  # day so far: the login and this request
+
+        config.write_text(
+            original.replace('limits: {state_file: ""}', 'limits: {state_file: "", per_day: 2}')
+        )
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: curl(account)[0] == 503)  # the new day budget is spent
+        status, body = curl(account)
+        assert json.loads(body)["error_message"].startswith("the day's budget of 2")
+
+        config.write_text(original + "limits: {per_dya: 5}\n")  # a typo: refused
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        status, body = curl(account)  # still serving, on the last good config
+        assert status == 503 and "budget of 2" in json.loads(body)["error_message"]
+    finally:
+        events = stop_proxy(proc)
+    reloaded = [e for e in events if e["event"] == "config_reloaded"]
+    rejected = [e for e in events if e["event"] == "config_reload_rejected"]
+    assert len(reloaded) == 1 and reloaded[0]["needs_restart"] == []
+    assert len(rejected) == 1 and "per_dya" in rejected[0]["error"]
+    assert rejected[0]["level"] == "error"
+
+
+def test_log_bodies_is_opt_in_warned_about_and_still_hides_codes(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    config, port, admin = write_config(tmp_path, sandbox_process)
+    config.write_text(
+        config.read_text().replace("format: json}", "format: json, log_bodies: true}")
+    )
+    proc = start_proxy(config)
+    try:
+        wait_until(lambda: _status(f"http://127.0.0.1:{admin}/readyz") == 200)
+        status, _ = curl(
+            "-d", '{"hello": "world"}', f"http://127.0.0.1:{port}/perl/api/v2/account/9/echo"
+        )
+        assert status == 200
+    finally:
+        events = stop_proxy(proc)
+    assert any(e["event"] == "log_bodies_enabled" and e["level"] == "warning" for e in events)
+    (access,) = [e for e in events if e["event"] == "request"]
+    assert '"hello": "world"' in access["request_body"]
+    assert '"auth":"[REDACTED]"' in access["response_body"]
+    codes = json.loads(curl(f"{sandbox_process}/_sandbox/stats")[1])["issued_codes"]
+    text = json.dumps(events)
+    assert codes and not any(code in text for code in codes)
+    assert SECRET not in text

@@ -151,6 +151,7 @@ async def test_the_proxies_keep_answering_when_redis_dies_and_recover_when_it_re
     assert sandbox.sandbox.stats.rate_limited == 0
     async with aiohttp.ClientSession() as http, http.get(group.admin[0] + "/readyz") as resp:
         detail = await resp.json()
+        assert resp.status == 503  # admin.ready_requires_redis (the default)
         assert detail["checks"]["limits"]["ok"] is False
         assert detail["checks"]["limits"].get("fallback") is True
     redis.restart()

@@ -91,6 +91,16 @@ class RateLimiter:
         }
         self.waiting = 0
 
+    def reconfigure(self, limits: LimitsConfig, queue: QueueConfig) -> None:
+        """Reload: new budgets and queue bounds apply from the next permit on."""
+        self.cfg = limits
+        self.queue = queue
+        self.buckets["user"].limit = limits.user_per_minute
+        self.buckets["account"].limit = limits.account_per_minute
+        for bucket in self.buckets.values():
+            if bucket.waiters:
+                self._ensure_pump(bucket)
+
     # -- taking permits ------------------------------------------------------------
 
     async def acquire(self, scope: str, deadline: float, front: bool = False) -> float:
