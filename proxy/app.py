@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from proxy.access import AccessPolicy
 from proxy.admin import create_admin_app
 from proxy.clock import ServerClock
 from proxy.config import AuthConfig, Config
@@ -18,6 +19,7 @@ from proxy.forward import Forwarder
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.metrics import Metrics, ScopeState, StateSources
 from proxy.schemes import AuthScheme, BearerScheme, LuxSciScheme
+from proxy.server import ProxyServer
 from proxy.session import LuxSciSession
 from proxy.upstream import Upstream
 
@@ -108,6 +110,8 @@ class ProxyService:
             cfg.listen.max_body_bytes,
             self.metrics,
             cfg.logging,
+            AccessPolicy(cfg.access),
+            cfg.listen.client_timeout,
         )
         self.metrics.describe(cfg.auth.scheme, cfg.limits.backend)
         self.metrics.watch(
@@ -122,8 +126,19 @@ class ProxyService:
         # No aiohttp access log: the forwarder writes one structured event per request.
         # handler_cancellation: a client that hangs up while queued leaves the queue at
         # once instead of holding its place (and later a permit) for nobody.
+        listen = cfg.listen
         self._proxy_runner = web.ServerRunner(
-            web.Server(self.forwarder, handler_cancellation=True),
+            ProxyServer(
+                self.forwarder,
+                handler_cancellation=True,
+                max_connections=listen.max_connections,
+                # Bodies are forwarded as sent: never decompressed on the way in.
+                auto_decompress=False,
+                # Bounds the wait for a request head (first or next) as well as idleness.
+                keepalive_timeout=listen.client_timeout,
+                max_line_size=listen.max_header_bytes,
+                max_field_size=listen.max_header_bytes,
+            ),
             access_log=None,
             shutdown_timeout=cfg.shutdown_timeout,
         )
@@ -165,7 +180,31 @@ class ProxyService:
         ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
         return ready, checks
 
+    def _warn_about_exposure(self) -> None:
+        cfg = self.cfg
+        for warning in cfg.warnings:
+            log.warning("config_warning", warning=warning)
+        loopback = cfg.listen.host in (
+            "127.0.0.1",
+            "::1",
+            "localhost",
+        ) or cfg.listen.host.startswith("127.")
+        if not loopback and AccessPolicy(cfg.access).open_to_anyone:
+            log.warning(
+                "proxy_open_to_the_network",
+                listen=cfg.listen.host,
+                note="anyone who can reach this port acts with the integration's full rights: "
+                "set access.allow_clients and/or access.client_token, or listen on 127.0.0.1",
+            )
+        if cfg.upstream.url.startswith("http://"):
+            log.warning(
+                "upstream_not_encrypted",
+                upstream=cfg.upstream.url,
+                note="upstream.allow_insecure: credentials and data travel in the clear",
+            )
+
     async def start(self) -> None:
+        self._warn_about_exposure()
         if self.cfg.logging.log_bodies:
             log.warning(
                 "log_bodies_enabled",

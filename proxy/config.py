@@ -12,8 +12,10 @@ repr never shows them, so a config object can be logged or printed safely.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -58,6 +60,13 @@ class ListenConfig:
     port: int = 8080
     # Client bodies are buffered (they are signed, and replayed on retry), so cap them.
     max_body_bytes: int = 25 * 1024 * 1024
+    # The request line and each header line; longer -> 431.
+    max_header_bytes: int = 8190
+    # Connections open at once; more are answered 503 and closed.
+    max_connections: int = 1000
+    # Seconds a client may take to send a request head, or stay idle between
+    # requests, or go quiet while sending a body (slow clients cannot hold a worker).
+    client_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,26 @@ class AuthConfig:
     # Backoff between authentication attempts after a failure (seconds, doubling to the max).
     retry_min: float = 1.0
     retry_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    # Methods allowed ("*": any) on paths matching `path`: literal segments,
+    # "*" for exactly one segment, "**" (last only) for any rest.
+    methods: tuple[str, ...] = ("*",)
+    path: str = "/**"
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    # Peers (CIDR) that may use the proxy; empty: any peer that can connect.
+    allow_clients: tuple[str, ...] = ()
+    # When set, clients must send `Proxy-Authorization: Bearer <token>`.
+    client_token: Secret | None = None
+    # Allow-list of method + path rules; empty: every request may pass.
+    rules: tuple[AccessRule, ...] = ()
+    # User logins/ids no request may target (as the API's own protected users).
+    protected_users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,16 +183,21 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     shutdown_timeout: float = 30.0
+    # Things worth a warning at start-up (literal secrets, a world-readable file).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 # Keys that may be given as `<key>_file` instead (a path whose content is the value).
-_FILE_KEYS = {"auth": ("token", "secret", "password", "api_key")}
+_FILE_KEYS = {"auth": ("token", "secret", "password", "api_key"), "access": ("client_token",)}
+# Values that belong in the environment or a file, never written in the config itself.
+_SECRET_KEYS = ("auth.secret", "auth.password", "auth.api_key", "access.client_token")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -219,6 +253,15 @@ def _read_secret_files(section: dict[str, Any], name: str) -> None:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value (or an env-expanded string) to the field's declared type."""
     origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list")
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            return tuple(_build(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
         if value is None or value == "":
@@ -307,6 +350,11 @@ def validate(cfg: Config) -> Config:
     _check_positive(cfg.upstream.read_timeout, "upstream.read_timeout")
     _check_positive(cfg.upstream.pool_size, "upstream.pool_size")
     _check_positive(cfg.shutdown_timeout, "shutdown_timeout")
+    if cfg.listen.max_header_bytes < 1024:
+        raise ConfigError("listen.max_header_bytes: must be at least 1024")
+    _check_positive(cfg.listen.max_connections, "listen.max_connections")
+    _check_positive(cfg.listen.client_timeout, "listen.client_timeout")
+    _validate_access(cfg.access)
 
     up = urlsplit(cfg.upstream.url)
     if up.scheme not in ("https", "http") or not up.hostname:
@@ -377,6 +425,49 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_access(access: AccessConfig) -> None:
+    for i, net in enumerate(access.allow_clients):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"access.allow_clients[{i}]: not an IP network such as 10.0.0.0/8 (got {net!r})"
+            ) from None
+    if access.client_token is not None and len(access.client_token.get()) < 16:
+        raise ConfigError("access.client_token: use at least 16 characters")
+    for i, rule in enumerate(access.rules):
+        key = f"access.rules[{i}]"
+        if not rule.methods or not all(_METHOD.fullmatch(m) for m in rule.methods):
+            raise ConfigError(f'{key}.methods: HTTP methods in upper case, or "*" for any')
+        segments = rule.path.split("/")
+        if not rule.path.startswith("/") or "**" in segments[:-1]:
+            raise ConfigError(
+                f"{key}.path: must start with / and use ** only as the last segment "
+                f"(got {rule.path!r})"
+            )
+        if any(s in (".", "..") or "%" in s for s in segments):
+            raise ConfigError(f"{key}.path: write segments plainly: no ., .. or %-escapes")
+    if any(not u.strip() for u in access.protected_users):
+        raise ConfigError("access.protected_users: entries must not be empty")
+
+
+_METHOD = re.compile(r"\*|[A-Z]+")
+
+
+def _literal_secrets(raw: dict[str, Any]) -> list[str]:
+    """Secret keys written into the file itself rather than taken from ${VAR} or a file."""
+    found = []
+    for dotted in _SECRET_KEYS:
+        section, key = dotted.split(".")
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str | int) and str(value) and "${" not in str(value):
+            found.append(
+                f"{dotted}: a literal secret in the config file; take it from the "
+                f"environment (${{VAR}}) or a file ({key}_file) instead"
+            )
+    return found
+
+
 def parse(text: str, env: Mapping[str, str] | None = None, source: str = "config") -> Config:
     """Parse and validate YAML text."""
     try:
@@ -389,8 +480,11 @@ def parse(text: str, env: Mapping[str, str] | None = None, source: str = "config
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if "warnings" in raw:
+        raise ConfigError("warnings: unknown key")
     expanded = _expand_all(raw, os.environ if env is None else env, "")
-    return validate(_build(Config, expanded, ""))
+    cfg = validate(_build(Config, expanded, ""))
+    return dataclasses.replace(cfg, warnings=tuple(_literal_secrets(raw)))
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -400,7 +494,15 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
-    return parse(text, env, source=str(path))
+    cfg = parse(text, env, source=str(path))
+    mode = Path(path).stat().st_mode
+    if mode & stat.S_IROTH:
+        readable = (
+            f"{path}: readable by every user of this machine (mode {stat.filemode(mode)}); "
+            "chmod o-r it"
+        )
+        cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, readable))
+    return cfg
 
 
 def mask_url_password(url: str) -> str:

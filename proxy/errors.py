@@ -2,12 +2,16 @@
 
     ProxyError                    (status, reason)
     ├── BadRequest                400 bad_request
+    ├── Forbidden                 403 forbidden
+    ├── ClientTimeout             408 client_timeout
     ├── BodyTooLarge              413 body_too_large
+    ├── HeadersTooLarge           431 headers_too_large
     ├── Unavailable               503, with Retry-After
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
     │   ├── DailyLimit            503 daily_limit
-    │   └── ShuttingDown          503 shutting_down
+    │   ├── ShuttingDown          503 shutting_down
+    │   └── TooManyConnections    503 too_many_connections
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
         ├── UpstreamTimeout       504 upstream_timeout
@@ -46,9 +50,24 @@ class BadRequest(ProxyError):
     reason = "bad_request"
 
 
+class Forbidden(ProxyError):
+    status = 403
+    reason = "forbidden"
+
+
+class ClientTimeout(ProxyError):
+    status = 408
+    reason = "client_timeout"
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     reason = "body_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    reason = "headers_too_large"
 
 
 class Unavailable(ProxyError):
@@ -80,6 +99,10 @@ class DailyLimit(Unavailable):
 
 class ShuttingDown(Unavailable):
     reason = "shutting_down"
+
+
+class TooManyConnections(Unavailable):
+    reason = "too_many_connections"
 
 
 class UpstreamError(ProxyError):

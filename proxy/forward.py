@@ -24,10 +24,11 @@ import structlog
 from aiohttp import web
 
 from proxy import retry
+from proxy.access import AccessPolicy
 from proxy.clock import ServerClock
 from proxy.config import Config, LoggingConfig, QueueConfig, RetryConfig
 from proxy.errors import BadRequest, ProxyError, ShuttingDown
-from proxy.inbound import Outbound, downstream_headers, read_request
+from proxy.inbound import Outbound, check_target, downstream_headers, read_request
 from proxy.limits import RateLimiter, scope_of
 from proxy.limits.gate import Gate
 from proxy.log import body_text, mask_user
@@ -99,6 +100,8 @@ class Forwarder:
         max_body: int,
         metrics: Metrics,
         logging: LoggingConfig,
+        policy: AccessPolicy,
+        client_timeout: float,
     ) -> None:
         self.upstream = upstream
         self.scheme = scheme
@@ -110,6 +113,8 @@ class Forwarder:
         self.retries = retries
         self.max_body = max_body
         self.metrics = metrics
+        self.policy = policy
+        self.client_timeout = client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
         self.logging = logging
         # Handler tasks still working, so a shutdown can wait for them (or cut them off).
@@ -123,6 +128,7 @@ class Forwarder:
         self.retries = cfg.retry
         self.logging = cfg.logging
         self.inflight.resize(cfg.limits.max_inflight)
+        self.policy = AccessPolicy(cfg.access)
 
     @property
     def inflight_count(self) -> int:
@@ -163,8 +169,13 @@ class Forwarder:
             if self.draining:
                 # Stopping: a request on a kept-alive connection goes to another replica.
                 raise ShuttingDown("the proxy is shutting down; send the request again", 1)
+            # Who and what first: a refused request costs no body read, permit or API call.
+            self.policy.check_peer(request.remote)
+            self.policy.check_token(request.headers.get("Proxy-Authorization"))
+            path, query = check_target(request.raw_path)
+            self.policy.check_request(request.method, path, query)
             wait = max_wait(request.headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
-            out = await read_request(request, self.max_body)
+            out = await read_request(request, path, query, self.max_body, self.client_timeout)
             scope = scope_of(out.path, self.scheme_name)
             label_scope = "auth" if out.path.startswith(AUTH_PATH) else scope
             logged_path = mask_user(out.path) if self.logging.redact_paths else out.path

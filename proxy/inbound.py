@@ -6,6 +6,7 @@ part that touches the client connection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import multipart, signing
-from proxy.errors import BadRequest, BodyTooLarge
+from proxy.errors import BadRequest, BodyTooLarge, ClientTimeout
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones clients still send.
 HOP_BY_HOP = frozenset(
@@ -126,10 +127,26 @@ def prepare_body(headers: CIMultiDict[str], body: bytes) -> tuple[bytes, str]:
     media = content_type.split(";", 1)[0].strip().lower()
     if media in ("", _FORM) and _looks_like_json(body):
         headers["Content-Type"] = "application/json"
+    elif media == "application/json" or media.endswith("+json"):
+        check_json(body)
     return body, signing.body_hash(body)
 
 
-async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
+def check_json(body: bytes) -> None:
+    """The API takes UTF-8 JSON: say what is wrong before it has to."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the JSON body is not UTF-8 (byte {e.start})") from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(
+            f"the JSON body is not valid JSON (line {e.lineno} column {e.colno})"
+        ) from None
+
+
+async def read_body(request: web.BaseRequest, max_bytes: int, time_limit: float) -> bytes:
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise BodyTooLarge(
@@ -144,20 +161,30 @@ async def read_body(request: web.BaseRequest, max_bytes: int) -> bytes:
         request.writer.output_size = 0
     chunks: list[bytes] = []
     total = 0
-    while chunk := await request.content.readany():
-        total += len(chunk)
-        if total > max_bytes:
-            raise BodyTooLarge(
-                f"request body is over the limit of {max_bytes} bytes (listen.max_body_bytes)"
-            )
-        chunks.append(chunk)
+    try:
+        # A total deadline: a client that dribbles its body cannot hold a worker.
+        async with asyncio.timeout(time_limit):
+            while chunk := await request.content.readany():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise BodyTooLarge(
+                        f"request body is over the limit of {max_bytes} bytes "
+                        "(listen.max_body_bytes)"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ClientTimeout(
+            f"the request body did not arrive within {time_limit:g} s (listen.client_timeout)"
+        ) from None
     return b"".join(chunks)
 
 
-async def read_request(request: web.BaseRequest, max_body: int) -> Outbound:
-    path, query = check_target(request.raw_path)
+async def read_request(
+    request: web.BaseRequest, path: str, query: str, max_body: int, time_limit: float
+) -> Outbound:
+    """The outbound request for an already checked target: headers, body, digest."""
     headers = upstream_headers(request.headers)
-    body = await read_body(request, max_body)
+    body = await read_body(request, max_body, time_limit)
     body, digest = prepare_body(headers, body)
     cookies = strip_signature_cookie(request.headers.getall("Cookie", []))
     return Outbound(request.method, path, query, headers, body, digest, cookies)

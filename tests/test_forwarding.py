@@ -54,7 +54,9 @@ def parse_raw(data: bytes) -> tuple[int, dict[str, str], dict]:
     [
         f"/perl/api/v2/user/{USER}/profile",
         "/perl/api/v2/user/joe%40example.com/profile",
-        "/perl/api/v2/account/42/files/a%2Fb/c",
+        # An encoded slash may travel in the query (in a path segment it is refused:
+        # see test_security.py).
+        "/perl/api/v2/account/42/files?name=a%2Fb%3D",
         "/perl/api/v2/account/42/search?q=a+b&r=%20&r=&flag",
         "/perl/api/v2/account/42/x?k=%c3%a9&K=%C3%A9",
     ],
