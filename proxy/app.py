@@ -57,7 +57,15 @@ def make_backend(cfg: Config, key: str) -> Backend:
 
 
 # Limits keys a reload cannot change: they shape state already counted.
-_RESTART_LIMITS = ("backend", "redis_url", "key", "state_file", "window_seconds", "day_seconds")
+_RESTART_LIMITS = (
+    "backend",
+    "redis_url",
+    "key",
+    "state_file",
+    "window_seconds",
+    "day_seconds",
+    "fallback_share",
+)
 
 
 def _credentials(auth: AuthConfig) -> tuple[object, ...]:
@@ -123,7 +131,6 @@ class ProxyService:
                 session_valid=lambda: self.session.valid() if self.session else True,
             )
         )
-        # No aiohttp access log: the forwarder writes one structured event per request.
         # handler_cancellation: a client that hangs up while queued leaves the queue at
         # once instead of holding its place (and later a permit) for nobody.
         listen = cfg.listen
@@ -138,8 +145,11 @@ class ProxyService:
                 keepalive_timeout=listen.client_timeout,
                 max_line_size=listen.max_header_bytes,
                 max_field_size=listen.max_header_bytes,
+                # No aiohttp access line (raw path and query, unredacted): the forwarder
+                # writes one structured event per request. It belongs on the Server:
+                # a ServerRunner passes no handler options to a Server it is given.
+                access_log=None,
             ),
-            access_log=None,
             shutdown_timeout=cfg.shutdown_timeout,
         )
         self._admin_runner = web.AppRunner(
@@ -167,8 +177,9 @@ class ProxyService:
         }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready once logged in and while no later login failed; limits are detail only
-        (on a Redis outage the proxy keeps serving on its local share)."""
+        """Ready once logged in, while no later login failed and no drain is on; with a
+        Redis backend also while Redis answers (admin.ready_requires_redis), though the
+        proxy keeps serving on its local share either way."""
         checks: dict[str, Any] = {
             "auth": {"ok": True, "scheme": "bearer"}
             if self.session is None
@@ -217,12 +228,14 @@ class ProxyService:
         admin = web.TCPSite(self._admin_runner, self.cfg.admin.host, self.cfg.admin.port)
         await admin.start()
         self.admin_port = _bound_port(self._admin_runner)
-        if self.session is not None:
-            await self.session.start()
+        # Listen before the first login: requests wait for it (single flight) instead
+        # of being refused, and /readyz says 503 until it has succeeded.
         await self._proxy_runner.setup()
         site = web.TCPSite(self._proxy_runner, self.cfg.listen.host, self.cfg.listen.port)
         await site.start()
         self.port = _bound_port(self._proxy_runner)
+        if self.session is not None:
+            await self.session.start()
         log.info(
             "proxy_started",
             listen=f"{self.cfg.listen.host}:{self.port}",
@@ -251,6 +264,9 @@ class ProxyService:
         if auth.scheme != old.auth.scheme:
             restart.append("auth.scheme")
             auth = old.auth
+        elif auth.token != old.auth.token and not old.limits.key:
+            # The shared limits are named after the token: the old name stays till restart.
+            restart.append("limits.key")
         applied = dataclasses.replace(
             new,
             listen=old.listen,

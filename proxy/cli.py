@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -56,18 +57,28 @@ def _secrets_of(cfg: Config) -> list[str]:
     return found
 
 
-async def _wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = [signal.SIGINT, signal.SIGTERM]
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    if on_hangup is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
-        signals.append(signal.SIGHUP)
-    await stop.wait()
-    for sig in signals:
-        loop.remove_signal_handler(sig)
+class Signals:
+    """SIGINT/SIGTERM ask to stop; SIGHUP calls `on_hangup` once set. Installed before
+    start-up, so a stop requested during a slow first login is not lost."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.on_hangup: Callable[[], None] | None = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
+
+    def _hangup(self) -> None:
+        if self.on_hangup is not None:
+            self.on_hangup()
+        else:
+            log.warning("config_reload_ignored", reason="still starting")
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
 
 class Reloader:
@@ -102,19 +113,35 @@ async def serve(
     config_path: str | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (SIGHUP reloads `config_path`); `announce` runs once listening."""
+    signals = Signals()
     service = ProxyService(cfg)
     try:
-        await service.start()
-    except OSError as e:
-        # Typically a port in use; say so, then leave cleanly.
-        print(f"error: cannot start listeners: {e.strerror or e}", file=sys.stderr)
+        starting = asyncio.create_task(service.start())
+        stopping = asyncio.create_task(signals.stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # asked to stop while still starting
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await starting
+            await service.stop()
+            return 0
+        stopping.cancel()
+        try:
+            starting.result()
+        except OSError as e:
+            # Typically a port in use; say so, then leave cleanly.
+            print(f"error: cannot start listeners: {e.strerror or e}", file=sys.stderr)
+            await service.stop()
+            return EXIT_RUNTIME
+        if announce is not None:
+            announce(service)
+        if config_path:
+            signals.on_hangup = Reloader(service, config_path)
+        await signals.stop.wait()
         await service.stop()
-        return EXIT_RUNTIME
-    if announce is not None:
-        announce(service)
-    await _wait_for_signal(Reloader(service, config_path) if config_path else None)
-    await service.stop()
-    return 0
+        return 0
+    finally:
+        signals.remove()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -28,7 +28,13 @@ from proxy.access import AccessPolicy
 from proxy.clock import ServerClock
 from proxy.config import Config, LoggingConfig, QueueConfig, RetryConfig
 from proxy.errors import BadRequest, ProxyError, ShuttingDown
-from proxy.inbound import Outbound, check_target, downstream_headers, read_request
+from proxy.inbound import (
+    Outbound,
+    check_method,
+    check_target,
+    downstream_headers,
+    read_request,
+)
 from proxy.limits import RateLimiter, scope_of
 from proxy.limits.gate import Gate
 from proxy.log import body_text, mask_user
@@ -172,6 +178,7 @@ class Forwarder:
             # Who and what first: a refused request costs no body read, permit or API call.
             self.policy.check_peer(request.remote)
             self.policy.check_token(request.headers.get("Proxy-Authorization"))
+            check_method(request.method)
             path, query = check_target(request.raw_path)
             self.policy.check_request(request.method, path, query)
             wait = max_wait(request.headers.get(MAX_WAIT_HEADER), self.queue.max_wait)

@@ -92,6 +92,16 @@ def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+# CONNECT would make the proxy a tunnel; TRACE would have the API echo the request,
+# signature cookie (a live auth code) included, back to the client.
+_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+
+
+def check_method(method: str) -> None:
+    if method in _REFUSED_METHODS:
+        raise BadRequest(f"{method} is not forwarded by the proxy")
+
+
 def check_target(raw_target: str) -> tuple[str, str]:
     """Only origin-form targets (`/path?query`): nothing may redirect the proxy elsewhere."""
     if not raw_target.startswith("/") or raw_target.startswith("//"):

@@ -220,9 +220,10 @@ class LuxSciSession:
             except ProxyError:
                 self._metrics.auth("error")  # the API could not be reached
                 raise
-            self._metrics.auth(_auth_result(status))
             limiter = self._limiter
-            if limiter is not None and limiter.is_rate_limited(status, headers) and rate_waits < 3:
+            limited = limiter is not None and limiter.is_rate_limited(status, headers)
+            self._metrics.auth("rate_limited" if limited else _auth_result(status))
+            if limiter is not None and limited and rate_waits < 3:
                 rate_waits += 1
                 attempt -= 1
                 await limiter.hold("account", headers)

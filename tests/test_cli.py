@@ -166,6 +166,8 @@ def test_run_serves_curl_end_to_end_and_shuts_down_cleanly_without_leaking_secre
     assert stats["revocations"] == 1  # the session was revoked on SIGTERM
 
     events = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    # One access event per request, ours: no aiohttp access line with the raw path and query.
+    assert not [e for e in events if e.get("logger") == "aiohttp.access"]
     names = [e["event"] for e in events]
     assert "proxy_started" in names and "shutdown_complete" in names
     access = [e for e in events if e["event"] == "request"]
@@ -358,3 +360,19 @@ def test_log_bodies_is_opt_in_warned_about_and_still_hides_codes(
     text = json.dumps(events)
     assert codes and not any(code in text for code in codes)
     assert SECRET not in text
+
+
+def test_sigterm_during_a_slow_first_login_still_exits_cleanly(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    # The API takes 20 s to answer the login: the proxy is still starting.
+    fault = '{"delay": 20, "path_prefix": "/perl/api/v2/auth"}'
+    assert curl("-X", "POST", "-d", fault, f"{sandbox_process}/_sandbox/faults")[0] == 200
+    config, _, admin = write_config(tmp_path, sandbox_process)
+    proc = start_proxy(config)
+    wait_until(lambda: _status(f"http://127.0.0.1:{admin}/healthz") == 200)
+    assert _status(f"http://127.0.0.1:{admin}/readyz") == 503  # not logged in yet
+    started = time.monotonic()
+    events = stop_proxy(proc)  # SIGTERM; asserts exit code 0
+    assert time.monotonic() - started < 10
+    assert "shutdown_complete" in [e["event"] for e in events]

@@ -337,3 +337,22 @@ def test_redact_url() -> None:
     assert redact_url("redis://u:p%40ss@h:6379/0") == "redis://u:***@h:6379/0"
     assert redact_url("redis://:pw@h/1") == "redis://:***@h/1"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_an_idle_process_notices_an_outage_and_its_end_without_traffic(
+    redis_server: RedisServer, make: MakeBackend
+) -> None:
+    b = await make(redis_server.url, watch_interval=0.2)
+    assert b.status()["ok"] is True
+    redis_server.stop()
+    for _ in range(50):  # no acquire at all: only the watchdog can tell
+        if b.status()["ok"] is False:
+            break
+        await asyncio.sleep(0.05)
+    assert b.status()["ok"] is False
+    redis_server.restart()
+    for _ in range(60):
+        if b.status()["ok"] is True:
+            break
+        await asyncio.sleep(0.05)
+    assert b.status() == {"ok": True, "backend": "redis"}

@@ -12,6 +12,7 @@ Redis's counts when it answers again, so the day's budget stays honest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable
@@ -38,6 +39,9 @@ T = TypeVar("T")
 _UNAVAILABLE = (RedisError, OSError)
 
 PROBE_INTERVAL = 1.0
+# How often an idle process checks that Redis still answers, so /readyz is
+# right even without traffic.
+WATCH_INTERVAL = 5.0
 
 # KEYS: window, day. ARGV: window limit, day limit, window ttl ms, day ttl ms.
 # Returns {verdict, window count, day count} afterwards: verdict 0 granted,
@@ -116,6 +120,7 @@ class RedisBackend:
         day_seconds: float,
         fallback_share: float,
         op_timeout: float = 0.5,
+        watch_interval: float = WATCH_INTERVAL,
     ) -> None:
         self._url = url
         self._prefix = f"luxsci-proxy:{{{key}}}"
@@ -123,6 +128,7 @@ class RedisBackend:
         self._day_ttl = _ttl_ms(day_seconds)
         self._share = fallback_share
         self._op_timeout = op_timeout
+        self._watch_interval = watch_interval
         password = urlsplit(url).password
         # Both spellings: redis-py unquotes the password, an error could show either.
         self._secrets = {p for p in (password, unquote(password or "")) if p}
@@ -150,6 +156,7 @@ class RedisBackend:
         # The window in which Redis was lost: how much of it the others spent is
         # unknown, so the local share starts only with the next one.
         self._outage_window: int | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -159,10 +166,29 @@ class RedisBackend:
             await self._bounded(self._client.ping())
         except _UNAVAILABLE as e:
             self._fall_back(e)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         await self._client.aclose()
         await self._memory.close()
+
+    async def _watch(self) -> None:
+        """Notice an outage, or the end of one, when no request does."""
+        while True:
+            if self._down is None:
+                await asyncio.sleep(self._watch_interval)
+                if self._down is None:
+                    try:
+                        await self._bounded(self._client.ping())
+                    except _UNAVAILABLE as e:
+                        self._fall_back(e)
+            else:
+                await asyncio.sleep(PROBE_INTERVAL)
+                await self._recovered()
 
     # -- counting --------------------------------------------------------------------
 
