@@ -8,14 +8,14 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[speed]"
 
 FROM python:3.11-slim
 # A fixed, unprivileged uid so volume and secret permissions can be planned for.
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin luxsci \
     && mkdir -p /var/lib/luxsci-proxy && chown 10001 /var/lib/luxsci-proxy
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl && rm -rf /wheels
 USER 10001
 # The day's request count survives restarts in the state dir (mount a volume to keep it
 # across container replacements).

@@ -34,8 +34,18 @@ def check_escapes(text: str, what: str) -> None:
         raise BadRequest(f"malformed percent-encoding in the {what}")
 
 
+# Anything that needs a closer look: escapes, dots, backslashes, empty segments, controls.
+_SUSPECT = re.compile(r"[%\\\x00-\x1f\x7f]|/\.|//")
+
+
 def path_segments(path: str) -> list[str]:
     """The decoded segments of a raw path, or BadRequest for anything that could mislead."""
+    if not _SUSPECT.search(path):
+        # The common case: plain segments, nothing to decode or refuse.
+        segments = path.split("/")[1:]
+        if segments and segments[-1] == "":
+            segments.pop()
+        return segments
     check_escapes(path, "path")
     raw_segments = path.split("/")[1:]
     last = len(raw_segments) - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -238,6 +239,7 @@ class ProxyService:
             await self.session.start()
         log.info(
             "proxy_started",
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             listen=f"{self.cfg.listen.host}:{self.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
             upstream=self.cfg.upstream.url,

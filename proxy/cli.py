@@ -9,7 +9,8 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -144,11 +145,28 @@ async def serve(
         signals.remove()
 
 
+def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
+    """Run on uvloop when asked or (auto) when installed: a faster loop and transports."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                main.close()
+                raise ConfigError(
+                    "event_loop: uvloop is not installed (pip install 'luxsci-proxy[speed]')"
+                ) from None
+        else:
+            result: int = uvloop.run(main)
+            return result
+    return asyncio.run(main)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
     cfg = load(path)
     proxy_log.configure(cfg.logging.level, cfg.logging.format, _secrets_of(cfg))
-    return asyncio.run(serve(cfg, config_path=path))
+    return run_loop(serve(cfg, config_path=path), cfg.event_loop)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

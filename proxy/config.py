@@ -190,6 +190,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     shutdown_timeout: float = 30.0
+    # auto: uvloop when installed (the `speed` extra), else asyncio's own loop.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     # Things worth a warning at start-up (literal secrets, a world-readable file).
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

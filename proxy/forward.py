@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -57,7 +57,7 @@ def request_id(given: str | None) -> str:
     """The client's X-Request-ID when it is a sane token, else a new one."""
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as uuid4().hex, without building a UUID
 
 
 def error_response(error: ProxyError, rid: str) -> web.Response:
@@ -380,7 +380,7 @@ class Forwarder:
             except Exception as e:
                 raise translate(e, self.upstream.where) from e
             if harvester is not None:
-                harvester.feed(body)
+                harvester.feed_whole(body)
                 self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
             if self.logging.log_bodies:
                 event["response_body"] = body_text(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -139,12 +140,12 @@ def test_unreadable_date_headers_are_ignored() -> None:
 
 
 @pytest.fixture
-def rendered_log() -> io.StringIO:
-    """Configure the real logging chain, rendering JSON into a buffer."""
-    proxy_log.configure("debug", "json", ["the-secret-key", "pw-123456"])
+def rendered_log() -> Iterator[io.StringIO]:
+    """Configure the real logging chain, rendering into a buffer."""
     stream = io.StringIO()
-    handler = logging.getLogger().handlers[0]
-    handler.setStream(stream)  # type: ignore[attr-defined]
+    proxy_log.configure(
+        "debug", "json", ["the-secret-key", "pw-123456", 'q"uote\\d'], stream=stream
+    )
     yield stream
     structlog.reset_defaults()
     logging.getLogger().handlers.clear()
@@ -168,11 +169,22 @@ def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
     except RuntimeError:
         logger.exception("boom")
     logging.getLogger("aiohttp.server").error("stdlib says pw-123456")
+    logger.info("escaped", value='a q"uote\\d b', body='{"auth":"opaque-code-x","success":1}')
     text = rendered_log.getvalue()
-    for leaked in ("the-secret-key", "pw-123456", CODE, "abcdef0123", "abc.def.ghi"):
+    for leaked in (
+        "the-secret-key",
+        "pw-123456",
+        CODE,
+        "abcdef0123",
+        "abc.def.ghi",
+        "opaque-code-x",
+    ):
         assert leaked not in text
+    assert 'q\\"uote' not in text  # the JSON-escaped form of a secret is found too
     events = [json.loads(line) for line in text.splitlines()]
-    assert [e["event"] for e in events] == ["oops", "boom", "stdlib says [REDACTED]"]
+    assert [e["event"] for e in events] == ["oops", "boom", "stdlib says [REDACTED]", "escaped"]
+    assert events[3]["body"] == '{"auth":"[REDACTED]","success":1}'
+    assert events[3]["value"] == "a [REDACTED] b"
     assert events[0]["nested"] == {"auth": "[REDACTED]", "ok": 1}
     assert "RuntimeError" in events[1]["exception"]
 
