@@ -143,6 +143,7 @@ async def serve(
         return 0
     finally:
         signals.remove()
+        proxy_log.flush()
 
 
 def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:

@@ -157,6 +157,8 @@ def check_json(body: bytes) -> None:
 
 
 async def read_body(request: web.BaseRequest, max_bytes: int, time_limit: float) -> bytes:
+    if not request.body_exists:
+        return b""  # most GETs: nothing to wait for
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise BodyTooLarge(
