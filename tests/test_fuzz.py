@@ -71,17 +71,23 @@ auth: {{token: "${{T}}", secret: "${{S}}"}}
 limits: {{state_file: "", account_per_minute: 100000, user_per_minute: 100000, per_day: 10000000}}
 logging: {{level: debug}}
 """)
+    # The log goes to a file: a pipe nobody reads until the end fills up (64 KiB) and
+    # then blocks the proxy's writes, as it would block any process.
+    log_path = config.with_suffix(".log")
+    log_file = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "run", "--config", str(config)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log_file,
         text=True,
         env={**env, "T": TOKEN, "S": SECRET},
     )
     wait_until(lambda: _ok(f"http://127.0.0.1:{admin}/readyz"))
     yield Running(port, f"http://127.0.0.1:{sandbox_port}", proc)
     proc.send_signal(signal.SIGTERM)
-    _, log = proc.communicate(timeout=20)
+    proc.wait(timeout=20)
+    log_file.close()
+    log = log_path.read_text()
     sandbox.send_signal(signal.SIGTERM)
     sandbox.communicate(timeout=10)
     assert proc.returncode == 0

@@ -148,3 +148,23 @@ async def test_access_events_carry_the_fields_and_can_mask_user_paths(
         assert field in event, field
     assert event["scope"] == "user" and event["status"] == 200
     assert USER not in repr(logs)
+
+
+async def test_a_reload_that_raises_the_budget_serves_waiting_requests_at_once(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    sandbox = await make_sandbox(window_seconds=60, user_per_window=100)
+    proxy = await make_proxy(sandbox.url, limits={"window_seconds": 60, "user_per_minute": 1})
+    assert (await get(http, proxy.url + USER_PATH))[0] == 200  # the window's only permit
+    waiting = [asyncio.create_task(get(http, proxy.url + USER_PATH)) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    assert proxy.service.limiter.queue_depth("user") == 3  # asleep until the next minute
+    service = proxy.service
+    new = dataclasses.replace(
+        service.cfg, limits=dataclasses.replace(service.cfg.limits, user_per_minute=10)
+    )
+    started = time.monotonic()
+    await service.reload(new)
+    results = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    assert time.monotonic() - started < 2  # not at the next window, within the one open now

@@ -64,6 +64,8 @@ class _Bucket:
     held_until: float = 0.0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     pump: asyncio.Task[None] | None = None
+    # Set to cut the pump's nap short (a reload changed the budget).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def effective_limit(self) -> int:
@@ -98,6 +100,9 @@ class RateLimiter:
         self.buckets["user"].limit = limits.user_per_minute
         self.buckets["account"].limit = limits.account_per_minute
         for bucket in self.buckets.values():
+            # A pump asleep until the next window must look again now: a raised
+            # budget may have room in this one.
+            bucket.wake.set()
             if bucket.waiters:
                 self._ensure_pump(bucket)
 
@@ -169,7 +174,7 @@ class RateLimiter:
                 continue
             delay = self._wait_to_grant(bucket)
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self._nap(bucket, delay)
                 continue
             verdict = await self._try(bucket)
             if verdict is Verdict.GRANTED:
@@ -179,13 +184,20 @@ class RateLimiter:
                 if waiters:
                     waiters.popleft().set_result(None)
             elif verdict is Verdict.WINDOW_FULL:
-                await asyncio.sleep(self.windows.until_next(self.clock.now()))
+                await self._nap(bucket, self.windows.until_next(self.clock.now()))
             else:
                 error = self._daily_limit()
                 while waiters:
                     waiter = waiters.popleft()
                     if not waiter.done():
                         waiter.set_exception(error)
+
+    @staticmethod
+    async def _nap(bucket: _Bucket, seconds: float) -> None:
+        """Sleep until the next chance of a permit, or until a reload says look again."""
+        bucket.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(bucket.wake.wait(), seconds)
 
     # -- what the server says ----------------------------------------------------------
 
