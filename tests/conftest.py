@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -193,6 +195,40 @@ async def echo_upstream() -> AsyncIterator[EchoUpstream]:
     echo.url = f"http://127.0.0.1:{port}"
     yield echo
     await runner.cleanup()
+
+
+async def raw_exchange(port: int, data: bytes, wait: float = 5.0) -> bytes:
+    """Send bytes as they are; read until the server closes or goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), wait):
+            answer += chunk
+            head, sep, body = answer.partition(b"\r\n\r\n")
+            if sep:
+                lengths = [
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                if lengths and len(body) >= lengths[0]:
+                    break
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
+    return answer
+
+
+def parse_raw(answer: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+    }
+    return int(lines[0].split()[1]), headers, json.loads(body) if body else {}
 
 
 def repo_root() -> Path:

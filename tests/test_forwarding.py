@@ -11,42 +11,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import USER, EchoUpstream, MakeProxy, MakeSandbox, RunningProxy
+from conftest import (
+    USER,
+    EchoUpstream,
+    MakeProxy,
+    MakeSandbox,
+    RunningProxy,
+    parse_raw,
+    raw_exchange,
+)
 from yarl import URL
 
 from proxy.config import Secret
 from proxy.sandbox import SandboxServer
-
-
-async def raw_exchange(port: int, request: bytes, wait: float = 5.0) -> bytes:
-    """Send bytes as they are and read the whole answer (the server closes or we time out)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    data = b""
-    try:
-        while chunk := await asyncio.wait_for(reader.read(65536), wait):
-            data += chunk
-            if b"\r\n\r\n" in data:
-                head, _, rest = data.partition(b"\r\n\r\n")
-                length = [
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ]
-                if length and len(rest) >= length[0]:
-                    break
-    finally:
-        writer.close()
-    return data
-
-
-def parse_raw(data: bytes) -> tuple[int, dict[str, str], dict]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    return status, headers, json.loads(body) if body else {}
 
 
 @pytest.mark.parametrize(

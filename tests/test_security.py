@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import SECRET, USER, MakeProxy, RunningProxy
+from conftest import SECRET, USER, MakeProxy, RunningProxy, parse_raw, raw_exchange
 from structlog.testing import capture_logs
 
 from proxy.config import ConfigError, Secret, load, parse
@@ -17,40 +17,6 @@ from proxy.sandbox import SandboxServer
 
 PROFILE = f"/perl/api/v2/user/{USER}/profile"
 TOKEN_VALUE = "client-token-0123456789abcdef"
-
-
-async def raw(port: int, data: bytes, wait: float = 5.0) -> bytes:
-    """Send bytes as they are; read until the server closes or goes quiet."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    answer = b""
-    try:
-        while chunk := await asyncio.wait_for(reader.read(65536), wait):
-            answer += chunk
-            head, sep, body = answer.partition(b"\r\n\r\n")
-            if sep:
-                lengths = [
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ]
-                if lengths and len(body) >= lengths[0]:
-                    break
-    except (TimeoutError, ConnectionResetError):
-        pass
-    finally:
-        writer.close()
-    return answer
-
-
-def parsed(answer: bytes) -> tuple[int, dict[str, str], dict]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {
-        k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
-    }
-    return int(lines[0].split()[1]), headers, json.loads(body) if body else {}
 
 
 # -- who may use it -------------------------------------------------------------------------
@@ -163,7 +129,7 @@ async def test_rules_and_protected_users_are_enforced_before_the_api(
     request = (
         f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     )
-    got, headers, body = parsed(await raw(ruled.service.port, request.encode()))
+    got, headers, body = parse_raw(await raw_exchange(ruled.service.port, request.encode()))
     assert got == status, body
     if status in (400, 403):
         assert headers["x-proxy-error"] == ("forbidden" if status == 403 else "bad_request")
@@ -206,7 +172,7 @@ async def test_unparseable_requests_get_our_error_shape(
     proxy: RunningProxy, sandbox: SandboxServer, request_bytes: bytes, status: int, reason: str
 ) -> None:
     before = sandbox.sandbox.stats.requests
-    got, headers, body = parsed(await raw(proxy.service.port, request_bytes))
+    got, headers, body = parse_raw(await raw_exchange(proxy.service.port, request_bytes))
     assert (got, headers["x-proxy-error"]) == (status, reason)
     assert headers["content-type"].startswith("application/json")
     assert body["success"] == 0 and body["error_message"]
@@ -251,7 +217,7 @@ async def test_a_client_that_dribbles_its_body_is_cut_off(
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(4096), 5)
     writer.close()
-    status, headers, _ = parsed(answer)
+    status, headers, _ = parse_raw(answer)
     assert status == 408 and headers["x-proxy-error"] == "client_timeout"
 
 
@@ -272,13 +238,15 @@ async def test_connections_over_the_cap_are_answered_503(
     proxy = await make_proxy(sandbox.url, listen={"max_connections": 2})
     held = [await asyncio.open_connection("127.0.0.1", proxy.service.port) for _ in range(2)]
     await asyncio.sleep(0.05)
-    status, headers, _ = parsed(await raw(proxy.service.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    status, headers, _ = parse_raw(
+        await raw_exchange(proxy.service.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    )
     assert status == 503 and headers["x-proxy-error"] == "too_many_connections"
     for _, writer in held:
         writer.close()
     await asyncio.sleep(0.05)
-    status, _, _ = parsed(
-        await raw(
+    status, _, _ = parse_raw(
+        await raw_exchange(
             proxy.service.port,
             f"GET {PROFILE} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
         )
