@@ -196,11 +196,9 @@ class Forwarder:
                 response = await self._respond(request, exchange, rid, event)
             finally:
                 exchange.resp.release()
-                self._release_slot()
+                self.inflight.release()
         except ProxyError as e:
-            event.update(error=e.reason, error_message=e.message)
-            self.metrics.rejected(e.reason)
-            response = error_response(e, rid)
+            response = self._refuse(e, rid, event)
         except asyncio.CancelledError:
             if not self._cut_off or request.get(_STARTED):
                 # The client went away (aiohttp cancels the handler): nothing left to answer.
@@ -209,18 +207,19 @@ class Forwarder:
                 raise
             # Shutdown's deadline passed before this request was served: say so.
             task.uncancel()
-            error = ShuttingDown(
-                "the proxy shut down before this request could be served; send it again", 1
+            response = self._refuse(
+                ShuttingDown(
+                    "the proxy shut down before this request could be served; send it again", 1
+                ),
+                rid,
+                event,
             )
-            event.update(error=error.reason, error_message=error.message)
-            self.metrics.rejected(error.reason)
-            response = error_response(error, rid)
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
-            event["error"] = "internal_error"
-            self.metrics.rejected("internal_error")
-            response = error_response(ProxyError("internal proxy error; see the proxy log"), rid)
+            response = self._refuse(
+                ProxyError("internal proxy error; see the proxy log"), rid, event
+            )
         event["status"] = response.status
         body = response.body if isinstance(response, web.Response) else None
         event["bytes_out"] = len(body) if isinstance(body, bytes) else response.body_length
@@ -230,11 +229,29 @@ class Forwarder:
         log.info("request", **event)
         return response
 
-    async def _take_slot(self) -> None:
-        await self.inflight.acquire()
+    def _refuse(self, error: ProxyError, rid: str, event: dict[str, object]) -> web.Response:
+        """An answer the proxy makes itself: counted, logged with the request, sent."""
+        event.update(error=error.reason, error_message=error.message)
+        self.metrics.rejected(error.reason)
+        return error_response(error, rid)
 
-    def _release_slot(self) -> None:
-        self.inflight.release()
+    def _note_retry(
+        self,
+        event: dict[str, object],
+        decision: retry.Decision,
+        attempt: int,
+        delay: float,
+        status: int | None = None,
+    ) -> None:
+        self.metrics.retry(decision.reason)
+        log.info(
+            "retry",
+            request_id=event["request_id"],
+            reason=decision.reason,
+            status=status,
+            attempt=attempt,
+            delay_s=round(delay, 3),
+        )
 
     async def _exchange(
         self, out: Outbound, scope: str, deadline: float, event: dict[str, object]
@@ -254,31 +271,24 @@ class Forwarder:
             attempts += 1
             event.update(attempts=attempts, queue_wait_ms=round(queue_wait * 1000, 2))
             used = await self.scheme.apply(out)
-            await self._take_slot()
+            await self.inflight.acquire()
             sent_at = time.monotonic()
             try:
                 resp = await self.upstream.request(
                     out.method, out.path, out.query, out.headers, out.body
                 )
             except ProxyError as e:
-                self._release_slot()
+                self.inflight.release()
                 self.metrics.upstream(scope, None, time.monotonic() - sent_at)
                 decision = retry.after_error(out.method, e)
                 delay = self._retry_delay(decision, attempts - reauthenticated, first)
                 if delay is None:
                     raise
-                self.metrics.retry(decision.reason)
-                log.info(
-                    "retry",
-                    request_id=event["request_id"],
-                    reason=decision.reason,
-                    attempt=attempts,
-                    delay_s=round(delay, 3),
-                )
+                self._note_retry(event, decision, attempts, delay)
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                self._release_slot()
+                self.inflight.release()
                 raise
             upstream_s = time.monotonic() - sent_at
             event["upstream_ms"] = round(upstream_s * 1000, 2)
@@ -315,16 +325,8 @@ class Forwarder:
                     return Exchange(resp, used, sent_at, attempts, queue_wait)
                 delay = maybe
             resp.release()
-            self._release_slot()
-            self.metrics.retry(decision.reason)
-            log.info(
-                "retry",
-                request_id=event["request_id"],
-                reason=decision.reason,
-                status=resp.status,
-                attempt=attempts,
-                delay_s=round(delay, 3),
-            )
+            self.inflight.release()
+            self._note_retry(event, decision, attempts, delay, resp.status)
             if delay:
                 await asyncio.sleep(delay)
 

@@ -141,18 +141,6 @@ class Redactor:
         processor type only knows event dicts)."""
         return self.scrub(line)
 
-    def __call__(
-        self, logger: Any, method: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        """Both passes on an event dict (for callers that render elsewhere)."""
-        self.mask_keys(logger, method, event)
-        for key, value in event.items():
-            if isinstance(value, str):
-                event[key] = self.scrub(value)
-            elif not isinstance(value, int | float | bool | dict) and value is not None:
-                event[key] = self.scrub(repr(value))
-        return event
-
 
 # One redactor for the process; `configure` loads the secrets into it.
 REDACTOR = Redactor()

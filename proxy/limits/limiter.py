@@ -225,21 +225,16 @@ class RateLimiter:
 
     async def hold(self, scope: str, headers: Mapping[str, str]) -> float:
         """The API refused for rate: close `scope` until its reset; returns seconds until then."""
-        bucket = self.buckets[scope]
         now = self.clock.now()
+        window = self.windows.index(now)
         reset = _int_header(headers, "X-RateLimit-Reset")
-        until = (
-            float(reset)
-            if reset is not None and reset > now
-            else self.windows.end(self.windows.index(now))
-        )
-        bucket.held_until = max(bucket.held_until, until)
-        await self.backend.raise_used(scope, self.windows.index(now), bucket.effective_limit)
-        log.warning("rate_limit_pause", scope=scope, seconds=round(until - now, 2))
-        return until - now
+        until = float(reset) if reset is not None and reset > now else self.windows.end(window)
+        # This window is spent, whatever the local count says.
+        await self.backend.raise_used(scope, window, self.buckets[scope].effective_limit)
+        return self.hold_for(scope, until - now)
 
     def hold_for(self, scope: str, seconds: float) -> float:
-        """Close `scope` for `seconds` (a Bearer API's 429 Retry-After); returns them."""
+        """Close `scope` for `seconds` (a 403 until its reset, a 429 Retry-After); returns them."""
         bucket = self.buckets[scope]
         bucket.held_until = max(bucket.held_until, self.clock.now() + seconds)
         log.warning("rate_limit_pause", scope=scope, seconds=round(seconds, 2))
