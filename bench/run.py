@@ -123,14 +123,7 @@ def measure_cost(ctx: Ctx, res: Results) -> None:
     cores = ctx.cores
     procs = Procs()
     try:
-        upstream = svc.start_nginx(
-            procs,
-            "upstream",
-            work,
-            cores.load,
-            cores,
-            lambda d, p: svc.nginx_upstream_conf(d, p, limit=100_000_000),
-        )
+        upstream = svc.start_upstream(procs, work, cores)
         targets: dict[str, svc.Service] = {"direct": upstream}
         # The two proxies start independently: one failing still leaves the other's figures.
         try:
@@ -232,14 +225,7 @@ def measure_parked(ctx: Ctx, res: Results) -> None:
     cores = ctx.cores
     procs = Procs()
     try:
-        upstream = svc.start_nginx(
-            procs,
-            "upstream",
-            work,
-            cores.load,
-            cores,
-            lambda d, p: svc.nginx_upstream_conf(d, p, limit=100_000_000),
-        )
+        upstream = svc.start_upstream(procs, work, cores)
         cfg = svc.proxy_config(
             svc.free_port(),
             svc.free_port(),
@@ -332,14 +318,7 @@ def measure_limiter(ctx: Ctx, res: Results, processes: int) -> None:
     out: dict[str, Any] = {}
     res.limiter[processes] = out
     try:
-        upstream = svc.start_nginx(
-            procs,
-            "upstream",
-            work,
-            cores.load,
-            cores,
-            lambda d, p: svc.nginx_upstream_conf(d, p, limit=BUDGET, access_log=True),
-        )
+        upstream = svc.start_upstream(procs, work, cores, limit=BUDGET, access_log=True)
         redis_url = None
         if processes > 1:
             redis = svc.start_redis(procs, work, cores.load, cores)

@@ -173,12 +173,25 @@ def tail(path: Path, lines: int = 5) -> str:
 # -- nginx -------------------------------------------------------------------------------------
 
 
-def _nginx_common(workdir: Path) -> str:
+def _nginx_conf(workdir: Path, log: str, servers: str) -> str:
+    """What every nginx here shares: one worker, many connections, long keep-alive."""
     # Temp paths inside our own prefix: the Debian build's defaults live under /var/lib/nginx.
-    return "\n".join(
+    temp = "\n".join(
         f"    {kind}_temp_path {workdir}/{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    return f"""worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+{temp}
+    {log}
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+{servers}
+}}
+"""
 
 
 def nginx_upstream_conf(workdir: Path, port: int, limit: int, access_log: bool = False) -> str:
@@ -194,16 +207,7 @@ def nginx_upstream_conf(workdir: Path, port: int, limit: int, access_log: bool =
         if access_log
         else "access_log off;"
     )
-    return f"""worker_processes 1;
-worker_rlimit_nofile 20000;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 20000; }}
-http {{
-{_nginx_common(workdir)}
-    {log}
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    server {{
+    servers = f"""    server {{
         listen 127.0.0.1:{port} backlog=4096;
         default_type application/json;
         add_header X-RateLimit-Limit {limit} always;
@@ -211,23 +215,13 @@ http {{
         add_header X-RateLimit-Reset 1700000060 always;
         location = /perl/api/v2/auth {{ return 201 '{LOGIN_BODY}'; }}
         location / {{ return 200 '{BODY}'; }}
-    }}
-}}
-"""
+    }}"""
+    return _nginx_conf(workdir, log, servers)
 
 
 def nginx_proxy_conf(workdir: Path, port: int, upstream_port: int) -> str:
     """The reference proxy hop: nginx with a keep-alive upstream pool."""
-    return f"""worker_processes 1;
-worker_rlimit_nofile 20000;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 20000; }}
-http {{
-{_nginx_common(workdir)}
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    upstream api {{
+    servers = f"""    upstream api {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
         keepalive_requests 1000000;
@@ -239,9 +233,22 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
-    }}
-}}
-"""
+    }}"""
+    return _nginx_conf(workdir, "access_log off;", servers)
+
+
+def start_upstream(
+    procs: Procs, tmp: Path, cores: Cores, limit: int = 100_000_000, access_log: bool = False
+) -> Service:
+    """The LuxSci stand-in, on the load core."""
+    return start_nginx(
+        procs,
+        "upstream",
+        tmp,
+        cores.load,
+        cores,
+        lambda d, p: nginx_upstream_conf(d, p, limit=limit, access_log=access_log),
+    )
 
 
 def start_nginx(
