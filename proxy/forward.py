@@ -19,7 +19,6 @@ import re
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -37,11 +36,12 @@ from proxy.inbound import (
 )
 from proxy.limits import RateLimiter, scope_of
 from proxy.limits.gate import Gate
+from proxy.log import access as access_log
 from proxy.log import body_text, mask_user
 from proxy.metrics import Metrics
 from proxy.schemes import AuthScheme
 from proxy.session import AUTH_PATH, AuthCode
-from proxy.upstream import Upstream, translate
+from proxy.upstream import Upstream, UpstreamResponse
 
 log = structlog.get_logger("proxy.access")
 
@@ -85,7 +85,7 @@ def max_wait(header: str | None, configured: float) -> float:
 class Exchange:
     """The outcome of the attempts for one request."""
 
-    resp: aiohttp.ClientResponse
+    resp: UpstreamResponse
     used: AuthCode | None
     sent_at: float
     attempts: int
@@ -203,7 +203,7 @@ class Forwarder:
             if not self._cut_off or request.get(_STARTED):
                 # The client went away (aiohttp cancels the handler): nothing left to answer.
                 event.update(error="client_disconnected", total_ms=_ms(started))
-                log.info("request", **event)
+                access_log(event)
                 raise
             # Shutdown's deadline passed before this request was served: say so.
             task.uncancel()
@@ -226,7 +226,7 @@ class Forwarder:
         elapsed = time.monotonic() - started
         event["total_ms"] = round(elapsed * 1000, 2)
         self.metrics.request(request.method, label_scope, response.status, elapsed)
-        log.info("request", **event)
+        access_log(event)
         return response
 
     def _refuse(self, error: ProxyError, rid: str, event: dict[str, object]) -> web.Response:
@@ -331,7 +331,7 @@ class Forwarder:
                 await asyncio.sleep(delay)
 
     async def _rate_pause(
-        self, scope: str, resp: aiohttp.ClientResponse, decision: retry.Decision
+        self, scope: str, resp: UpstreamResponse, decision: retry.Decision
     ) -> float:
         if decision.delay is not None:  # the server said how long (Retry-After)
             return self.limiter.hold_for(scope, decision.delay)
@@ -377,10 +377,7 @@ class Forwarder:
             return sr
 
         if length is not None and length <= SMALL_BODY:
-            try:
-                body = await resp.read()
-            except Exception as e:
-                raise translate(e, self.upstream.where) from e
+            body = await resp.read()
             if harvester is not None:
                 harvester.feed_whole(body)
                 self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
@@ -393,14 +390,13 @@ class Forwarder:
             sr.content_length = length
         request[_STARTED] = True
         await sr.prepare(request)
-        content = resp.content
         while True:
             try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError) as e:
+                chunk = await resp.readany()
+            except ProxyError as e:
                 # The head is already sent: all we can do is cut the client off, so it
                 # sees a truncated answer rather than a complete-looking wrong one.
-                log.warning("upstream_failed_mid_body", request_id=rid, error=type(e).__name__)
+                log.warning("upstream_failed_mid_body", request_id=rid, error=e.reason)
                 if request.transport is not None:
                     request.transport.close()
                 return sr
