@@ -1,11 +1,14 @@
 """Prometheus metrics, prefix `luxsci_proxy_`, on the admin listener's /metrics.
 
-Counters and histograms are observed on the hot path through label children
-bound once per label set (a dict hit, not prometheus-client's locked lookup).
-Everything that is a state rather than an event (queue depth, requests in
-flight, the API's rate-limit headers, the day's count, the auth code's age) is
-read at scrape time by a collector, so it costs nothing per request and can
-never drift from the truth.
+Events (requests, answers, waits) are counted in plain Python numbers keyed by
+their label values, and turned into metric families only when /metrics is
+scraped. prometheus-client's own Counter and Histogram take a lock and walk
+their buckets in Python on every observation, which made the three histograms
+and two counters of each request one of the larger items of its cost; the proxy
+runs on one event loop thread, so no lock is needed. prometheus-client still
+does the exposition. States (queue depth, requests in flight, the API's
+rate-limit headers, the day's count, the auth code's age) are read at scrape
+time too, so they cost nothing per request and can never drift from the truth.
 
 Labels stay low-cardinality: methods outside the usual set become "other",
 scopes are user | account | auth, statuses are numbers; never a path.
@@ -13,12 +16,17 @@ scopes are user | account | auth, statuses are numbers; never a path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from proxy import __version__
@@ -120,62 +128,115 @@ class _StateCollector(Collector):
         )
 
 
+class _Counter:
+    """Counts per label values; exposed as `<name>_total`."""
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *values: str) -> None:
+        counts = self.counts
+        counts[values] = counts.get(values, 0) + 1
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for values, count in sorted(self.counts.items()):
+            family.add_metric(list(values), count)
+        return family
+
+
+class _Histogram:
+    """A histogram per label values: [count per bucket..., sum] in one list."""
+
+    def __init__(self, name: str, doc: str, label: str, buckets: Sequence[float]) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.bounds = list(buckets)
+        self.series: dict[str, list[float]] = {}
+
+    def observe(self, value: str, amount: float) -> None:
+        series = self.series.get(value)
+        if series is None:
+            # One slot per bound, one for +Inf, one for the sum.
+            series = self.series[value] = [0.0] * (len(self.bounds) + 2)
+        # `le` buckets: a value equal to a bound belongs to that bound's bucket.
+        series[bisect_left(self.bounds, amount)] += 1
+        series[-1] += amount
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        labels = [*(repr(float(b)) for b in self.bounds), "+Inf"]
+        for value, series in sorted(self.series.items()):
+            cumulative, buckets = 0.0, []
+            for le, count in zip(labels, series[:-1], strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric([value], buckets, series[-1])
+        return family
+
+
+class _EventCollector(Collector):
+    def __init__(self, metrics: Sequence[_Counter | _Histogram]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield metric.family()
+
+
 class Metrics:
     """Every metric of one proxy service, in its own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self._requests = Counter(
-            f"{PREFIX}_requests",
-            "Client requests answered",
-            ["method", "scope", "status"],
-            registry=r,
+        self._requests = _Counter(
+            f"{PREFIX}_requests", "Client requests answered", ["method", "scope", "status"]
         )
-        self._request_duration = Histogram(
+        self._request_duration = _Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Total time seen by the client",
-            ["scope"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "scope",
+            _LATENCY_BUCKETS,
         )
-        self._upstream_duration = Histogram(
+        self._upstream_duration = _Histogram(
             f"{PREFIX}_upstream_duration_seconds",
             "One attempt upstream, until the answer's head arrived",
-            ["scope"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "scope",
+            _LATENCY_BUCKETS,
         )
-        self._queue_wait = Histogram(
+        self._queue_wait = _Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "Wait for a rate-limit permit, per attempt",
-            ["scope"],
-            buckets=_WAIT_BUCKETS,
-            registry=r,
+            "scope",
+            _WAIT_BUCKETS,
         )
-        self._upstream_responses = Counter(
-            f"{PREFIX}_upstream_responses",
-            "Answers from the API, by status",
-            ["status"],
-            registry=r,
+        self._upstream_responses = _Counter(
+            f"{PREFIX}_upstream_responses", "Answers from the API, by status", ["status"]
         )
-        self._retries = Counter(
-            f"{PREFIX}_retries", "Requests sent again, by reason", ["reason"], registry=r
-        )
-        self._rejected = Counter(
+        self._retries = _Counter(f"{PREFIX}_retries", "Requests sent again, by reason", ["reason"])
+        self._rejected = _Counter(
             f"{PREFIX}_rejected",
             "Answers the proxy made itself, by X-Proxy-Error reason",
             ["reason"],
-            registry=r,
         )
-        self._auth = Counter(
-            f"{PREFIX}_auth_requests",
-            "Logins and revocations, by result",
-            ["result"],
-            registry=r,
+        self._auth = _Counter(
+            f"{PREFIX}_auth_requests", "Logins and revocations, by result", ["result"]
         )
-        self._build = Info(f"{PREFIX}_build", "Version and configuration", registry=r)
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self.registry.register(
+            _EventCollector(
+                [
+                    self._requests,
+                    self._request_duration,
+                    self._upstream_duration,
+                    self._queue_wait,
+                    self._upstream_responses,
+                    self._retries,
+                    self._rejected,
+                    self._auth,
+                ]
+            )
+        )
+        self._build = Info(f"{PREFIX}_build", "Version and configuration", registry=self.registry)
 
     def describe(self, scheme: str, backend: str) -> None:
         self._build.info({"version": __version__, "scheme": scheme, "backend": backend})
@@ -183,35 +244,28 @@ class Metrics:
     def watch(self, sources: StateSources) -> None:
         self.registry.register(_StateCollector(sources))
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     # -- the events ------------------------------------------------------------------
 
     def request(self, method: str, scope: str, status: int, seconds: float) -> None:
-        self._child(self._requests, method_label(method), scope, str(status)).inc()
-        self._child(self._request_duration, scope).observe(seconds)
+        self._requests.inc(method_label(method), scope, str(status))
+        self._request_duration.observe(scope, seconds)
 
     def upstream(self, scope: str, status: int | None, seconds: float) -> None:
-        self._child(self._upstream_duration, scope).observe(seconds)
+        self._upstream_duration.observe(scope, seconds)
         if status is not None:
-            self.upstream_response(status)
+            self._upstream_responses.inc(str(status))
 
     def upstream_response(self, status: int) -> None:
-        self._child(self._upstream_responses, str(status)).inc()
+        self._upstream_responses.inc(str(status))
 
     def queue_wait(self, scope: str, seconds: float) -> None:
-        self._child(self._queue_wait, scope).observe(seconds)
+        self._queue_wait.observe(scope, seconds)
 
     def retry(self, reason: str) -> None:
-        self._child(self._retries, reason).inc()
+        self._retries.inc(reason)
 
     def rejected(self, reason: str) -> None:
-        self._child(self._rejected, reason).inc()
+        self._rejected.inc(reason)
 
     def auth(self, result: str) -> None:
-        self._child(self._auth, result).inc()
+        self._auth.inc(result)
