@@ -139,6 +139,8 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._keep_alive = False
         self._eof_body = False
+        # The answer came before the whole request body was sent.
+        self._body_unsent = False
         self._error: ProxyError | None = None
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -180,14 +182,18 @@ class _Connection(asyncio.Protocol):
             self._wake()
         elif not self._complete:
             self._fail(UpstreamUnreachable(f"{self.pool.where} sent a broken response body"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._wake_writer()
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
+        # The server is taking the body: a slow upload is progress, not silence.
+        self._last_data = self.loop.time()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -229,6 +235,9 @@ class _Connection(asyncio.Protocol):
         if self._head_only:
             # The parser cannot be told a HEAD answer has no body: end here, never reuse.
             self._complete = True
+            self._stop_timer()
+        # An answer before the whole body was sent (say 413) ends the upload.
+        self._wake_writer()
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
@@ -268,8 +277,11 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         self._stop_timer()
+        self._wake_writer()
         if self.transport is not None:
-            self.transport.close()
+            # abort, not close: close would first flush what is still buffered, and a
+            # server that has stopped reading would keep this connection alive forever.
+            self.transport.abort()
 
     def _check_silence(self) -> None:
         """The read timeout: the longest silence while an answer is awaited."""
@@ -301,6 +313,7 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._keep_alive = False
         self._eof_body = False
+        self._body_unsent = False
         self._last_data = self.loop.time()
         self._timer = self.loop.call_later(self.pool.read_timeout, self._check_silence)
         try:
@@ -320,13 +333,22 @@ class _Connection(asyncio.Protocol):
         view = memoryview(body)
         transport = self.transport
         assert transport is not None
+        head = self._head
+        assert head is not None
         for start in range(0, len(view), _WRITE_CHUNK):
             if self.closed:
-                return  # connection_lost has failed the head future: its error is raised
+                return  # the head future holds the error, and the caller raises it
+            if head.done():
+                # Answered early: the rest is never sent, and the connection cannot be reused.
+                self._body_unsent = True
+                return
             transport.write(view[start : start + _WRITE_CHUNK])
             if self._paused:
                 self._drain = self.loop.create_future()
-                await self._drain
+                try:
+                    await self._drain
+                finally:
+                    self._drain = None
 
     async def next_chunk(self) -> bytes:
         while True:
@@ -352,7 +374,9 @@ class _Connection(asyncio.Protocol):
         self._stop_timer()
         self._head = None
         done = self._complete and not self._body and self._error is None
-        reusable = not self.closed and not self._head_only and self._keep_alive
+        reusable = (
+            not self.closed and not self._head_only and not self._body_unsent and self._keep_alive
+        )
         if done and reusable:
             self.pool.put_back(self)
         else:
