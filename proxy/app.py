@@ -18,9 +18,9 @@ from proxy.clock import ServerClock
 from proxy.config import AuthConfig, Config
 from proxy.forward import Forwarder
 from proxy.limits import Backend, MemoryBackend, RateLimiter
+from proxy.listener import Listener
 from proxy.metrics import Metrics, ScopeState, StateSources
 from proxy.schemes import AuthScheme, BearerScheme, LuxSciScheme
-from proxy.server import ProxyServer
 from proxy.session import LuxSciSession
 from proxy.upstream import Upstream
 
@@ -132,26 +132,12 @@ class ProxyService:
                 session_valid=lambda: self.session.valid() if self.session else True,
             )
         )
-        # handler_cancellation: a client that hangs up while queued leaves the queue at
-        # once instead of holding its place (and later a permit) for nobody.
         listen = cfg.listen
-        self._proxy_runner = web.ServerRunner(
-            ProxyServer(
-                self.forwarder,
-                handler_cancellation=True,
-                max_connections=listen.max_connections,
-                # Bodies are forwarded as sent: never decompressed on the way in.
-                auto_decompress=False,
-                # Bounds the wait for a request head (first or next) as well as idleness.
-                keepalive_timeout=listen.client_timeout,
-                max_line_size=listen.max_header_bytes,
-                max_field_size=listen.max_header_bytes,
-                # No aiohttp access line (raw path and query, unredacted): the forwarder
-                # writes one structured event per request. It belongs on the Server:
-                # a ServerRunner passes no handler options to a Server it is given.
-                access_log=None,
-            ),
-            shutdown_timeout=cfg.shutdown_timeout,
+        self.listener = Listener(
+            self.forwarder,
+            max_connections=listen.max_connections,
+            client_timeout=listen.client_timeout,
+            max_header_bytes=listen.max_header_bytes,
         )
         self._admin_runner = web.AppRunner(
             create_admin_app(self.readiness, self.metrics.registry),
@@ -231,10 +217,7 @@ class ProxyService:
         self.admin_port = _bound_port(self._admin_runner)
         # Listen before the first login: requests wait for it (single flight) instead
         # of being refused, and /readyz says 503 until it has succeeded.
-        await self._proxy_runner.setup()
-        site = web.TCPSite(self._proxy_runner, self.cfg.listen.host, self.cfg.listen.port)
-        await site.start()
-        self.port = _bound_port(self._proxy_runner)
+        self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port)
         if self.session is not None:
             await self.session.start()
         log.info(
@@ -293,12 +276,11 @@ class ProxyService:
         """Stop accepting; let in-flight and queued requests finish within shutdown_timeout,
         answer the rest 503; revoke the session; close everything."""
         log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
-        for site in list(self._proxy_runner.sites):
-            await site.stop()  # no new connections from here on
+        self.listener.stop_accepting()  # no new connections; idle ones closed
         cut_off = await self.forwarder.drain(self.cfg.shutdown_timeout)
         if cut_off:
             log.warning("shutdown_cut_off_requests", count=cut_off)
-        await self._proxy_runner.cleanup()
+        await self.listener.close()
         if self.session is not None:
             await self.session.revoke()
         await self._admin_runner.cleanup()

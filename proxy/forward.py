@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import re
 import time
 from dataclasses import dataclass
 
 import structlog
-from aiohttp import web
 
 from proxy import retry
 from proxy.access import AccessPolicy
@@ -36,6 +33,7 @@ from proxy.inbound import (
 )
 from proxy.limits import RateLimiter, scope_of
 from proxy.limits.gate import Gate
+from proxy.listener import Request, error_headers, request_id
 from proxy.log import access as access_log
 from proxy.log import body_text, mask_user
 from proxy.metrics import Metrics
@@ -47,25 +45,7 @@ log = structlog.get_logger("proxy.access")
 
 # Answers up to this size (with a known length) are read whole: one write, no chunk loop.
 SMALL_BODY = 64 * 1024
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 MAX_WAIT_HEADER = "X-Proxy-Max-Wait"
-# Request key: the answer to the client has begun (so it can no longer be replaced).
-_STARTED = web.RequestKey("proxy_response_started", bool)
-
-
-def request_id(given: str | None) -> str:
-    """The client's X-Request-ID when it is a sane token, else a new one."""
-    if given is not None and _REQUEST_ID.fullmatch(given):
-        return given
-    return os.urandom(16).hex()  # as unique as uuid4().hex, without building a UUID
-
-
-def error_response(error: ProxyError, rid: str) -> web.Response:
-    headers = error.headers()
-    headers["X-Request-ID"] = rid
-    return web.Response(
-        status=error.status, body=error.body(), headers=headers, content_type="application/json"
-    )
 
 
 def max_wait(header: str | None, configured: float) -> float:
@@ -153,22 +133,20 @@ class Forwarder:
             await asyncio.wait(pending, timeout=5)
         return len(pending)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._active.add(task)
         try:
-            return await self._handle(request, task)
+            await self._handle(request, task)
         finally:
             self._active.discard(task)
 
-    async def _handle(
-        self, request: web.BaseRequest, task: asyncio.Task[object]
-    ) -> web.StreamResponse:
+    async def _handle(self, request: Request, task: asyncio.Task[object]) -> None:
         started = time.monotonic()
-        rid = request_id(request.headers.get("X-Request-ID"))
+        headers = request.headers
+        rid = request_id(headers.get("X-Request-ID"))
         event: dict[str, object] = {"request_id": rid, "method": request.method}
-        response: web.StreamResponse | None = None
         # Until the target is read: the account budget is what non-user requests spend.
         label_scope = "account"
         try:
@@ -177,11 +155,11 @@ class Forwarder:
                 raise ShuttingDown("the proxy is shutting down; send the request again", 1)
             # Who and what first: a refused request costs no body read, permit or API call.
             self.policy.check_peer(request.remote)
-            self.policy.check_token(request.headers.get("Proxy-Authorization"))
+            self.policy.check_token(headers.get("Proxy-Authorization"))
             check_method(request.method)
             path, query = check_target(request.raw_path)
             self.policy.check_request(request.method, path, query)
-            wait = max_wait(request.headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
+            wait = max_wait(headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
             out = await read_request(request, path, query, self.max_body, self.client_timeout)
             scope = scope_of(out.path, self.scheme_name)
             label_scope = "auth" if out.path.startswith(AUTH_PATH) else scope
@@ -191,23 +169,25 @@ class Forwarder:
                 event["request_body"] = body_text(out.body)
             out.headers["X-Request-ID"] = rid
             exchange = await self._exchange(out, scope, started + wait, event)
-            event.update(upstream_status=exchange.resp.status)
+            event["upstream_status"] = exchange.resp.status
             try:
-                response = await self._respond(request, exchange, rid, event)
+                status, sent = await self._respond(request, exchange, rid, event)
             finally:
                 exchange.resp.release()
                 self.inflight.release()
         except ProxyError as e:
-            response = self._refuse(e, rid, event)
+            status, sent = self._refuse(request, e, rid, event)
         except asyncio.CancelledError:
-            if not self._cut_off or request.get(_STARTED):
-                # The client went away (aiohttp cancels the handler): nothing left to answer.
+            if not self._cut_off or request.started:
+                # The client went away (its connection cancels the handler): nothing left
+                # to answer.
                 event.update(error="client_disconnected", total_ms=_ms(started))
                 access_log(event)
                 raise
             # Shutdown's deadline passed before this request was served: say so.
             task.uncancel()
-            response = self._refuse(
+            status, sent = self._refuse(
+                request,
                 ShuttingDown(
                     "the proxy shut down before this request could be served; send it again", 1
                 ),
@@ -217,23 +197,27 @@ class Forwarder:
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
-            response = self._refuse(
-                ProxyError("internal proxy error; see the proxy log"), rid, event
+            status, sent = self._refuse(
+                request, ProxyError("internal proxy error; see the proxy log"), rid, event
             )
-        event["status"] = response.status
-        body = response.body if isinstance(response, web.Response) else None
-        event["bytes_out"] = len(body) if isinstance(body, bytes) else response.body_length
+        event["status"] = status
+        event["bytes_out"] = sent
         elapsed = time.monotonic() - started
         event["total_ms"] = round(elapsed * 1000, 2)
-        self.metrics.request(request.method, label_scope, response.status, elapsed)
+        self.metrics.request(request.method, label_scope, status, elapsed)
         access_log(event)
-        return response
 
-    def _refuse(self, error: ProxyError, rid: str, event: dict[str, object]) -> web.Response:
+    def _refuse(
+        self, request: Request, error: ProxyError, rid: str, event: dict[str, object]
+    ) -> tuple[int, int]:
         """An answer the proxy makes itself: counted, logged with the request, sent."""
         event.update(error=error.reason, error_message=error.message)
         self.metrics.rejected(error.reason)
-        return error_response(error, rid)
+        if request.started:
+            # Too late for an answer of our own: the client sees a cut-off one instead.
+            request.abort()
+            return error.status, 0
+        return error.status, request.respond(error.status, error_headers(error, rid), error.body())
 
     def _note_retry(
         self,
@@ -355,26 +339,23 @@ class Forwarder:
         return delay
 
     async def _respond(
-        self, request: web.BaseRequest, exchange: Exchange, rid: str, event: dict[str, object]
-    ) -> web.StreamResponse:
+        self, request: Request, exchange: Exchange, rid: str, event: dict[str, object]
+    ) -> tuple[int, int]:
+        """Hand the API's answer to the client; returns (status, body bytes sent)."""
         resp = exchange.resp
+        status = resp.status
         headers = downstream_headers(resp.headers)
-        headers["X-Request-ID"] = rid
+        headers.append(("X-Request-ID", rid))
         harvester = (
             self.scheme.harvester(exchange.used, resp.headers.get("Content-Encoding"))
-            if 200 <= resp.status < 300
+            if 200 <= status < 300
             else None
         )
         length = resp.content_length
-        if request.method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
+        if request.method == "HEAD" or status in (204, 304) or status < 200:
             # No body follows; the upstream's Content-Length still describes the resource.
-            if length is not None:
-                headers["Content-Length"] = str(length)
-            sr = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-            request[_STARTED] = True  # from here on, a cut-off cannot be answered 503
-            await sr.prepare(request)
-            await sr.write_eof()
-            return sr
+            request.respond_head(status, headers, length, reason=resp.reason)
+            return status, 0
 
         if length is not None and length <= SMALL_BODY:
             body = await resp.read()
@@ -383,13 +364,10 @@ class Forwarder:
                 self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
             if self.logging.log_bodies:
                 event["response_body"] = body_text(body)
-            return web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+            return status, request.respond(status, headers, body, reason=resp.reason)
 
-        sr = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        if length is not None:
-            sr.content_length = length
-        request[_STARTED] = True
-        await sr.prepare(request)
+        request.start(status, headers, length, reason=resp.reason)
+        sent = 0
         while True:
             try:
                 chunk = await resp.readany()
@@ -397,22 +375,22 @@ class Forwarder:
                 # The head is already sent: all we can do is cut the client off, so it
                 # sees a truncated answer rather than a complete-looking wrong one.
                 log.warning("upstream_failed_mid_body", request_id=rid, error=e.reason)
-                if request.transport is not None:
-                    request.transport.close()
-                return sr
+                request.abort()
+                return status, sent
             if not chunk:
                 break
             try:
-                await sr.write(chunk)
+                await request.write(chunk)
             except ConnectionResetError:
                 log.info("client_disconnected_mid_body", request_id=rid)
-                return sr
+                return status, sent
+            sent += len(chunk)
             if harvester is not None and not harvester.done:
                 harvester.feed(chunk)
-        await sr.write_eof()
+        request.end()
         if harvester is not None:
             self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
-        return sr
+        return status, sent
 
 
 def _ms(started: float) -> float:

@@ -6,15 +6,14 @@ part that touches the client connection.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import multipart, signing
-from proxy.errors import BadRequest, BodyTooLarge, ClientTimeout
+from proxy.errors import BadRequest
+from proxy.listener import Request
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones clients still send.
 HOP_BY_HOP = frozenset(
@@ -87,9 +86,9 @@ def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     )
 
 
-def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def downstream_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     drop = _DROP_DOWNSTREAM | _connection_tokens(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 
 # CONNECT would make the proxy a tunnel; TRACE would have the API echo the request,
@@ -156,47 +155,12 @@ def check_json(body: bytes) -> None:
         ) from None
 
 
-async def read_body(request: web.BaseRequest, max_bytes: int, time_limit: float) -> bytes:
-    if not request.body_exists:
-        return b""  # most GETs: nothing to wait for
-    declared = request.content_length
-    if declared is not None and declared > max_bytes:
-        raise BodyTooLarge(
-            f"request body of {declared} bytes is over the limit of {max_bytes} bytes "
-            "(listen.max_body_bytes)"
-        )
-    expect = request.headers.get("Expect", "")
-    if expect.lower() == "100-continue" and request.version >= (1, 1):
-        # Only now that the size is acceptable do we invite the body (as aiohttp's
-        # router would); the API itself must never see Expect.
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        # A total deadline: a client that dribbles its body cannot hold a worker.
-        async with asyncio.timeout(time_limit):
-            while chunk := await request.content.readany():
-                total += len(chunk)
-                if total > max_bytes:
-                    raise BodyTooLarge(
-                        f"request body is over the limit of {max_bytes} bytes "
-                        "(listen.max_body_bytes)"
-                    )
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ClientTimeout(
-            f"the request body did not arrive within {time_limit:g} s (listen.client_timeout)"
-        ) from None
-    return b"".join(chunks)
-
-
 async def read_request(
-    request: web.BaseRequest, path: str, query: str, max_body: int, time_limit: float
+    request: Request, path: str, query: str, max_body: int, time_limit: float
 ) -> Outbound:
     """The outbound request for an already checked target: headers, body, digest."""
     headers = upstream_headers(request.headers)
-    body = await read_body(request, max_body, time_limit)
+    body = await request.read_body(max_body, time_limit)
     body, digest = prepare_body(headers, body)
     cookies = strip_signature_cookie(request.headers.getall("Cookie", []))
     return Outbound(request.method, path, query, headers, body, digest, cookies)

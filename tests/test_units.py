@@ -64,7 +64,7 @@ def test_downstream_headers_keep_repeated_set_cookie_and_drop_framing() -> None:
             ("X-RateLimit-Remaining", "59"),
         ]
     )
-    out = downstream_headers(CIMultiDictProxy(given))
+    out = CIMultiDict(downstream_headers(CIMultiDictProxy(given)))
     assert out.getall("Set-Cookie") == ["a=1", "b=2"]
     assert "Content-Length" not in out and "Transfer-Encoding" not in out
     assert out["X-RateLimit-Remaining"] == "59"

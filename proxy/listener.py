@@ -1,0 +1,721 @@
+"""The proxy listener: HTTP/1.1 on asyncio protocols with httptools' C parser.
+
+Not aiohttp's server: its per-request objects (web.Request, web.Response, a
+CIMultiDict per direction, the writer's header serialisation) cost more than
+the proxy's own work on a small request (bench/ANALYSIS.md). This server does
+what the proxy needs and nothing more: one request at a time per connection
+(pipelined ones wait their turn, in order), bodies buffered with backpressure,
+answers written as bytes, and the limits a sidecar must keep:
+
+- the request line and each header at most `max_header_bytes` (431), all
+  headers together at most HEADER_BYTES_FACTOR times that;
+- at most `max_connections` open connections (more: 503 and closed);
+- `client_timeout` for a request head, first or next, and for a body;
+- a client that hangs up cancels its handler, so a queued request leaves the
+  rate-limit queue at once.
+
+Requests it cannot parse get the proxy's JSON error shape with a fixed message
+per kind of fault: the answer never echoes the client's bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientTimeout,
+    HeadersTooLarge,
+    ProxyError,
+    TooManyConnections,
+)
+
+log = structlog.get_logger("proxy.server")
+
+# All header lines together may be this many times listen.max_header_bytes.
+HEADER_BYTES_FACTOR = 8
+# Stop reading from a client while this much of its body waits for the handler.
+_BODY_BUFFER_HIGH = 1 << 20
+# After answering a request whose body has not all arrived, read (and drop) the rest
+# for up to this long before closing, so the client sees the answer, not a reset.
+LINGER_SECONDS = 2.0
+
+_BODY_CUT = BadRequest("the client closed the connection before its body was complete")
+
+Handler = Callable[["Request"], Awaitable[None]]
+Headers = Iterable[tuple[str, str]]
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class _HttpDate:
+    """The Date header for the proxy's own answers, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._text = formatdate(second, usegmt=True)
+        return self._text
+
+
+http_date = _HttpDate()
+
+
+def parse_error(exc: BaseException) -> ProxyError:
+    """The answer to a request the parser refused; never echoes what the client sent."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        return BadRequest("unknown or malformed HTTP method")
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return BadRequest("malformed request target")
+    text = str(exc).lower()
+    if "header" in text:
+        return BadRequest("malformed header")
+    if any(word in text for word in ("chunk", "content-length", "transfer-encoding")):
+        return BadRequest("malformed body framing (Content-Length / Transfer-Encoding)")
+    if "version" in text or "method" in text:
+        return BadRequest("malformed request line")
+    return BadRequest("malformed HTTP request")
+
+
+def answer_bytes(
+    status: int,
+    headers: Headers,
+    body: bytes = b"",
+    *,
+    reason: str | None = None,
+    close: bool = False,
+    length: int | None = None,
+    keep_alive_header: bool = False,
+) -> bytes:
+    """A whole answer. `length` < 0: no Content-Length (bodiless statuses)."""
+    lines = [f"HTTP/1.1 {status} {reason if reason is not None else _reason(status)}\r\n"]
+    lines += [f"{k}: {v}\r\n" for k, v in headers]
+    n = len(body) if length is None else length
+    if n >= 0:
+        lines.append(f"Content-Length: {n}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    elif keep_alive_header:
+        lines.append("Connection: keep-alive\r\n")
+    lines.append("\r\n")
+    # Undoes the surrogateescape decoding of the parsers: header bytes pass unchanged.
+    head = "".join(lines).encode("utf-8", "surrogateescape")
+    return head + body if body else head
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+# New request IDs: 16 random hex digits per process, then a counter (32 hex digits in
+# all, like uuid4().hex). Unique across processes and restarts without a system call
+# per request; an ID needs to be unique, not unguessable.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def request_id(given: str | None) -> str:
+    """The client's X-Request-ID when it is a sane token, else a new one."""
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def error_headers(error: ProxyError, rid: str) -> list[tuple[str, str]]:
+    """The head of an answer the proxy makes itself (the body is error.body())."""
+    return [
+        ("Content-Type", "application/json"),
+        ("Date", http_date()),
+        ("X-Request-ID", rid),
+        *error.headers().items(),
+    ]
+
+
+def error_answer(error: ProxyError, rid: str, close: bool = False) -> bytes:
+    return answer_bytes(error.status, error_headers(error, rid), error.body(), close=close)
+
+
+class Request:
+    """One client request: its head at once, its body on demand, its answer as bytes."""
+
+    __slots__ = (
+        "_chunked_out",
+        "_conn",
+        "_waiter",
+        "body_complete",
+        "body_error",
+        "buffered",
+        "chunks",
+        "continue_sent",
+        "finished",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "started",
+        "version",
+    )
+
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        raw_path: str,
+        version: tuple[int, int],
+        headers: CIMultiDictProxy[str],
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.remote = conn.remote
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.body_complete = False
+        # Why the body cannot be had, when it cannot (the parser refused it, the client left).
+        self.body_error: ProxyError | None = None
+        self.continue_sent = False
+        self._waiter: asyncio.Future[None] | None = None
+        # The answer's head has gone out (it can no longer be replaced) / all of it has.
+        self.started = False
+        self.finished = False
+        self._chunked_out = False
+
+    # -- the body ---------------------------------------------------------------------------
+
+    @property
+    def content_length(self) -> int | None:
+        text = self.headers.get("Content-Length")
+        return int(text) if text is not None and text.isdigit() else None
+
+    @property
+    def body_exists(self) -> bool:
+        return bool(self.chunks) or not self.body_complete
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_body(self, max_bytes: int, time_limit: float) -> bytes:
+        """The whole body, at most `max_bytes` (413), within `time_limit` seconds (408)."""
+        if not self.body_exists:
+            return b""  # most GETs: nothing to wait for
+        declared = self.content_length
+        if declared is not None and declared > max_bytes:
+            raise BodyTooLarge(
+                f"request body of {declared} bytes is over the limit of {max_bytes} bytes "
+                "(listen.max_body_bytes)"
+            )
+        conn = self._conn
+        if (
+            not self.continue_sent
+            and self.version >= (1, 1)
+            and self.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # Only now that the size is acceptable is the body invited; the API itself
+            # never sees Expect.
+            self.continue_sent = True
+            conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        parts: list[bytes] = []
+        total = 0
+        try:
+            # A total deadline: a client that dribbles its body cannot hold a worker.
+            async with asyncio.timeout(time_limit):
+                while True:
+                    while self.chunks:
+                        chunk = self.chunks.popleft()
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise BodyTooLarge(
+                                f"request body is over the limit of {max_bytes} bytes "
+                                "(listen.max_body_bytes)"
+                            )
+                        parts.append(chunk)
+                    self.buffered = 0
+                    conn.resume_reading()
+                    if self.body_complete:
+                        break
+                    if self.body_error is not None:
+                        raise self.body_error
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+        except TimeoutError:
+            raise ClientTimeout(
+                f"the request body did not arrive within {time_limit:g} s (listen.client_timeout)"
+            ) from None
+        return b"".join(parts)
+
+    # -- the answer -------------------------------------------------------------------------
+
+    def _close_after(self) -> bool:
+        """Whether the connection ends with this answer."""
+        conn = self._conn
+        if not self.keep_alive or conn.closing or conn.server.draining:
+            return True
+        # An unread body is dropped while lingering, and the connection closed after it.
+        return not self.body_complete or bool(self.chunks)
+
+    def respond(
+        self, status: int, headers: Headers, body: bytes, *, reason: str | None = None
+    ) -> int:
+        """The whole answer in one write; returns the body's length."""
+        close = self._close_after()
+        self.started = self.finished = True
+        self._conn.write(
+            answer_bytes(
+                status,
+                headers,
+                body,
+                reason=reason,
+                close=close,
+                keep_alive_header=not close and self.version < (1, 1),
+            )
+        )
+        self._conn.answered(self, close)
+        return len(body)
+
+    def respond_head(
+        self, status: int, headers: Headers, length: int | None, *, reason: str | None = None
+    ) -> None:
+        """An answer without a body (HEAD, 1xx, 204, 304); `length` describes the resource."""
+        close = self._close_after()
+        self.started = self.finished = True
+        self._conn.write(
+            answer_bytes(
+                status,
+                headers,
+                reason=reason,
+                close=close,
+                length=-1 if length is None else length,
+                keep_alive_header=not close and self.version < (1, 1),
+            )
+        )
+        self._conn.answered(self, close)
+
+    def start(
+        self, status: int, headers: Headers, length: int | None, *, reason: str | None = None
+    ) -> None:
+        """Begin a streamed answer; `length` None: chunked (HTTP/1.0: until close)."""
+        chunked = length is None and self.version >= (1, 1)
+        close = self._close_after() or (length is None and not chunked)
+        if chunked:
+            headers = [*headers, ("Transfer-Encoding", "chunked")]
+        self._chunked_out = chunked
+        self.keep_alive = not close
+        self.started = True
+        self._conn.write(
+            answer_bytes(
+                status,
+                headers,
+                reason=reason,
+                close=close,
+                length=-1 if length is None else length,
+                keep_alive_header=not close and self.version < (1, 1),
+            )
+        )
+
+    async def write(self, chunk: bytes) -> None:
+        """Part of a streamed answer; raises ConnectionResetError once the client is gone."""
+        conn = self._conn
+        if conn.closing:
+            raise ConnectionResetError("the client closed the connection")
+        if self._chunked_out:
+            conn.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        else:
+            conn.write(chunk)
+        await conn.drain()
+
+    def end(self) -> None:
+        if self._chunked_out:
+            self._conn.write(b"0\r\n\r\n")
+        self.finished = True
+        self._conn.answered(self, not self.keep_alive)
+
+    def abort(self) -> None:
+        """Cut the connection: a streamed answer cannot be finished (the client sees it short)."""
+        self.finished = True
+        self._conn.abort()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Listener) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.closing = False
+        # Requests parsed, in order; the first is the one being answered.
+        self.pipeline: collections.deque[Request] = collections.deque()
+        self.task: asyncio.Task[None] | None = None
+        self._parsing: Request | None = None
+        self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        # Between the start of a request and the end of its head, and the bytes seen so far.
+        self._in_head = True
+        self._head_received = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._lingering = False
+        self._broken = False  # the parser failed: no more requests from this connection
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            # Over the cap: an answer any client can read, then hang up.
+            log.warning("too_many_connections", limit=server.max_connections)
+            self.closing = True
+            self.transport.write(_TOO_MANY)
+            self.transport.close()
+            return
+        server.connections.add(self)
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        self._stop_timer()
+        for request in self.pipeline:
+            request.body_error = _BODY_CUT
+            request.wake()
+        if self.task is not None and not self.task.done():
+            # The client went away: its handler (perhaps waiting in the queue) stops.
+            self.task.cancel()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            self.parser.feed_data(data)
+            if self._in_head:
+                # The parser keeps a header until its end arrives: bound what it keeps.
+                self._head_received += len(data)
+                limit = self.server.max_header_bytes * (HEADER_BYTES_FACTOR + 1)
+                if self._head_received > limit:
+                    raise HeadersTooLarge(
+                        "a header or the headers are too long (listen.max_header_bytes)"
+                    )
+        except httptools.HttpParserUpgrade:
+            # No protocol switching here: the request is answered, then the connection ends.
+            self._broken = True
+            if self.pipeline:
+                self.pipeline[-1].keep_alive = False
+        except (httptools.HttpParserError, HeadersTooLarge) as e:
+            self._broken = True
+            cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
+            self._refuse_unparseable(parse_error(cause if cause is not None else e))
+
+    def eof_received(self) -> bool:
+        # A client that stops sending has gone (as aiohttp's server treats it, and as
+        # HTTP clients behave): closing cancels its handler and frees its queue slot.
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_received = 0
+        self._url = b""
+        self._raw_headers = []
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.server.max_header_bytes:
+            raise HeadersTooLarge("the request line is too long (listen.max_header_bytes)")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        self._header_bytes += size
+        limit = self.server.max_header_bytes
+        if size > limit or self._header_bytes > limit * HEADER_BYTES_FACTOR:
+            raise HeadersTooLarge("a header or the headers are too long (listen.max_header_bytes)")
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_timer()
+        parser = self.parser
+        headers = CIMultiDict(
+            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+            for n, v in self._raw_headers
+        )
+        version = parser.get_http_version()
+        request = Request(
+            self,
+            parser.get_method().decode("ascii", "replace"),
+            self._url.decode("utf-8", "surrogateescape"),
+            (1, 1) if version == "1.1" else (1, 0),
+            CIMultiDictProxy(headers),
+            parser.should_keep_alive(),
+        )
+        self._parsing = request
+        self.pipeline.append(request)
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is None or self._lingering:
+            return  # lingering: the answer is out; the rest is read only to be dropped
+        request.chunks.append(body)
+        request.buffered += len(body)
+        if request.buffered > _BODY_BUFFER_HIGH:
+            self.pause_reading()
+        request.wake()
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is None:
+            return
+        request.body_complete = True
+        request.wake()
+        if self._lingering:
+            self._close()
+
+    # -- serving ----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        handler = self.server.handler
+        try:
+            while self.pipeline and not self.closing:
+                request = self.pipeline[0]
+                try:
+                    await handler(request)
+                except Exception:
+                    log.exception("internal_error")
+                if not request.finished:
+                    if request.started:
+                        self.abort()
+                    else:
+                        error = ProxyError("internal proxy error; see the proxy log")
+                        request.respond(
+                            error.status, error_headers(error, request_id(None)), error.body()
+                        )
+                if self.pipeline and self.pipeline[0] is request:
+                    self.pipeline.popleft()
+        finally:
+            self.task = None
+        if not self.closing:
+            self._arm_timer()
+
+    def answered(self, request: Request, close: bool) -> None:
+        if not close:
+            return
+        self.closing = True
+        if request.body_complete or self.transport is None:
+            self._close()
+            return
+        # The body is still coming: read and drop it for a while, so that closing does
+        # not reset the connection before the client has read the answer.
+        self._lingering = True
+        self.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, self._close)
+
+    def _refuse_unparseable(self, error: ProxyError) -> None:
+        if error.status >= 500:
+            log.error("internal_error", error=error.message)
+        else:
+            log.info("bad_http_request", peer=self.remote, reason=error.reason, error=error.message)
+        if self.pipeline:
+            # Answer what came before it first; the connection ends after that.
+            for request in self.pipeline:
+                request.keep_alive = False
+            if self._parsing is not None:
+                self._parsing.body_error = error
+                self._parsing.wake()
+            return
+        self.write(error_answer(error, request_id(None), close=True))
+        self._close()
+
+    # -- transport helpers ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self.closing:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+        if self.closing and self.transport is not None and self.transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # The head timeout (listen.client_timeout) runs from the moment the connection is
+    # idle. One timer per connection, re-armed only when it fires, instead of a timer
+    # made and cancelled for every request: a request only moves `_idle_since`.
+
+    def _arm_timer(self) -> None:
+        self._idle_since = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.server.client_timeout, self._idle_timeout)
+
+    def _cancel_timer(self) -> None:
+        self._idle_since = None
+
+    def _stop_timer(self) -> None:
+        self._idle_since = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_timeout(self) -> None:
+        timeout = self.server.client_timeout
+        since = self._idle_since
+        if since is None:  # busy with a request: look again a whole timeout later
+            self._timer = self.loop.call_later(timeout, self._idle_timeout)
+            return
+        idle = self.loop.time() - since
+        if idle < timeout:
+            self._timer = self.loop.call_later(timeout - idle, self._idle_timeout)
+            return
+        self._timer = None
+        self._close()  # no head (first or next) within listen.client_timeout
+
+    def _close(self) -> None:
+        self.closing = True
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> bool:
+        if self.pipeline:
+            return False
+        self._close()
+        return True
+
+
+_TOO_MANY = error_answer(
+    TooManyConnections("too many connections to the proxy (listen.max_connections)", 1),
+    "-",
+    close=True,
+)
+
+
+class Listener:
+    """The proxy port: accepts connections and hands each request to `handler`."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_connections: int,
+        client_timeout: float,
+        max_header_bytes: int,
+    ) -> None:
+        self.handler = handler
+        self.max_connections = max_connections
+        self.client_timeout = client_timeout
+        self.max_header_bytes = max_header_bytes
+        self.connections: set[_Connection] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "Listener.start() was not called"
+        return self._loop
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port."""
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), host, port, backlog=4096, reuse_address=True
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return int(sockname[1])
+
+    def stop_accepting(self) -> None:
+        """No new connections; kept-alive ones are closed once their answer is out."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Close every connection, giving answers still being written `grace` seconds."""
+        self.stop_accepting()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            for conn in list(self.connections):
+                conn.close_if_idle()
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
