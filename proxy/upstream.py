@@ -43,6 +43,15 @@ class ConnectFailed(UpstreamUnreachable):
     """The connection was never made, so the request certainly did not reach the API."""
 
 
+class _DroppedIdle(UpstreamUnreachable):
+    """A kept-alive connection closed with not a byte of answer: most likely the server
+    dropped it as idle just as the request went out."""
+
+
+# Sent again at once on a new connection after _DroppedIdle (aiohttp's client did the same).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
 def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
     """System trust store plus `ca_file`; hostname checked; TLS 1.2 or newer."""
     ctx = ssl.create_default_context()
@@ -128,6 +137,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        # Exchanges completed on this connection, and when the current request went out.
+        self.served = 0
+        self._sent_at = 0.0
         # The request under way.
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._head_only = False
@@ -173,8 +185,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool.forget(self)
         if self._head is not None and not self._head.done():
+            message = f"{self.pool.where} closed the connection without answering"
+            silent = self._last_data == self._sent_at
             self._fail(
-                UpstreamUnreachable(f"{self.pool.where} closed the connection without answering")
+                _DroppedIdle(message) if self.served and silent else UpstreamUnreachable(message)
             )
         elif not self._complete and self._eof_body and self._error is None:
             # A body delimited by the end of the connection has just ended.
@@ -314,7 +328,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._eof_body = False
         self._body_unsent = False
-        self._last_data = self.loop.time()
+        self._last_data = self._sent_at = self.loop.time()
         self._timer = self.loop.call_later(self.pool.read_timeout, self._check_silence)
         try:
             if len(body) <= _WRITE_CHUNK:
@@ -433,6 +447,7 @@ class Upstream:
     # -- pool bookkeeping (called by connections) ------------------------------------------
 
     def put_back(self, conn: _Connection) -> None:
+        conn.served += 1
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
         self._wake_one()
@@ -460,13 +475,18 @@ class Upstream:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, fresh: bool = False) -> _Connection:
         while True:
-            while self._idle:
+            while self._idle and not fresh:
                 # Most recently used first: the warmest, least likely to have been dropped.
                 conn = self._idle.pop()
                 if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
                     return conn
+            if fresh and self._idle and len(self._open) >= self.cfg.pool_size:
+                oldest = self._idle.popleft()  # make room: the oldest idle one goes
+                oldest.close()
+                self.forget(oldest)
+                continue
             if len(self._open) < self.cfg.pool_size:
                 return await self._connect()
             waiter = self.loop.create_future()
@@ -516,9 +536,19 @@ class Upstream:
         target = f"{path}?{query}" if query else path
         length = len(body) if body or method in _BODY_METHODS else -1
         head = request_head(method, target, self.host_header, headers, length)
-        conn = await self._connection()
         try:
-            return await conn.exchange(head, body, method == "HEAD")
+            return await self._send(head, body, method == "HEAD")
+        except _DroppedIdle:
+            if method not in _IDEMPOTENT:
+                raise  # it may have been carried out: the retry policy decides
+        return await self._send(head, body, method == "HEAD", fresh=True)
+
+    async def _send(
+        self, head: bytes, body: bytes, head_only: bool, fresh: bool = False
+    ) -> UpstreamResponse:
+        conn = await self._connection(fresh)
+        try:
+            return await conn.exchange(head, body, head_only)
         except ProxyError:
             raise
         except (OSError, ssl.SSLError) as e:

@@ -432,6 +432,39 @@ async def test_idle_connection_closed_by_server_is_replaced(serve: Serve, connec
     assert server.connections == 2
 
 
+@pytest.mark.parametrize(("method", "sent_again"), [("GET", True), ("POST", False)])
+async def test_connection_dropped_as_the_next_request_arrives(
+    serve: Serve, connect: Connect, method: str, sent_again: bool
+) -> None:
+    """The keep-alive race: the server closes an idle connection just as a request goes
+    out on it. Idempotent requests go again at once on a new connection; others may have
+    been carried out, so the error reaches the retry policy."""
+
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        if server.connections == 1:
+            await server.read_request(reader)
+            w.write(response(b"first"))
+            await w.drain()
+            await server.read_request(reader)  # the second request: dropped unanswered
+            return
+        await server.read_request(reader)
+        w.write(response(b"again"))
+        await w.drain()
+        await server.until_closed_by_client(reader)
+
+    server = await serve(handle)
+    up = await connect(server.url)
+    assert (await fetch(up))[1] == b"first"
+    if sent_again:
+        resp, body = await fetch(up, method)
+        assert (resp.status, body) == (200, b"again")
+        assert server.connections == 2
+    else:
+        with pytest.raises(UpstreamUnreachable, match="without answering"):
+            await fetch(up, method)
+        assert server.connections == 1
+
+
 async def test_idle_connections_are_closed_after_idle_timeout(
     serve: Serve, connect: Connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
