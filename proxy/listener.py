@@ -4,7 +4,8 @@ Not aiohttp's server: its per-request objects (web.Request, web.Response, a
 CIMultiDict per direction, the writer's header serialisation) cost more than
 the proxy's own work on a small request (bench/ANALYSIS.md). This server does
 what the proxy needs and nothing more: one request at a time per connection
-(pipelined ones wait their turn, in order), bodies buffered with backpressure,
+(pipelined ones wait their turn, in order, at most PIPELINE_MAX of them, with
+no reading ahead while one waits), bodies buffered with backpressure,
 answers written as bytes, and the limits a sidecar must keep:
 
 - the request line and each header at most `max_header_bytes` (431), all
@@ -50,6 +51,8 @@ log = structlog.get_logger("proxy.server")
 HEADER_BYTES_FACTOR = 8
 # Stop reading from a client while this much of its body waits for the handler.
 _BODY_BUFFER_HIGH = 1 << 20
+# Requests parsed but not yet answered on one connection; more in one read: 400, closed.
+PIPELINE_MAX = 64
 # After answering a request whose body has not all arrived, read (and drop) the rest
 # for up to this long before closing, so the client sees the answer, not a reset.
 LINGER_SECONDS = 2.0
@@ -352,6 +355,8 @@ class Request:
         conn = self._conn
         if conn.closing:
             raise ConnectionResetError("the client closed the connection")
+        if not chunk:
+            return  # an empty chunk would end a chunked answer
         if self._chunked_out:
             conn.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
         else:
@@ -389,6 +394,7 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         # Between the start of a request and the end of its head, and the bytes seen so far.
         self._in_head = True
+        self._head_began = False
         self._head_received = 0
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
@@ -410,7 +416,7 @@ class _Connection(asyncio.Protocol):
             # Over the cap: an answer any client can read, then hang up.
             log.warning("too_many_connections", limit=server.max_connections)
             self.closing = True
-            self.transport.write(_TOO_MANY)
+            self.transport.write(error_answer(_TOO_MANY, "-", close=True))
             self.transport.close()
             return
         server.connections.add(self)
@@ -432,11 +438,17 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
+        self._head_began = False
         try:
             self.parser.feed_data(data)
             if self._in_head:
                 # The parser keeps a header until its end arrives: bound what it keeps.
-                self._head_received += len(data)
+                # A head that began in this read counts what the callbacks saw of it (the
+                # rest of the read may have been earlier requests); later reads count whole.
+                if self._head_began:
+                    self._head_received = len(self._url) + self._header_bytes
+                else:
+                    self._head_received += len(data)
                 limit = self.server.max_header_bytes * (HEADER_BYTES_FACTOR + 1)
                 if self._head_received > limit:
                     raise HeadersTooLarge(
@@ -469,6 +481,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_began = True
         self._head_received = 0
         self._url = b""
         self._raw_headers = []
@@ -504,8 +517,16 @@ class _Connection(asyncio.Protocol):
             CIMultiDictProxy(headers),
             parser.should_keep_alive(),
         )
+        if len(self.pipeline) >= PIPELINE_MAX:
+            # A flood that arrived in a single read: the ones queued are answered, then
+            # the connection ends.
+            raise BadRequest(f"more than {PIPELINE_MAX} pipelined requests at once")
         self._parsing = request
         self.pipeline.append(request)
+        if len(self.pipeline) > 1:
+            # Requests are answered one at a time: read no further ahead until this
+            # one's turn.
+            self.pause_reading()
         if self.task is None:
             self.task = self.loop.create_task(self._serve())
 
@@ -550,6 +571,7 @@ class _Connection(asyncio.Protocol):
                         )
                 if self.pipeline and self.pipeline[0] is request:
                     self.pipeline.popleft()
+                    self.resume_reading()
         finally:
             self.task = None
         if not self.closing:
@@ -573,7 +595,7 @@ class _Connection(asyncio.Protocol):
             log.error("internal_error", error=error.message)
         else:
             log.info("bad_http_request", peer=self.remote, reason=error.reason, error=error.message)
-        if self.pipeline:
+        if any(not request.finished for request in self.pipeline):
             # Answer what came before it first; the connection ends after that.
             for request in self.pipeline:
                 request.keep_alive = False
@@ -606,6 +628,11 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        if len(self.pipeline) > 1:
+            return  # a request is waiting its turn: no reading ahead yet
+        parsing = self._parsing
+        if parsing is not None and parsing.buffered > _BODY_BUFFER_HIGH:
+            return  # its body waits for the handler to take it
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -660,11 +687,7 @@ class _Connection(asyncio.Protocol):
         return True
 
 
-_TOO_MANY = error_answer(
-    TooManyConnections("too many connections to the proxy (listen.max_connections)", 1),
-    "-",
-    close=True,
-)
+_TOO_MANY = TooManyConnections("too many connections to the proxy (listen.max_connections)", 1)
 
 
 class Listener:
