@@ -156,6 +156,8 @@ class _Connection(asyncio.Protocol):
         self._error: ProxyError | None = None
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # An answer (head or body) is awaited: silence counts against the read timeout.
+        self._expecting = False
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._reading_paused = False
@@ -249,7 +251,7 @@ class _Connection(asyncio.Protocol):
         if self._head_only:
             # The parser cannot be told a HEAD answer has no body: end here, never reuse.
             self._complete = True
-            self._stop_timer()
+            self._expecting = False
         # An answer before the whole body was sent (say 413) ends the upload.
         self._wake_writer()
         head = self._head
@@ -270,7 +272,7 @@ class _Connection(asyncio.Protocol):
         self._complete = True
         # Asked now: the parser forgets the answer's framing once the message is over.
         self._keep_alive = self.parser.should_keep_alive()
-        self._stop_timer()
+        self._expecting = False
         self._wake()
 
     # -- the exchange -----------------------------------------------------------------------
@@ -297,8 +299,19 @@ class _Connection(asyncio.Protocol):
             # server that has stopped reading would keep this connection alive forever.
             self.transport.abort()
 
+    # The read timeout. One timer per connection, re-armed only when it fires, rather
+    # than one made and cancelled per request: an exchange only sets `_expecting`.
+
+    def _arm_timer(self) -> None:
+        self._expecting = True
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.pool.read_timeout, self._check_silence)
+
     def _check_silence(self) -> None:
-        """The read timeout: the longest silence while an answer is awaited."""
+        """The longest silence while an answer is awaited."""
+        if not self._expecting:
+            self._timer = None  # nothing awaited: the next exchange arms it again
+            return
         timeout = self.pool.read_timeout
         if self._reading_paused:
             # Silence of our own making: the caller has not taken what is buffered yet.
@@ -311,6 +324,7 @@ class _Connection(asyncio.Protocol):
             self._timer = self.loop.call_later(timeout - idle, self._check_silence)
 
     def _stop_timer(self) -> None:
+        self._expecting = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -329,7 +343,7 @@ class _Connection(asyncio.Protocol):
         self._eof_body = False
         self._body_unsent = False
         self._last_data = self._sent_at = self.loop.time()
-        self._timer = self.loop.call_later(self.pool.read_timeout, self._check_silence)
+        self._arm_timer()
         try:
             if len(body) <= _WRITE_CHUNK:
                 transport.write(head + body if body else head)
@@ -385,7 +399,7 @@ class _Connection(asyncio.Protocol):
 
     def finish(self) -> None:
         """The caller is done with the response: back to the pool, or closed."""
-        self._stop_timer()
+        self._expecting = False
         self._head = None
         done = self._complete and not self._body and self._error is None
         reusable = (
