@@ -57,12 +57,19 @@ class Outbound:
         return "; ".join(parts) if parts else None
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """Fields named in `Connection` are hop-by-hop too (RFC 9110 7.6.1)."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+# The Connection values nearly every message carries: they name no other field.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
+
+
+def _drop_set(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], always: frozenset[str]
+) -> frozenset[str]:
+    """`always`, plus the fields named in `Connection` (hop-by-hop too, RFC 9110 7.6.1)."""
+    values = headers.getall("Connection", ())
+    if not values or (len(values) == 1 and values[0].strip().lower() in _PLAIN_CONNECTION):
+        return always  # the usual case: no set built per message
+    tokens = {t.strip().lower() for value in values for t in value.split(",") if t.strip()}
+    return always | tokens
 
 
 def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
@@ -78,16 +85,18 @@ def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
 
 def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones, credentials, and X-Proxy-* (ours)."""
-    drop = _DROP_UPSTREAM | _connection_tokens(headers)
+    drop = _drop_set(headers, _DROP_UPSTREAM)
     return CIMultiDict(
-        (k, v)
-        for k, v in headers.items()
-        if k.lower() not in drop and not k.lower().startswith("x-proxy-")
+        [
+            (k, v)
+            for k, v in headers.items()
+            if (low := k.lower()) not in drop and not low.startswith("x-proxy-")
+        ]
     )
 
 
 def downstream_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    drop = _DROP_DOWNSTREAM | _connection_tokens(headers)
+    drop = _drop_set(headers, _DROP_DOWNSTREAM)
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 

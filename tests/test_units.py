@@ -147,8 +147,7 @@ def rendered_log() -> Iterator[io.StringIO]:
         "debug", "json", ["the-secret-key", "pw-123456", 'q"uote\\d'], stream=stream
     )
     yield stream
-    structlog.reset_defaults()
-    logging.getLogger().handlers.clear()
+    proxy_log.reset()
 
 
 def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
@@ -261,3 +260,14 @@ def test_no_permit_is_granted_within_the_clock_uncertainty_of_a_window_end() -> 
     assert windows.wait_to_grant(59.6) == pytest.approx(0.4)  # inside the 0.5 s guard
     assert windows.wait_to_grant(58.9, uncertainty=1.2) == pytest.approx(1.1)
     assert windows.wait_to_grant(60.0) == 0.0  # the next window is open
+
+
+def test_the_access_fields_that_skip_the_key_check_are_not_secret_names(
+    rendered_log: io.StringIO,
+) -> None:
+    assert not [f for f in proxy_log._ACCESS_FIELDS if proxy_log.REDACTOR.sensitive(f)]
+    # An access event with any other key still gets the key check.
+    proxy_log.access({"request_id": "r", "password": "hunter2", "status": 200})
+    proxy_log.flush()
+    line = json.loads(rendered_log.getvalue())
+    assert line["password"] == "[REDACTED]" and line["event"] == "request"
