@@ -278,6 +278,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "aiohttp": _dist("aiohttp"),
         "uvloop": _dist("uvloop"),
+        "httptools": _dist("httptools"),
         "nginx": _cmd([nginx_binary(), "-v"]).replace("nginx version: ", ""),
         "wrk": " ".join(_cmd(["wrk", "-v"]).split()[:2]),
         "redis-server": _cmd(["redis-server", "--version"]),
