@@ -28,7 +28,7 @@ from proxy.inbound import (
     Outbound,
     check_method,
     check_target,
-    downstream_headers,
+    downstream_block,
     read_request,
 )
 from proxy.limits import RateLimiter, scope_of
@@ -344,8 +344,8 @@ class Forwarder:
         """Hand the API's answer to the client; returns (status, body bytes sent)."""
         resp = exchange.resp
         status = resp.status
-        headers = downstream_headers(resp.headers)
-        headers.append(("X-Request-ID", rid))
+        headers = downstream_block(resp.raw_headers, resp.headers)
+        headers += b"X-Request-ID: " + rid.encode() + b"\r\n"
         harvester = (
             self.scheme.harvester(exchange.used, resp.headers.get("Content-Encoding"))
             if 200 <= status < 300

@@ -95,9 +95,18 @@ def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     )
 
 
-def downstream_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+_DROP_DOWNSTREAM_BYTES = frozenset(name.encode() for name in _DROP_DOWNSTREAM)
+
+
+def downstream_block(raw: list[tuple[bytes, bytes]], headers: CIMultiDictProxy[str]) -> bytes:
+    """The answer's end-to-end header lines, as received (`headers`: the same, decoded)."""
     drop = _drop_set(headers, _DROP_DOWNSTREAM)
-    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    drop_bytes = (
+        _DROP_DOWNSTREAM_BYTES
+        if drop is _DROP_DOWNSTREAM
+        else frozenset(name.encode("utf-8", "surrogateescape") for name in drop)
+    )
+    return b"".join([n + b": " + v + b"\r\n" for n, v in raw if n.lower() not in drop_bytes])
 
 
 # CONNECT would make the proxy a tunnel; TRACE would have the API echo the request,

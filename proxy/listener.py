@@ -60,7 +60,8 @@ LINGER_SECONDS = 2.0
 _BODY_CUT = BadRequest("the client closed the connection before its body was complete")
 
 Handler = Callable[["Request"], Awaitable[None]]
-Headers = Iterable[tuple[str, str]]
+# Header fields as pairs, or as ready header lines (each ending in CRLF).
+Headers = Iterable[tuple[str, str]] | bytes
 
 
 def _reason(status: int) -> str:
@@ -117,18 +118,21 @@ def answer_bytes(
     keep_alive_header: bool = False,
 ) -> bytes:
     """A whole answer. `length` < 0: no Content-Length (bodiless statuses)."""
-    lines = [f"HTTP/1.1 {status} {reason if reason is not None else _reason(status)}\r\n"]
-    lines += [f"{k}: {v}\r\n" for k, v in headers]
+    text = reason if reason is not None else _reason(status)
+    # Latin-1 both ways for the reason phrase, and surrogateescape for header fields, as
+    # the parsers decoded them: what the API sent passes on byte for byte.
+    status_line = f"HTTP/1.1 {status} {text}\r\n".encode("latin-1", "replace")
+    if isinstance(headers, bytes):
+        block = headers
+    else:
+        block = "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("utf-8", "surrogateescape")
     n = len(body) if length is None else length
-    if n >= 0:
-        lines.append(f"Content-Length: {n}\r\n")
+    tail = f"Content-Length: {n}\r\n" if n >= 0 else ""
     if close:
-        lines.append("Connection: close\r\n")
+        tail += "Connection: close\r\n"
     elif keep_alive_header:
-        lines.append("Connection: keep-alive\r\n")
-    lines.append("\r\n")
-    # Undoes the surrogateescape decoding of the parsers: header bytes pass unchanged.
-    head = "".join(lines).encode("utf-8", "surrogateescape")
+        tail += "Connection: keep-alive\r\n"
+    head = status_line + block + tail.encode() + b"\r\n"
     return head + body if body else head
 
 
@@ -335,7 +339,11 @@ class Request:
         chunked = length is None and self.version >= (1, 1)
         close = self._close_after() or (length is None and not chunked)
         if chunked:
-            headers = [*headers, ("Transfer-Encoding", "chunked")]
+            headers = (
+                headers + b"Transfer-Encoding: chunked\r\n"
+                if isinstance(headers, bytes)
+                else [*headers, ("Transfer-Encoding", "chunked")]
+            )
         self._chunked_out = chunked
         self.keep_alive = not close
         self.started = True

@@ -81,7 +81,7 @@ class UpstreamResponse:
     the body was read to its end, and closes it otherwise.
     """
 
-    __slots__ = ("_conn", "content_length", "headers", "reason", "status")
+    __slots__ = ("_conn", "content_length", "headers", "raw_headers", "reason", "status")
 
     def __init__(
         self,
@@ -90,12 +90,15 @@ class UpstreamResponse:
         reason: str,
         headers: CIMultiDictProxy[str],
         content_length: int | None,
+        raw_headers: list[tuple[bytes, bytes]],
     ) -> None:
         self._conn: _Connection | None = conn
         self.status = status
         self.reason = reason
         self.headers = headers
         self.content_length = content_length
+        # As received: for passing headers on without decoding and encoding them again.
+        self.raw_headers = raw_headers
 
     async def readany(self) -> bytes:
         """The next piece of the body; b"" at its end."""
@@ -247,6 +250,7 @@ class _Connection(asyncio.Protocol):
             self._reason.decode("latin-1"),
             CIMultiDictProxy(headers),
             length,
+            self._raw_headers,
         )
         if self._head_only:
             # The parser cannot be told a HEAD answer has no body: end here, never reuse.

@@ -17,7 +17,7 @@ from proxy.config import AuthConfig, Secret, UpstreamConfig
 from proxy.errors import BadRequest
 from proxy.inbound import (
     check_target,
-    downstream_headers,
+    downstream_block,
     prepare_body,
     strip_signature_cookie,
     upstream_headers,
@@ -53,21 +53,34 @@ def test_upstream_headers_drop_hop_by_hop_connection_named_and_credentials() -> 
     ]
 
 
-def test_downstream_headers_keep_repeated_set_cookie_and_drop_framing() -> None:
-    given = CIMultiDict(
-        [
-            ("Set-Cookie", "a=1"),
-            ("Set-Cookie", "b=2"),
-            ("Content-Length", "10"),
-            ("Transfer-Encoding", "chunked"),
-            ("Connection", "keep-alive"),
-            ("X-RateLimit-Remaining", "59"),
-        ]
+@pytest.mark.parametrize(
+    ("connection", "also_dropped"),
+    [("keep-alive", []), ("close, X-Hop", ["X-Hop"])],
+)
+def test_downstream_block_keeps_repeated_set_cookie_and_drops_framing(
+    connection: str, also_dropped: list[str]
+) -> None:
+    raw = [
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Content-Length", b"10"),
+        (b"transfer-encoding", b"chunked"),
+        (b"Connection", connection.encode()),
+        (b"X-Hop", b"1"),
+        (b"X-RateLimit-Remaining", b"59"),
+        (b"X-Raw", b"caf\xc3\xa9 \xff"),
+    ]
+    decoded = CIMultiDictProxy(
+        CIMultiDict(
+            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+            for n, v in raw
+        )
     )
-    out = CIMultiDict(downstream_headers(CIMultiDictProxy(given)))
-    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
-    assert "Content-Length" not in out and "Transfer-Encoding" not in out
-    assert out["X-RateLimit-Remaining"] == "59"
+    block = downstream_block(raw, decoded)
+    kept = [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")]
+    kept += [] if also_dropped else [(b"X-Hop", b"1")]
+    kept += [(b"X-RateLimit-Remaining", b"59"), (b"X-Raw", b"caf\xc3\xa9 \xff")]
+    assert block == b"".join(n + b": " + v + b"\r\n" for n, v in kept)
 
 
 @pytest.mark.parametrize(
