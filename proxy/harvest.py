@@ -79,6 +79,25 @@ _MAX_CODE = 16 * 1024
 _MAX_INFLATE = 256 * 1024
 
 
+_DECODER = json.JSONDecoder()
+_JSON_SPACE = " \t\n\r"
+
+
+def _json_document(body: bytes) -> object:
+    """json.loads(body) for a UTF-8 body, None where that would raise; about twice as
+    fast on small answers (no encoding detection, no regex for the surrounding space)."""
+    try:
+        # A BOM is skipped as json.loads skips it ("utf-8-sig" would, but in Python code).
+        text = body.decode("utf-8")
+        text = (text[1:] if text.startswith("\ufeff") else text).lstrip(_JSON_SPACE)
+        doc, end = _DECODER.raw_decode(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if text[end:].strip(_JSON_SPACE):
+        return None  # more after the document: not JSON, as json.loads would say
+    return doc
+
+
 class CodeHarvester:
     """Feed response body chunks; result() is the top-level `auth` string once seen."""
 
@@ -120,10 +139,7 @@ class CodeHarvester:
     def feed_whole(self, body: bytes) -> None:
         """The complete body at once (a small answer): one C-speed parse instead of the scan."""
         if self._inflater is None and not self._done:
-            try:
-                doc = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                doc = None
+            doc = _json_document(body)
             if isinstance(doc, dict):
                 code = doc.get("auth")
                 self._result = code if isinstance(code, str) else None

@@ -396,6 +396,8 @@ class _Connection(asyncio.Protocol):
         # Requests parsed, in order; the first is the one being answered.
         self.pipeline: collections.deque[Request] = collections.deque()
         self.task: asyncio.Task[None] | None = None
+        # What the task awaits between requests.
+        self._next: asyncio.Future[None] | None = None
         self._parsing: Request | None = None
         self._url = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
@@ -535,7 +537,10 @@ class _Connection(asyncio.Protocol):
             # Requests are answered one at a time: read no further ahead until this
             # one's turn.
             self.pause_reading()
-        if self.task is None:
+        if self._next is not None:
+            if not self._next.done():
+                self._next.set_result(None)
+        elif self.task is None:
             self.task = self.loop.create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
@@ -561,9 +566,19 @@ class _Connection(asyncio.Protocol):
     # -- serving ----------------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        """The connection's one task: answers its requests in order, then waits for more
+        (one task per connection, not one per request)."""
         handler = self.server.handler
         try:
-            while self.pipeline and not self.closing:
+            while not self.closing:
+                if not self.pipeline:
+                    self._arm_timer()
+                    self._next = self.loop.create_future()
+                    try:
+                        await self._next  # the next head, or cancelled when the client goes
+                    finally:
+                        self._next = None
+                    continue
                 request = self.pipeline[0]
                 try:
                     await handler(request)
@@ -582,8 +597,6 @@ class _Connection(asyncio.Protocol):
                     self.resume_reading()
         finally:
             self.task = None
-        if not self.closing:
-            self._arm_timer()
 
     def answered(self, request: Request, close: bool) -> None:
         if not close:

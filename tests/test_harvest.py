@@ -9,8 +9,10 @@ import zlib
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.harvest import CodeHarvester
+from proxy.harvest import CodeHarvester, _json_document
 
 
 def harvest(chunks: Iterable[bytes], encoding: str | None = None) -> str | None:
@@ -311,3 +313,28 @@ def test_agrees_with_json_loads_on_random_documents() -> None:
         assert harvest(chunks) == expected, body
         # A truncated body never yields a wrong code.
         assert one(body[: rnd.randint(0, len(body))]) in (None, expected)
+
+
+_JSON_TEXT = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=10,
+).map(json.dumps)
+
+
+@given(
+    st.one_of(
+        _JSON_TEXT.map(str.encode),
+        st.tuples(
+            st.sampled_from(["", " ", "\ufeff", "\n\t"]), _JSON_TEXT, st.text(max_size=3)
+        ).map(lambda t: "".join(t).encode("utf-8", "surrogatepass")),
+        st.binary(max_size=40),
+    )
+)
+def test_the_small_answer_parse_agrees_with_json_loads(body: bytes) -> None:
+    """The fast whole-body parse accepts and rejects exactly what json.loads does."""
+    try:
+        expected = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        expected = None
+    assert _json_document(body) == expected
