@@ -14,6 +14,11 @@ from pathlib import Path
 import aiohttp
 from conftest import USER, MakeProxy, MakeSandbox
 
+from proxy.clock import ServerClock
+from proxy.config import LimitsConfig, QueueConfig
+from proxy.errors import QueueTimeout
+from proxy.limits import MemoryBackend, RateLimiter
+
 WINDOW = 2
 USER_PATH = f"/perl/api/v2/user/{USER}/profile"
 ACCOUNT_PATH = "/perl/api/v2/account/42/things"
@@ -129,10 +134,11 @@ async def test_user_and_account_budgets_are_independent(
 async def test_a_rate_limit_403_is_absorbed_by_waiting_for_the_reset(
     make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
 ) -> None:
-    # Someone else spends this integration's budget too: the proxy thinks it has 10 per
+    # Someone else spends this integration's budget too: the proxy thinks it has 9 per
     # window, the API allows 4. Its 403s (remaining 0) are not the client's problem.
+    # (Under 10, nothing is sent ahead at a window's end: the burst goes out together.)
     sandbox = await make_sandbox(window_seconds=WINDOW, user_per_window=4)
-    proxy = await make_proxy(sandbox.url, limits=limits(user_per_minute=10))
+    proxy = await make_proxy(sandbox.url, limits=limits(user_per_minute=9))
     results = await asyncio.gather(*(fetch(http, proxy.url + USER_PATH) for _ in range(12)))
     assert [status for status, _, _ in results] == [200] * 12
     assert sandbox.sandbox.stats.rate_limited > 0  # the API did refuse some attempts...
@@ -187,3 +193,44 @@ async def test_the_in_flight_cap_holds_whatever_the_rate(
     results = await asyncio.gather(*(fetch(http, proxy.url + ACCOUNT_PATH) for _ in range(8)))
     assert [status for status, _, _ in results] == [200] * 8
     assert sandbox.sandbox.stats.max_inflight <= 2
+
+
+# -- a window's end, on a clock the test moves ----------------------------------------------
+
+
+def _limiter_at(now: list[float], per_minute: int) -> RateLimiter:
+    clock = ServerClock(wall=lambda: now[0])
+    clock.known, clock.uncertainty = True, 0.0  # as after a few Date headers
+    return RateLimiter(
+        LimitsConfig(user_per_minute=per_minute, state_file=""),
+        QueueConfig(),
+        MemoryBackend(),
+        clock,
+    )
+
+
+async def _granted_at_once(limiter: RateLimiter) -> bool:
+    try:
+        return await limiter.acquire("user", time.monotonic() + 0.05) == 0.0
+    except QueueTimeout:
+        return False
+
+
+async def test_at_a_window_end_permits_go_at_once_and_are_reserved_in_the_next_window() -> None:
+    now = [600.0 - 0.2]  # inside the last half second of window 9
+    limiter = _limiter_at(now, per_minute=100)
+    # A tenth of the next window may be reserved: 10 go at once, the 11th must wait.
+    assert [await _granted_at_once(limiter) for _ in range(11)] == [True] * 10 + [False]
+    assert limiter.buckets["user"].carried == {10: 10}
+    now[0] = 601.0  # window 10: its budget less what was reserved from it
+    await asyncio.sleep(0.3)  # the pump wakes from its nap and drops the waiter that left
+    assert [await _granted_at_once(limiter) for _ in range(91)] == [True] * 90 + [False]
+
+
+async def test_small_budgets_wait_out_a_window_end() -> None:
+    now = [600.0 - 0.2]
+    limiter = _limiter_at(now, per_minute=9)
+    assert not await _granted_at_once(limiter)
+    now[0] = 600.5
+    await asyncio.sleep(0.3)
+    assert await _granted_at_once(limiter)

@@ -34,6 +34,9 @@ from proxy.limits.windows import Windows
 log = structlog.get_logger("proxy.limits")
 
 USER_PREFIX = "/perl/api/v2/user/"
+# In the guard at a window's end, up to 1/CARRY_SHARE of the next window's budget may be
+# reserved for requests sent at once (see _wait_to_grant).
+CARRY_SHARE = 10
 SCOPES = ("user", "account")
 
 
@@ -66,12 +69,26 @@ class _Bucket:
     pump: asyncio.Task[None] | None = None
     # Set to cut the pump's nap short (a reload changed the budget).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Permits granted in the guard at a window's end, reserved in the window after it
+    # (window index -> count): the API may count such a request in either window.
+    carried: dict[int, int] = field(default_factory=dict)
 
     @property
     def effective_limit(self) -> int:
         if self.server_limit is None:
             return self.limit
         return min(self.limit, self.server_limit)
+
+    def carry_room(self, window: int) -> bool:
+        # At most a tenth of a window may be reserved from the one before: a burst that
+        # arrives at a window's end must not take the next one's whole budget (budgets
+        # under ten never carry, and wait for the next window as a whole).
+        return self.carried.get(window, 0) < self.effective_limit // CARRY_SHARE
+
+    def carry(self, window: int) -> None:
+        for old in [w for w in self.carried if w < window - 1]:
+            del self.carried[old]
+        self.carried[window] = self.carried.get(window, 0) + 1
 
 
 class RateLimiter:
@@ -148,19 +165,36 @@ class RateLimiter:
 
     async def _try(self, bucket: _Bucket) -> Verdict:
         now = self.clock.now()
-        return await self.backend.acquire(
+        window = self.windows.index(now)
+        in_guard = self.windows.wait_to_grant(now, self.clock.uncertainty) > 0
+        verdict = await self.backend.acquire(
             bucket.scope,
-            self.windows.index(now),
-            bucket.effective_limit,
+            window,
+            # What the guard at the previous window's end granted may count in this one.
+            max(0, bucket.effective_limit - bucket.carried.get(window, 0)),
             self.windows.day(now),
             self.cfg.per_day,
         )
+        if verdict is Verdict.GRANTED and in_guard:
+            bucket.carry(window + 1)
+        return verdict
 
     def _wait_to_grant(self, bucket: _Bucket) -> float:
+        """0 when a permit may be tried now, else seconds until one may.
+
+        In the guard at a window's end the API may count a request in this window or
+        the next, so a permit there is counted in this one and reserved in the next
+        (_try): no wait while the next window has reserve left (a tenth of it). Waiting
+        out the guard instead stalled every request for up to half a second at each
+        window's end, however much budget was left.
+        """
         now = self.clock.now()
         if now < bucket.held_until:
             return bucket.held_until - now
-        return self.windows.wait_to_grant(now, self.clock.uncertainty)
+        wait = self.windows.wait_to_grant(now, self.clock.uncertainty)
+        if wait > 0 and bucket.carry_room(self.windows.index(now) + 1):
+            return 0.0
+        return wait
 
     def _ensure_pump(self, bucket: _Bucket) -> None:
         if bucket.pump is None or bucket.pump.done():

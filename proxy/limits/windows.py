@@ -1,11 +1,10 @@
 """Fixed rate windows on the server's clock: pure arithmetic, no I/O, no clock of its own.
 
-The API counts requests in fixed windows (its minutes) and days. A permit is
-only worth having if the request lands in the window it was counted in, so no
-permits are granted in the last `guard` seconds of a window: our estimate of
-the server's clock is never ahead of it (see clock.py) but may trail it a
-little, and the request still has to travel. Nothing is lost by the guard
-under load: a window's permits are all granted at its start.
+The API counts requests in fixed windows (its minutes) and days. Our estimate
+of the server's clock is never ahead of it (see clock.py) but may trail it a
+little, and a request still has to travel, so one sent in the last `guard`
+seconds of a window may be counted in that window or the next: `wait_to_grant`
+says when that is the case, and the limiter then counts the permit in both.
 """
 
 from __future__ import annotations
