@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 from conftest import USER, MakeProxy, MakeSandbox
 
 from proxy.clock import ServerClock
@@ -198,13 +199,19 @@ async def test_the_in_flight_cap_holds_whatever_the_rate(
 # -- a window's end, on a clock the test moves ----------------------------------------------
 
 
-def _limiter_at(now: list[float], per_minute: int) -> RateLimiter:
+class _SharedBackend(MemoryBackend):
+    """Counts like the Redis backend's: other processes would not see a reservation."""
+
+    name = "redis"
+
+
+def _limiter_at(now: list[float], per_minute: int, shared: bool = False) -> RateLimiter:
     clock = ServerClock(wall=lambda: now[0])
     clock.known, clock.uncertainty = True, 0.0  # as after a few Date headers
     return RateLimiter(
         LimitsConfig(user_per_minute=per_minute, state_file=""),
         QueueConfig(),
-        MemoryBackend(),
+        _SharedBackend() if shared else MemoryBackend(),
         clock,
     )
 
@@ -227,9 +234,10 @@ async def test_at_a_window_end_permits_go_at_once_and_are_reserved_in_the_next_w
     assert [await _granted_at_once(limiter) for _ in range(91)] == [True] * 90 + [False]
 
 
-async def test_small_budgets_wait_out_a_window_end() -> None:
+@pytest.mark.parametrize(("per_minute", "shared"), [(9, False), (100, True)])
+async def test_small_or_shared_budgets_wait_out_a_window_end(per_minute: int, shared: bool) -> None:
     now = [600.0 - 0.2]
-    limiter = _limiter_at(now, per_minute=9)
+    limiter = _limiter_at(now, per_minute, shared)
     assert not await _granted_at_once(limiter)
     now[0] = 600.5
     await asyncio.sleep(0.3)
