@@ -295,12 +295,15 @@ class Request:
         # An unread body is dropped while lingering, and the connection closed after it.
         return not self.body_complete or bool(self.chunks)
 
-    def respond(
-        self, status: int, headers: Headers, body: bytes, *, reason: str | None = None
-    ) -> int:
-        """The whole answer in one write; returns the body's length."""
-        close = self._close_after()
-        self.started = self.finished = True
+    def _write_head(
+        self,
+        status: int,
+        headers: Headers,
+        body: bytes,
+        reason: str | None,
+        length: int | None,
+        close: bool,
+    ) -> None:
         self._conn.write(
             answer_bytes(
                 status,
@@ -308,9 +311,18 @@ class Request:
                 body,
                 reason=reason,
                 close=close,
+                length=length,
                 keep_alive_header=not close and self.version < (1, 1),
             )
         )
+
+    def respond(
+        self, status: int, headers: Headers, body: bytes, *, reason: str | None = None
+    ) -> int:
+        """The whole answer in one write; returns the body's length."""
+        close = self._close_after()
+        self.started = self.finished = True
+        self._write_head(status, headers, body, reason, None, close)
         self._conn.answered(self, close)
         return len(body)
 
@@ -320,16 +332,7 @@ class Request:
         """An answer without a body (HEAD, 1xx, 204, 304); `length` describes the resource."""
         close = self._close_after()
         self.started = self.finished = True
-        self._conn.write(
-            answer_bytes(
-                status,
-                headers,
-                reason=reason,
-                close=close,
-                length=-1 if length is None else length,
-                keep_alive_header=not close and self.version < (1, 1),
-            )
-        )
+        self._write_head(status, headers, b"", reason, -1 if length is None else length, close)
         self._conn.answered(self, close)
 
     def start(
@@ -347,16 +350,7 @@ class Request:
         self._chunked_out = chunked
         self.keep_alive = not close
         self.started = True
-        self._conn.write(
-            answer_bytes(
-                status,
-                headers,
-                reason=reason,
-                close=close,
-                length=-1 if length is None else length,
-                keep_alive_header=not close and self.version < (1, 1),
-            )
-        )
+        self._write_head(status, headers, b"", reason, -1 if length is None else length, close)
 
     async def write(self, chunk: bytes) -> None:
         """Part of a streamed answer; raises ConnectionResetError once the client is gone."""

@@ -233,3 +233,12 @@ def parse_raw(answer: bytes) -> tuple[int, dict[str, str], dict]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
+    """Wait for the event loop to make `condition` true (a close noticed, a callback run)."""
+    for _ in range(int(within / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import eventually
 from multidict import CIMultiDict
 
 from proxy import listener as listener_module
@@ -236,15 +237,6 @@ class Echo:
             "body": body.decode("latin-1"),
         }
         request.respond(200, [("Content-Type", "application/json")], json.dumps(seen).encode())
-
-
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Wait for the event loop to make `condition` true (a close noticed, a callback run)."""
-    for _ in range(int(within / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    assert condition()
 
 
 def get(path: str = "/", *extra: str, version: str = "1.1") -> bytes:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from conftest import eventually
 
 from proxy import upstream as upstream_module
 from proxy.config import UpstreamConfig
@@ -218,15 +219,6 @@ async def fetch(
     """One whole exchange: request, read the body, release."""
     async with await up.request(method, path, query, headers or {}, body) as resp:
         return resp, await resp.read()
-
-
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
-    """Wait for the event loop to make `condition` true (a close noticed, a callback run)."""
-    for _ in range(int(within / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    assert condition()
 
 
 def free_port() -> int:
