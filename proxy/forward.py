@@ -21,6 +21,7 @@ import structlog
 
 from proxy import retry
 from proxy.access import AccessPolicy
+from proxy.access_record import AccessRecord
 from proxy.clock import ServerClock
 from proxy.config import Config, LoggingConfig, QueueConfig, RetryConfig
 from proxy.errors import BadRequest, ProxyError, ShuttingDown
@@ -146,7 +147,7 @@ class Forwarder:
         started = time.monotonic()
         headers = request.headers
         rid = request_id(headers.get("X-Request-ID"))
-        event: dict[str, object] = {"request_id": rid, "method": request.method}
+        event = AccessRecord(rid, request.method)
         # Until the target is read: the account budget is what non-user requests spend.
         label_scope = "account"
         try:
@@ -163,13 +164,14 @@ class Forwarder:
             out = await read_request(request, path, query, self.max_body, self.client_timeout)
             scope = scope_of(out.path, self.scheme_name)
             label_scope = "auth" if out.path.startswith(AUTH_PATH) else scope
-            logged_path = mask_user(out.path) if self.logging.redact_paths else out.path
-            event.update(path=logged_path, scope=label_scope, bytes_in=len(out.body))
+            event.path = mask_user(out.path) if self.logging.redact_paths else out.path
+            event.scope = label_scope
+            event.bytes_in = len(out.body)
             if self.logging.log_bodies:
-                event["request_body"] = body_text(out.body)
+                event.request_body = body_text(out.body)
             out.headers["X-Request-ID"] = rid
             exchange = await self._exchange(out, scope, started + wait, event)
-            event["upstream_status"] = exchange.resp.status
+            event.upstream_status = exchange.resp.status
             try:
                 status, sent = await self._respond(request, exchange, rid, event)
             finally:
@@ -181,7 +183,8 @@ class Forwarder:
             if not self._cut_off or request.started:
                 # The client went away (its connection cancels the handler): nothing left
                 # to answer.
-                event.update(error="client_disconnected", total_ms=_ms(started))
+                event.error = "client_disconnected"
+                event.total_time = time.monotonic() - started
                 access_log(event)
                 raise
             # Shutdown's deadline passed before this request was served: say so.
@@ -200,18 +203,18 @@ class Forwarder:
             status, sent = self._refuse(
                 request, ProxyError("internal proxy error; see the proxy log"), rid, event
             )
-        event["status"] = status
-        event["bytes_out"] = sent
-        elapsed = time.monotonic() - started
-        event["total_ms"] = round(elapsed * 1000, 2)
+        event.status = status
+        event.bytes_out = sent
+        elapsed = event.total_time = time.monotonic() - started
         self.metrics.request(request.method, label_scope, status, elapsed)
         access_log(event)
 
     def _refuse(
-        self, request: Request, error: ProxyError, rid: str, event: dict[str, object]
+        self, request: Request, error: ProxyError, rid: str, event: AccessRecord
     ) -> tuple[int, int]:
         """An answer the proxy makes itself: counted, logged with the request, sent."""
-        event.update(error=error.reason, error_message=error.message)
+        event.error = error.reason
+        event.error_message = error.message
         self.metrics.rejected(error.reason)
         if request.started:
             # Too late for an answer of our own: the client sees a cut-off one instead.
@@ -221,7 +224,7 @@ class Forwarder:
 
     def _note_retry(
         self,
-        event: dict[str, object],
+        event: AccessRecord,
         decision: retry.Decision,
         attempt: int,
         delay: float,
@@ -230,7 +233,7 @@ class Forwarder:
         self.metrics.retry(decision.reason)
         log.info(
             "retry",
-            request_id=event["request_id"],
+            request_id=event.request_id,
             reason=decision.reason,
             status=status,
             attempt=attempt,
@@ -238,7 +241,7 @@ class Forwarder:
         )
 
     async def _exchange(
-        self, out: Outbound, scope: str, deadline: float, event: dict[str, object]
+        self, out: Outbound, scope: str, deadline: float, event: AccessRecord
     ) -> Exchange:
         """Attempt until an answer is final; returns holding an in-flight slot (caller frees it)."""
         cfg = self.retries
@@ -253,7 +256,8 @@ class Forwarder:
             queue_wait += waited
             front = True
             attempts += 1
-            event.update(attempts=attempts, queue_wait_ms=round(queue_wait * 1000, 2))
+            event.attempts = attempts
+            event.queue_wait = queue_wait
             used = await self.scheme.apply(out)
             await self.inflight.acquire()
             sent_at = time.monotonic()
@@ -275,7 +279,7 @@ class Forwarder:
                 self.inflight.release()
                 raise
             upstream_s = time.monotonic() - sent_at
-            event["upstream_ms"] = round(upstream_s * 1000, 2)
+            event.upstream_time = upstream_s
             self.metrics.upstream(scope, resp.status, upstream_s)
             self.clock.observe(resp.headers.get("Date"))
             await self.limiter.observe(scope, resp.headers)
@@ -293,7 +297,7 @@ class Forwarder:
                 if reauthenticated or not self.scheme.refreshes_on_401:
                     return Exchange(resp, used, sent_at, attempts, queue_wait)
                 reauthenticated = True
-                log.info("auth_retry_after_401", request_id=event["request_id"])
+                log.info("auth_retry_after_401", request_id=event.request_id)
                 self.scheme.invalidate(used)
                 delay = 0.0
             elif decision.action is retry.Action.RATE_WAIT:
@@ -339,7 +343,7 @@ class Forwarder:
         return delay
 
     async def _respond(
-        self, request: Request, exchange: Exchange, rid: str, event: dict[str, object]
+        self, request: Request, exchange: Exchange, rid: str, event: AccessRecord
     ) -> tuple[int, int]:
         """Hand the API's answer to the client; returns (status, body bytes sent)."""
         resp = exchange.resp
@@ -363,7 +367,7 @@ class Forwarder:
                 harvester.feed_whole(body)
                 self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
             if self.logging.log_bodies:
-                event["response_body"] = body_text(body)
+                event.response_body = body_text(body)
             return status, request.respond(status, headers, body, reason=resp.reason)
 
         request.start(status, headers, length, reason=resp.reason)
@@ -391,7 +395,3 @@ class Forwarder:
         if harvester is not None:
             self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
         return status, sent
-
-
-def _ms(started: float) -> float:
-    return round((time.monotonic() - started) * 1000, 2)

@@ -9,9 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import log as proxy_log
+from proxy.access_record import AccessRecord
 from proxy.clock import ServerClock, parse_http_date
 from proxy.config import AuthConfig, Secret, UpstreamConfig
 from proxy.errors import BadRequest
@@ -275,12 +278,51 @@ def test_no_permit_is_granted_within_the_clock_uncertainty_of_a_window_end() -> 
     assert windows.wait_to_grant(60.0) == 0.0  # the next window is open
 
 
-def test_the_access_fields_that_skip_the_key_check_are_not_secret_names(
+def test_the_access_line_masks_secrets_and_codes_in_what_the_client_sent(
     rendered_log: io.StringIO,
 ) -> None:
-    assert not [f for f in proxy_log._ACCESS_FIELDS if proxy_log.REDACTOR.sensitive(f)]
-    # An access event with any other key still gets the key check.
-    proxy_log.access({"request_id": "r", "password": "hunter2", "status": 200})
+    code = "7-1700000000-" + "ab" * 16
+    record = AccessRecord(
+        "r", "GET", path=f"/perl/api/v2/x/the-secret-key/{code}", error_message='q"uote\\d'
+    )
+    proxy_log.access(record)
     proxy_log.flush()
-    line = json.loads(rendered_log.getvalue())
-    assert line["password"] == "[REDACTED]" and line["event"] == "request"
+    text = rendered_log.getvalue()
+    line = json.loads(text)
+    assert "the-secret-key" not in text and code not in text and "uote" not in text
+    assert line["path"] == "/perl/api/v2/x/[REDACTED]/[REDACTED]"
+    assert line["event"] == "request" and line["level"] == "info"
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
+_COUNT = st.integers(min_value=0, max_value=10**12)
+_SECONDS = st.floats(min_value=0, max_value=1e6, allow_nan=False)
+
+
+@given(
+    st.builds(
+        AccessRecord,
+        _TEXT,
+        _TEXT,
+        **{
+            name: st.none() | strategy
+            for names, strategy in (
+                (("path", "scope", "request_body", "response_body", "error"), _TEXT),
+                (("error_message",), _TEXT),
+                (("bytes_in", "attempts", "upstream_status", "status", "bytes_out"), _COUNT),
+                (("queue_wait", "upstream_time", "total_time"), _SECONDS),
+            )
+            for name in names
+        },
+    )
+)
+def test_the_access_line_is_the_json_of_its_fields(record: AccessRecord) -> None:
+    line = record.json("2026-11-23T00:00:00.000000Z")
+    assert line.isascii()  # as json.dumps writes it: escapes, never raw bytes
+    parsed = json.loads(line)
+    assert parsed.pop("timestamp") == "2026-11-23T00:00:00.000000Z"
+    assert (parsed.pop("event"), parsed.pop("level")) == ("request", "info")
+    expected = record.fields()
+    # Milliseconds: two decimals, as written (fields() rounds the same way).
+    assert parsed == pytest.approx(expected, abs=0.0051)
+    assert list(parsed) == list(expected)
