@@ -135,7 +135,7 @@ class Forwarder:
         return len(pending)
 
     async def __call__(self, request: Request) -> None:
-        task = asyncio.current_task()
+        task = request.task
         assert task is not None
         self._active.add(task)
         try:

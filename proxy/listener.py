@@ -44,6 +44,7 @@ from proxy.errors import (
     ProxyError,
     TooManyConnections,
 )
+from proxy.wire import decode_headers
 
 log = structlog.get_logger("proxy.server")
 
@@ -223,6 +224,11 @@ class Request:
     def content_length(self) -> int | None:
         text = self.headers.get("Content-Length")
         return int(text) if text is not None and text.isdigit() else None
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The task serving this request (its connection's), for whoever must cancel it."""
+        return self._conn.task
 
     @property
     def body_exists(self) -> bool:
@@ -508,10 +514,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = False
         self._cancel_timer()
         parser = self.parser
-        headers = CIMultiDict(
-            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in self._raw_headers
-        )
+        headers = CIMultiDict(decode_headers(self._raw_headers))
         version = parser.get_http_version()
         request = Request(
             self,

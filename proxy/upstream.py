@@ -27,6 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import UpstreamConfig
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.wire import decode_headers
 
 # Request bodies go out in pieces this size, each after the socket buffer has drained.
 _WRITE_CHUNK = 256 * 1024
@@ -231,11 +232,7 @@ class _Connection(asyncio.Protocol):
             self._raw_headers = []
             self._reason = b""
             return
-        # Decoded as aiohttp's parsers decode headers, so they pass through unchanged.
-        headers = CIMultiDict(
-            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in self._raw_headers
-        )
+        headers = CIMultiDict(decode_headers(self._raw_headers))
         length_text = headers.get("Content-Length")
         length = int(length_text) if length_text is not None and length_text.isdigit() else None
         self._eof_body = (

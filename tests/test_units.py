@@ -28,6 +28,7 @@ from proxy.inbound import (
 from proxy.limits import Windows
 from proxy.session import AuthCode, LuxSciSession
 from proxy.upstream import Upstream
+from proxy.wire import decode_headers
 
 CODE = "965823916111409-1426025141-b3486705691ba0bd15e31292166e3494034c748cb3fdfed0b9d456c647012763"
 
@@ -326,3 +327,14 @@ def test_the_access_line_is_the_json_of_its_fields(record: AccessRecord) -> None
     # Milliseconds: two decimals, as written (fields() rounds the same way).
     assert parsed == pytest.approx(expected, abs=0.0051)
     assert list(parsed) == list(expected)
+
+
+def test_header_bytes_that_are_not_utf8_survive_decoding_and_encoding() -> None:
+    raw = [(b"X-Plain", b"ascii"), (b"X-Latin", b"caf\xe9"), (b"X-Utf8", "ü".encode())]
+    decoded = decode_headers(raw)
+    assert decoded[0] == ("X-Plain", "ascii") and decoded[2] == ("X-Utf8", "ü")
+    back = [
+        (n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+        for n, v in decoded
+    ]
+    assert back == raw
