@@ -25,6 +25,7 @@ from proxy.access_record import AccessRecord
 from proxy.clock import ServerClock
 from proxy.config import Config, LoggingConfig, QueueConfig, RetryConfig
 from proxy.errors import BadRequest, ProxyError, ShuttingDown
+from proxy.harvest import CodeHarvester, code_in_body
 from proxy.inbound import (
     Outbound,
     check_method,
@@ -169,7 +170,7 @@ class Forwarder:
             event.bytes_in = len(out.body)
             if self.logging.log_bodies:
                 event.request_body = body_text(out.body)
-            out.headers["X-Request-ID"] = rid
+            out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
             exchange = await self._exchange(out, scope, started + wait, event)
             event.upstream_status = exchange.resp.status
             try:
@@ -263,7 +264,7 @@ class Forwarder:
             sent_at = time.monotonic()
             try:
                 resp = await self.upstream.request(
-                    out.method, out.path, out.query, out.headers, out.body
+                    out.method, out.path, out.query, out.lines + out.credentials, out.body
                 )
             except ProxyError as e:
                 self.inflight.release()
@@ -350,11 +351,7 @@ class Forwarder:
         status = resp.status
         headers = downstream_block(resp.raw_headers, resp.headers)
         headers += b"X-Request-ID: " + rid.encode() + b"\r\n"
-        harvester = (
-            self.scheme.harvester(exchange.used, resp.headers.get("Content-Encoding"))
-            if 200 <= status < 300
-            else None
-        )
+        harvest = self.scheme.harvests and 200 <= status < 300
         length = resp.content_length
         if request.method == "HEAD" or status in (204, 304) or status < 200:
             # No body follows; the upstream's Content-Length still describes the resource.
@@ -363,13 +360,14 @@ class Forwarder:
 
         if length is not None and length <= SMALL_BODY:
             body = await resp.read()
-            if harvester is not None:
-                harvester.feed_whole(body)
-                self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
+            if harvest:
+                code = code_in_body(body, resp.headers.get("Content-Encoding"))
+                self.scheme.harvested(exchange.used, exchange.sent_at, code)
             if self.logging.log_bodies:
                 event.response_body = body_text(body)
             return status, request.respond(status, headers, body, reason=resp.reason)
 
+        harvester = CodeHarvester(resp.headers.get("Content-Encoding")) if harvest else None
         request.start(status, headers, length, reason=resp.reason)
         sent = 0
         while True:
@@ -393,5 +391,5 @@ class Forwarder:
                 harvester.feed(chunk)
         request.end()
         if harvester is not None:
-            self.scheme.harvested(exchange.used, exchange.sent_at, harvester)
+            self.scheme.harvested(exchange.used, exchange.sent_at, harvester.result())
         return status, sent

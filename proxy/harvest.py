@@ -98,6 +98,21 @@ def _json_document(body: bytes) -> object:
     return doc
 
 
+def code_in_body(body: bytes, content_encoding: str | None) -> str | None:
+    """The top-level `auth` string of a complete body (a small answer), or None.
+
+    Plain JSON takes one C-speed parse; anything else (compressed, or not quite
+    JSON) the same scan as a streamed body."""
+    if content_encoding is None:
+        doc = _json_document(body)
+        if isinstance(doc, dict):
+            code = doc.get("auth")
+            return code if isinstance(code, str) else None
+    harvester = CodeHarvester(content_encoding)
+    harvester.feed(body)
+    return harvester.result()
+
+
 class CodeHarvester:
     """Feed response body chunks; result() is the top-level `auth` string once seen."""
 
@@ -135,17 +150,6 @@ class CodeHarvester:
 
     def result(self) -> str | None:
         return self._result
-
-    def feed_whole(self, body: bytes) -> None:
-        """The complete body at once (a small answer): one C-speed parse instead of the scan."""
-        if self._inflater is None and not self._done:
-            doc = _json_document(body)
-            if isinstance(doc, dict):
-                code = doc.get("auth")
-                self._result = code if isinstance(code, str) else None
-                self._done = True
-                return
-        self.feed(body)
 
     def feed(self, chunk: bytes) -> None:
         if self._done or not chunk:

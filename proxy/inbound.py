@@ -14,6 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import multipart, signing
 from proxy.errors import BadRequest
 from proxy.listener import Request
+from proxy.upstream import header_line
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones clients still send.
 HOP_BY_HOP = frozenset(
@@ -31,8 +32,16 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Never upstream: Host and Content-Length are the client library's to set;
-# Expect makes the API answer 417; credentials are the proxy's to add.
-_DROP_UPSTREAM = HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "cookie"}
+# Expect makes the API answer 417; credentials are the proxy's to add; X-Request-ID
+# is added by the proxy (the client's, when it is a sane token).
+_DROP_UPSTREAM = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "authorization",
+    "cookie",
+    "x-request-id",
+}
 # From responses the framing is re-done for the client connection.
 _DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length"}
 
@@ -46,11 +55,14 @@ class Outbound:
     method: str
     path: str
     query: str
-    headers: CIMultiDict[str]
+    # The client's end-to-end header lines, as received (filtered), then ours.
+    lines: bytes
     body: bytes
     body_digest: str
     # The client's own cookies, minus any `signature` one; the scheme adds its own.
     cookies: str | None = None
+    # The scheme's header lines (Cookie, Authorization): replaced on every attempt.
+    credentials: bytes = b""
 
     def cookie_header(self, extra: str | None = None) -> str | None:
         parts = [c for c in (self.cookies, extra) if c]
@@ -83,30 +95,49 @@ def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
     return "; ".join(kept) if kept else None
 
 
-def upstream_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, credentials, and X-Proxy-* (ours)."""
-    drop = _drop_set(headers, _DROP_UPSTREAM)
-    return CIMultiDict(
+_DROP_UPSTREAM_BYTES = frozenset(name.encode() for name in _DROP_UPSTREAM)
+_DROP_DOWNSTREAM_BYTES = frozenset(name.encode() for name in _DROP_DOWNSTREAM)
+_RETYPED = _DROP_UPSTREAM | {"content-type"}
+_RETYPED_BYTES = frozenset(name.encode() for name in _RETYPED)
+
+
+def _drop_bytes(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    always: frozenset[str],
+    always_bytes: frozenset[bytes],
+) -> frozenset[bytes]:
+    drop = _drop_set(headers, always)
+    if drop is always:
+        return always_bytes  # the usual case: nothing encoded per message
+    return frozenset(name.encode("utf-8", "surrogateescape") for name in drop)
+
+
+def upstream_block(
+    raw: list[tuple[bytes, bytes]],
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    retyped: bool = False,
+) -> bytes:
+    """The client's header lines minus hop-by-hop ones, credentials, and X-Proxy-* (ours),
+    as received (`headers`: the same, decoded). `retyped`: the proxy sets the
+    Content-Type, so the client's is left out."""
+    drop = (
+        _drop_bytes(headers, _RETYPED, _RETYPED_BYTES)
+        if retyped
+        else _drop_bytes(headers, _DROP_UPSTREAM, _DROP_UPSTREAM_BYTES)
+    )
+    return b"".join(
         [
-            (k, v)
-            for k, v in headers.items()
-            if (low := k.lower()) not in drop and not low.startswith("x-proxy-")
+            n + b": " + v + b"\r\n"
+            for n, v in raw
+            if (low := n.lower()) not in drop and not low.startswith(b"x-proxy-")
         ]
     )
 
 
-_DROP_DOWNSTREAM_BYTES = frozenset(name.encode() for name in _DROP_DOWNSTREAM)
-
-
 def downstream_block(raw: list[tuple[bytes, bytes]], headers: CIMultiDictProxy[str]) -> bytes:
     """The answer's end-to-end header lines, as received (`headers`: the same, decoded)."""
-    drop = _drop_set(headers, _DROP_DOWNSTREAM)
-    drop_bytes = (
-        _DROP_DOWNSTREAM_BYTES
-        if drop is _DROP_DOWNSTREAM
-        else frozenset(name.encode("utf-8", "surrogateescape") for name in drop)
-    )
-    return b"".join([n + b": " + v + b"\r\n" for n, v in raw if n.lower() not in drop_bytes])
+    drop = _drop_bytes(headers, _DROP_DOWNSTREAM, _DROP_DOWNSTREAM_BYTES)
+    return b"".join([n + b": " + v + b"\r\n" for n, v in raw if n.lower() not in drop])
 
 
 # CONNECT would make the proxy a tunnel; TRACE would have the API echo the request,
@@ -140,23 +171,23 @@ def _looks_like_json(body: bytes) -> bool:
     return True
 
 
-def prepare_body(headers: CIMultiDict[str], body: bytes) -> tuple[bytes, str]:
-    """Returns (body to send, body digest to sign); may fix the Content-Type in `headers`."""
+def prepare_body(content_type: str, body: bytes) -> tuple[bytes, str, str | None]:
+    """(body to send, body digest to sign, the Content-Type to send instead of the
+    client's or None to keep it)."""
     if not body:
-        return body, ""
-    content_type = headers.get("Content-Type", "")
+        return body, "", None
     boundary = multipart.boundary_of(content_type) if content_type else None
     if boundary is not None:
         upload = multipart.prepare_upload(body, boundary)
-        return upload.body, upload.body_digest
+        return upload.body, upload.body_digest, None
     # The API takes only JSON bodies; a legacy client (or `curl -d`) that sends
     # JSON without a type, or labelled as a form, gets the type the API needs.
     media = content_type.split(";", 1)[0].strip().lower()
     if media in ("", _FORM) and _looks_like_json(body):
-        headers["Content-Type"] = "application/json"
-    elif media == "application/json" or media.endswith("+json"):
+        return body, signing.body_hash(body), "application/json"
+    if media == "application/json" or media.endswith("+json"):
         check_json(body)
-    return body, signing.body_hash(body)
+    return body, signing.body_hash(body), None
 
 
 def check_json(body: bytes) -> None:
@@ -177,8 +208,11 @@ async def read_request(
     request: Request, path: str, query: str, max_body: int, time_limit: float
 ) -> Outbound:
     """The outbound request for an already checked target: headers, body, digest."""
-    headers = upstream_headers(request.headers)
+    headers = request.headers
     body = await request.read_body(max_body, time_limit)
-    body, digest = prepare_body(headers, body)
-    cookies = strip_signature_cookie(request.headers.getall("Cookie", []))
-    return Outbound(request.method, path, query, headers, body, digest, cookies)
+    body, digest, content_type = prepare_body(headers.get("Content-Type", ""), body)
+    lines = upstream_block(request.raw_headers, headers, retyped=content_type is not None)
+    if content_type is not None:
+        lines += header_line("Content-Type", content_type)
+    cookies = strip_signature_cookie(headers.getall("Cookie", [])) if "Cookie" in headers else None
+    return Outbound(request.method, path, query, lines, body, digest, cookies)

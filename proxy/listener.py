@@ -184,6 +184,7 @@ class Request:
         "headers",
         "keep_alive",
         "method",
+        "raw_headers",
         "raw_path",
         "remote",
         "started",
@@ -198,12 +199,15 @@ class Request:
         version: tuple[int, int],
         headers: CIMultiDictProxy[str],
         keep_alive: bool,
+        raw_headers: list[tuple[bytes, bytes]],
     ) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = raw_path
         self.version = version
         self.headers = headers
+        # As received: for passing headers on without encoding them again.
+        self.raw_headers = raw_headers
         self.keep_alive = keep_alive
         self.remote = conn.remote
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -523,6 +527,7 @@ class _Connection(asyncio.Protocol):
             (1, 1) if version == "1.1" else (1, 0),
             CIMultiDictProxy(headers),
             parser.should_keep_alive(),
+            self._raw_headers,
         )
         if len(self.pipeline) >= PIPELINE_MAX:
             # A flood that arrived in a single read: the ones queued are answered, then

@@ -40,9 +40,10 @@ from proxy.config import AuthConfig
 from proxy.errors import ProxyError, UpstreamAuthFailed
 from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, header_line, header_lines
 
 AUTH_PATH = "/perl/api/v2/auth"
+_LOGIN_LINES = header_lines({"Content-Type": "application/json", "Accept": "application/json"})
 
 log = structlog.get_logger("proxy.session")
 
@@ -269,7 +270,7 @@ class LuxSciSession:
             "POST",
             AUTH_PATH,
             "",
-            {"Content-Type": "application/json", "Accept": "application/json"},
+            _LOGIN_LINES,
             json.dumps(payload).encode(),
         )
         self._metrics.upstream_response(resp.status)
@@ -349,7 +350,7 @@ class LuxSciSession:
         try:
             resp = await asyncio.wait_for(
                 self._upstream.request(
-                    "DELETE", AUTH_PATH, "", {"Cookie": f"signature={cookie}"}, b""
+                    "DELETE", AUTH_PATH, "", header_line("Cookie", f"signature={cookie}"), b""
                 ),
                 timeout=10,
             )

@@ -62,17 +62,25 @@ def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
-def request_head(
-    method: str, target: str, host: str, headers: Mapping[str, str], length: int
-) -> bytes:
-    """The request line and headers. `length` < 0: no Content-Length header."""
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
-    if length >= 0:
-        lines.append(f"Content-Length: {length}\r\n")
-    lines.append("\r\n")
-    # Undoes the decoding of aiohttp's server parser, so header bytes pass through unchanged.
-    return "".join(lines).encode("utf-8", "surrogateescape")
+def request_head(method: str, target: str, host: str, lines: bytes, length: int) -> bytes:
+    """The request line and headers (`lines`: header lines as bytes). `length` < 0: no
+    Content-Length header."""
+    # The target was decoded from the client's bytes (surrogateescape): the same bytes
+    # go on, so what was signed is what the server sees.
+    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")
+    if length < 0:
+        return start + lines + b"\r\n"
+    return b"%s%sContent-Length: %d\r\n\r\n" % (start, lines, length)
+
+
+def header_line(name: str, value: str) -> bytes:
+    """One header line; text decoded from the wire goes back to the same bytes."""
+    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+
+
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """Header lines from a mapping (requests the proxy makes itself: login, revoke)."""
+    return b"".join([header_line(k, v) for k, v in headers.items()])
 
 
 class UpstreamResponse:
@@ -544,13 +552,16 @@ class Upstream:
         method: str,
         path: str,
         query: str,
-        headers: Mapping[str, str],
+        lines: bytes,
         body: bytes,
     ) -> UpstreamResponse:
-        """Send one request; returns once the response head is in. Caller releases it."""
+        """Send one request; returns once the response head is in. Caller releases it.
+
+        `lines`: the header lines, `Name: value\\r\\n` each (Host and Content-Length
+        are added here)."""
         target = f"{path}?{query}" if query else path
         length = len(body) if body or method in _BODY_METHODS else -1
-        head = request_head(method, target, self.host_header, headers, length)
+        head = request_head(method, target, self.host_header, lines, length)
         try:
             return await self._send(head, body, method == "HEAD")
         except _DroppedIdle:

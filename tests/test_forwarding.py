@@ -112,6 +112,28 @@ async def test_hop_by_hop_headers_and_client_credentials_never_go_upstream(
     assert echo_upstream.requests[-1]["target"] == "/v1/things?x=1"
 
 
+async def test_client_header_bytes_go_upstream_unchanged_with_ours_added_once(
+    make_proxy: MakeProxy, echo_upstream: EchoUpstream
+) -> None:
+    proxy = await make_proxy(echo_upstream.url, auth={"scheme": "bearer", "api_key": Secret("k-1")})
+    await raw_exchange(
+        proxy.service.port,
+        b"POST /v1/things HTTP/1.1\r\nHost: x\r\nX-Latin: caf\xe9\r\nX-Multi: one\r\n"
+        b"x-multi: two\r\nX-Proxy-Max-Wait: 5\r\nX-Request-ID: req-42\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 8\r\n"
+        b'Connection: close\r\n\r\n{"a": 1}',
+    )
+    seen = echo_upstream.requests[-1]["headers"]
+    names = [k.lower() for k, _ in seen]
+    assert ["X-Latin", "caf\udce9"] in seen  # the same bytes (aiohttp decodes them so)
+    assert [v for k, v in seen if k.lower() == "x-multi"] == ["one", "two"]
+    assert not [n for n in names if n.startswith("x-proxy-")]
+    # The form type was corrected for the JSON body: one Content-Type, the right one.
+    assert [v for k, v in seen if k.lower() == "content-type"] == ["application/json"]
+    assert [v for k, v in seen if k.lower() == "x-request-id"] == ["req-42"]
+    assert names.count("authorization") == 1 and names.count("content-length") == 1
+
+
 async def test_bearer_401_is_passed_through_without_retry(
     make_proxy: MakeProxy, echo_upstream: EchoUpstream, http: aiohttp.ClientSession
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.harvest import CodeHarvester, _json_document
+from proxy.harvest import CodeHarvester, _json_document, code_in_body
 
 
 def harvest(chunks: Iterable[bytes], encoding: str | None = None) -> str | None:
@@ -338,3 +338,16 @@ def test_the_small_answer_parse_agrees_with_json_loads(body: bytes) -> None:
     except (ValueError, UnicodeDecodeError):
         expected = None
     assert _json_document(body) == expected
+
+
+@pytest.mark.parametrize(("body", "code"), SPLIT_BODIES)
+def test_a_whole_small_body_gives_the_code_the_scan_gives(body: bytes, code: str | None) -> None:
+    assert code_in_body(body, None) == code == one(body)
+    # Compressed, it takes the scan: the same answer.
+    assert code_in_body(gzip.compress(body), "gzip") == code
+
+
+def test_a_whole_body_that_is_not_quite_json_still_gets_the_scan() -> None:
+    # Trailing junk: json.loads refuses it, the scan has already seen the code.
+    body = b'{"auth":"CODE-1","success":1} trailing'
+    assert code_in_body(body, None) == one(body)

@@ -22,7 +22,7 @@ from conftest import eventually
 from proxy import upstream as upstream_module
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from proxy.upstream import ConnectFailed, Upstream, UpstreamResponse
+from proxy.upstream import ConnectFailed, Upstream, UpstreamResponse, header_lines
 
 MiB = 1024 * 1024
 
@@ -217,7 +217,7 @@ async def fetch(
     body: bytes = b"",
 ) -> tuple[UpstreamResponse, bytes]:
     """One whole exchange: request, read the body, release."""
-    async with await up.request(method, path, query, headers or {}, body) as resp:
+    async with await up.request(method, path, query, header_lines(headers or {}), body) as resp:
         return resp, await resp.read()
 
 
@@ -286,7 +286,7 @@ async def test_chunked_body_is_read_whole_and_in_pieces_then_connection_reused(
     resp, body = await fetch(up)
     assert (resp.status, resp.content_length, body) == (200, None, b"hello world")
 
-    async with await up.request("GET", "/", "", {}, b"") as resp:
+    async with await up.request("GET", "/", "", b"", b"") as resp:
         pieces = []
         while piece := await resp.readany():
             pieces.append(piece)
@@ -349,7 +349,7 @@ async def test_head_answer_has_no_body_and_its_connection_is_not_reused(
     up = await connect(server.url)
 
     async with asyncio.timeout(3):  # reading the promised 1234 bytes would hang
-        async with await up.request("HEAD", "/", "", {}, b"") as resp:
+        async with await up.request("HEAD", "/", "", b"", b"") as resp:
             assert (resp.status, resp.content_length) == (200, 1234)
             assert await resp.read() == b""
     await eventually(lambda: server.active == 0)  # the client hung up
@@ -486,7 +486,7 @@ async def test_close_without_answer_is_unreachable(serve: Serve, connect: Connec
     server = await serve(handle)
     up = await connect(server.url)
     with pytest.raises(UpstreamUnreachable, match="closed the connection without answering"):
-        await up.request("GET", "/", "", {}, b"")
+        await up.request("GET", "/", "", b"", b"")
     assert up.open_connections == 0
 
 
@@ -495,11 +495,11 @@ async def test_body_cut_short_is_unreachable(serve: Serve, connect: Connect) -> 
     server = await serve(answering(cut))  # 10 bytes of 100, then the server hangs up
     up = await connect(server.url)
 
-    async with await up.request("GET", "/", "", {}, b"") as resp:
+    async with await up.request("GET", "/", "", b"", b"") as resp:
         assert resp.content_length == 100
         with pytest.raises(UpstreamUnreachable, match="broken response body"):
             await resp.read()
-    async with await up.request("GET", "/", "", {}, b"") as resp:
+    async with await up.request("GET", "/", "", b"", b"") as resp:
         with pytest.raises(UpstreamUnreachable, match="broken response body"):
             while await resp.readany():
                 pass
@@ -510,7 +510,7 @@ async def test_garbage_instead_of_http_is_unreachable(serve: Serve, connect: Con
     server = await serve(answering(b"SSH-2.0-OpenSSH_9.6\r\nthis is not HTTP\r\n\r\n"))
     up = await connect(server.url)
     with pytest.raises(UpstreamUnreachable, match="invalid HTTP response"):
-        await up.request("GET", "/", "", {}, b"")
+        await up.request("GET", "/", "", b"", b"")
     assert up.open_connections == 0
 
 
@@ -521,7 +521,7 @@ async def test_unexpected_protocol_switch_is_unreachable(serve: Serve, connect: 
     server = await serve(answering(switch))
     up = await connect(server.url)
     with pytest.raises(UpstreamUnreachable, match="switched protocols"):
-        await asyncio.wait_for(up.request("GET", "/", "", {}, b""), 3)
+        await asyncio.wait_for(up.request("GET", "/", "", b"", b""), 3)
 
 
 # -- timeouts -----------------------------------------------------------------------------------
@@ -538,7 +538,7 @@ async def test_no_answer_within_read_timeout(serve: Serve, connect: Connect) -> 
     up = await connect(server.url, read_timeout=0.3)
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout, match="did not answer in time"):
-        await up.request("GET", "/", "", {}, b"")
+        await up.request("GET", "/", "", b"", b"")
     assert 0.25 < time.monotonic() - started < 3
     await asyncio.wait_for(server.client_closed[0].wait(), 3)  # the connection was given up
     assert up.open_connections == 0
@@ -553,7 +553,7 @@ async def test_silence_mid_body_times_out(serve: Serve, connect: Connect) -> Non
 
     server = await serve(handle)
     up = await connect(server.url, read_timeout=0.3)
-    async with await up.request("GET", "/", "", {}, b"") as resp:
+    async with await up.request("GET", "/", "", b"", b"") as resp:
         assert resp.status == 200
         got = b""
         with pytest.raises(UpstreamTimeout):
@@ -566,7 +566,7 @@ async def test_silence_mid_body_times_out(serve: Serve, connect: Connect) -> Non
 async def test_connection_refused_is_connect_failed(connect: Connect) -> None:
     up = await connect(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectFailed, match="cannot connect to"):
-        await up.request("GET", "/", "", {}, b"")
+        await up.request("GET", "/", "", b"", b"")
     assert up.open_connections == 0
 
 
@@ -576,7 +576,7 @@ async def test_tls_handshake_that_never_ends_is_connect_timeout(
     server = await serve(silent)  # plain TCP: a TLS ClientHello gets no answer
     up = await connect(server.url.replace("http:", "https:"), connect_timeout=0.3)
     with pytest.raises(ConnectFailed, match="timed out"):
-        await asyncio.wait_for(up.request("GET", "/", "", {}, b""), 3)
+        await asyncio.wait_for(up.request("GET", "/", "", b"", b""), 3)
     assert up.open_connections == 0
 
 
@@ -612,7 +612,7 @@ async def test_cancelled_request_closes_its_connection(serve: Serve, connect: Co
 
     server = await serve(handle)
     up = await connect(server.url)
-    task = asyncio.create_task(up.request("GET", "/slow", "", {}, b""))
+    task = asyncio.create_task(up.request("GET", "/slow", "", b"", b""))
     await asyncio.wait_for(arrived.wait(), 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -634,7 +634,7 @@ async def test_release_before_body_is_read_closes_connection(
     server = await serve(answering(first, response(b"next")))
     up = await connect(server.url)
 
-    resp = await up.request("GET", "/", "", {}, b"")
+    resp = await up.request("GET", "/", "", b"", b"")
     await asyncio.sleep(0.05)  # whatever is coming has arrived
     resp.release()  # unread bytes: the connection cannot carry another exchange
     assert await resp.readany() == b""
@@ -683,7 +683,7 @@ async def test_large_response_streams_with_a_slow_reader(serve: Serve, connect: 
     # The pauses below are longer than read_timeout: a reader that stops reading makes the
     # server go quiet, which must not count as the server's silence.
     up = await connect(server.url, read_timeout=0.3)
-    async with await up.request("GET", "/big", "", {}, b"") as resp:
+    async with await up.request("GET", "/big", "", b"", b"") as resp:
         assert resp.content_length == len(payload)
         digest = hashlib.sha256()
         pieces = 0
@@ -719,7 +719,7 @@ async def test_tls_certificate_from_unknown_ca_is_refused(
     server = await serve(answering(response(b"secure")), tls=server_ssl)
     up = await connect(server.url)  # system trust store only: the test CA is unknown
     with pytest.raises(ConnectFailed, match="certificate") as caught:
-        await up.request("GET", "/", "", {}, b"")
+        await up.request("GET", "/", "", b"", b"")
     assert isinstance(caught.value, UpstreamUnreachable)
     assert server.requests == []
     assert up.open_connections == 0
@@ -734,7 +734,7 @@ async def test_head_body_read_after_read_timeout_is_still_empty(
     """A HEAD answer is complete at its head; reading its (empty) body later cannot time out."""
     server = await serve(answering(head_only(response(b"x" * 1234))))
     up = await connect(server.url, read_timeout=0.3)
-    async with await up.request("HEAD", "/", "", {}, b"") as resp:
+    async with await up.request("HEAD", "/", "", b"", b"") as resp:
         await asyncio.sleep(0.6)  # the caller is busy with the head for a while
         assert await resp.read() == b""
 
@@ -751,7 +751,7 @@ async def test_upload_to_server_that_stops_reading_still_times_out(
     server = await serve(handle)
     up = await connect(server.url, read_timeout=0.3)
     with pytest.raises(UpstreamTimeout):
-        await asyncio.wait_for(up.request("POST", "/", "", {}, b"z" * (16 * MiB)), 2)
+        await asyncio.wait_for(up.request("POST", "/", "", b"", b"z" * (16 * MiB)), 2)
 
 
 async def test_early_answer_during_upload_is_returned(serve: Serve, connect: Connect) -> None:
@@ -765,7 +765,7 @@ async def test_early_answer_during_upload_is_returned(serve: Serve, connect: Con
 
     server = await serve(handle)
     up = await connect(server.url, read_timeout=0.3)
-    resp = await asyncio.wait_for(up.request("POST", "/", "", {}, b"z" * (16 * MiB)), 2)
+    resp = await asyncio.wait_for(up.request("POST", "/", "", b"", b"z" * (16 * MiB)), 2)
     resp.release()
     assert resp.status == 413
 
