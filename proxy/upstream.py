@@ -498,13 +498,20 @@ class Upstream:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def _reuse(self) -> _Connection | None:
+        """An idle kept-alive connection, if there is one still open."""
+        while self._idle:
+            # Most recently used first: the warmest, least likely to have been dropped.
+            conn = self._idle.pop()
+            if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
+                return conn
+        return None
+
     async def _connection(self, fresh: bool = False) -> _Connection:
         while True:
-            while self._idle and not fresh:
-                # Most recently used first: the warmest, least likely to have been dropped.
-                conn = self._idle.pop()
-                if not conn.closed and not conn.transport.is_closing():  # type: ignore[union-attr]
-                    return conn
+            conn = None if fresh else self._reuse()
+            if conn is not None:
+                return conn
             if fresh and self._idle and len(self._open) >= self.cfg.pool_size:
                 oldest = self._idle.popleft()  # make room: the oldest idle one goes
                 oldest.close()
@@ -572,7 +579,10 @@ class Upstream:
     async def _send(
         self, head: bytes, body: bytes, head_only: bool, fresh: bool = False
     ) -> UpstreamResponse:
-        conn = await self._connection(fresh)
+        # A kept-alive connection is the usual case: taken without a coroutine of its own.
+        conn = None if fresh else self._reuse()
+        if conn is None:
+            conn = await self._connection(fresh)
         try:
             return await conn.exchange(head, body, head_only)
         except ProxyError:
