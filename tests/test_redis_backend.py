@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
@@ -461,3 +462,40 @@ async def test_an_idle_process_notices_an_outage_and_its_end_without_traffic(
             break
         await asyncio.sleep(0.05)
     assert b.status() == {"ok": True, "backend": "redis"}
+
+
+async def test_close_ends_the_watchdog_even_when_a_redis_call_drops_the_cancellation(
+    redis_server: RedisServer,
+) -> None:
+    b = RedisBackend(redis_server.url, "k1", 60.0, 86400.0, 0.25, watch_interval=0.01)
+    await b.start()
+    ping = b._client.ping
+    in_ping = asyncio.Event()
+    dropped = False
+
+    async def ping_that_drops_one_cancellation() -> bool:
+        # What asyncio.wait_for does on Python 3.11 when a cancellation lands as the
+        # wrapped socket write completes: the cancellation is lost, the call goes on.
+        nonlocal dropped
+        in_ping.set()
+        if not dropped:
+            dropped = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+        return bool(await ping())
+
+    b._client.ping = ping_that_drops_one_cancellation  # type: ignore[method-assign]
+    await in_ping.wait()  # the watchdog is probing
+    closing = asyncio.ensure_future(b.close())
+    await asyncio.wait({closing}, timeout=5)
+    watchdog = b._watchdog
+    assert watchdog is not None
+    try:
+        assert dropped
+        assert closing.done()
+        assert watchdog.done()
+    finally:
+        while not watchdog.done():  # a failed test still leaves nothing running
+            watchdog.cancel()
+            await asyncio.wait({watchdog}, timeout=0.1)
+        await closing

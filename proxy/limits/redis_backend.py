@@ -14,7 +14,6 @@ Redis's counts when it answers again, so the day's budget stays honest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable
@@ -197,9 +196,12 @@ class RedisBackend:
 
     async def close(self) -> None:
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            # Cancel until it has ended: on Python 3.11, asyncio.wait_for (around redis-py's
+            # socket writes) drops a cancellation that lands as the write completes, and the
+            # watchdog then went on probing for ever, so a shutdown never ended.
+            while not self._watchdog.done():
+                self._watchdog.cancel()
+                await asyncio.wait({self._watchdog}, timeout=0.1)
         await self._client.aclose()
         await self._memory.close()
 
