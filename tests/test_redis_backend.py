@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
@@ -15,12 +16,17 @@ from proxy.limits.backend import Verdict
 from proxy.limits.redis_backend import RedisBackend, redact_url
 from tests.redis_server import INSTALL_HINT, RedisServer, free_port, redis_server_binary
 
-G, WF, DF = Verdict.GRANTED, Verdict.WINDOW_FULL, Verdict.DAY_FULL
+G, WF, DF, CF = Verdict.GRANTED, Verdict.WINDOW_FULL, Verdict.DAY_FULL, Verdict.CARRY_FULL
 MakeBackend = Callable[..., Awaitable[RedisBackend]]
 
 
 def wkey(scope: str, window: int, key: str = "k1") -> str:
     return f"luxsci-proxy:{{{key}}}:w:{scope}:{window}"
+
+
+def ckey(scope: str, window: int, key: str = "k1") -> str:
+    """The reserve in `window` made at the end of the window before."""
+    return f"luxsci-proxy:{{{key}}}:c:{scope}:{window}"
 
 
 def dkey(day: int, key: str = "k1") -> str:
@@ -152,6 +158,64 @@ async def test_keys_expire(
     assert 200_000 <= await raw.pttl(dkey(0)) <= 201_000
 
 
+async def test_a_reserve_expires_like_a_window_count(
+    redis_server: RedisServer, raw: redis.asyncio.Redis, make: MakeBackend
+) -> None:
+    b = await make(redis_server.url, window_seconds=10.0, day_seconds=100.0)
+    assert await b.acquire("user", 5, 5, 0, 100, carry_cap=1) is G
+    assert await count(raw, ckey("user", 6)) == 1
+    assert 20_000 <= await raw.pttl(ckey("user", 6)) <= 21_000
+
+
+# -- a window's end --------------------------------------------------------------------
+
+
+async def test_a_window_end_reserves_in_the_next_window_up_to_the_cap(
+    redis_server: RedisServer, raw: redis.asyncio.Redis, make: MakeBackend
+) -> None:
+    a, b = await make(redis_server.url), await make(redis_server.url)
+    assert [await a.acquire("user", 5, 10, 0, 100, carry_cap=2) for _ in range(2)] == [G, G]
+    # The reserve is shared: the other process finds it spent.
+    assert await b.acquire("user", 5, 10, 0, 100, carry_cap=2) is CF
+    assert await b.acquire("user", 5, 10, 0, 100) is G  # before the window's end: no reserve
+    assert await count(raw, wkey("user", 5)) == 3
+    assert await count(raw, ckey("user", 6)) == 2
+    assert await b.day_used(0) == 3  # a reserved permit is one of the day's, once
+    assert (a.known_used("user", 5), a.known_used("user", 6)) == (2, 2)
+    # Window 6: 10 less the 2 reserved, whichever process asks.
+    verdicts = [await (a, b)[i % 2].acquire("user", 6, 10, 0, 100) for i in range(9)]
+    assert verdicts == [G] * 8 + [WF]
+    assert b.known_used("user", 6) == 10  # the reserve counts in what the API may have seen
+    # A full window refuses as full, reserve or not.
+    assert await a.acquire("user", 6, 10, 0, 100, carry_cap=2) is WF
+
+
+async def test_the_servers_count_of_a_window_includes_its_reserve(
+    redis_server: RedisServer, raw: redis.asyncio.Redis, make: MakeBackend
+) -> None:
+    b = await make(redis_server.url)
+    assert [await b.acquire("user", 5, 10, 0, 100, carry_cap=3) for _ in range(3)] == [G] * 3
+    await b.raise_used("user", 6, 3)  # the API counted the three in window 6: nothing new
+    assert await count(raw, wkey("user", 6)) == 0
+    await b.raise_used("user", 6, 5)  # two more from elsewhere
+    assert await count(raw, wkey("user", 6)) == 2
+    assert b.known_used("user", 6) == 5
+    assert [await b.acquire("user", 6, 10, 0, 100) for _ in range(6)] == [G] * 5 + [WF]
+
+
+async def test_concurrent_window_end_permits_never_pass_the_reserve(
+    redis_server: RedisServer, raw: redis.asyncio.Redis, make: MakeBackend
+) -> None:
+    backends = [await make(redis_server.url, op_timeout=5.0) for _ in range(3)]
+    verdicts = await asyncio.gather(
+        *(backends[i % 3].acquire("user", 5, 100, 0, 1000, carry_cap=10) for i in range(90))
+    )
+    assert verdicts.count(G) == 10
+    assert verdicts.count(CF) == 80
+    assert await count(raw, wkey("user", 5)) == 10
+    assert await count(raw, ckey("user", 6)) == 10
+
+
 # -- sharing between processes ---------------------------------------------------------
 
 
@@ -231,6 +295,48 @@ async def test_fallback_when_redis_stops_then_recovery(
     finally:
         await client.aclose()
     assert await b.day_used(0) == 11
+
+
+async def test_a_reserve_made_on_the_local_share_is_added_to_the_shared_one(
+    redis_server: RedisServer, make: MakeBackend
+) -> None:
+    b = await make(redis_server.url, fallback_share=0.25)
+    assert await b.acquire("user", 1, 40, 0, 1000) is G
+    redis_server.stop()
+    assert await b.acquire("user", 1, 40, 0, 1000) is WF  # the window Redis was lost in
+    # Window 2's end, on the local share: its share of a reserve of 4 is 1.
+    verdicts = [await b.acquire("user", 2, 40, 0, 1000, carry_cap=4) for _ in range(2)]
+    assert verdicts == [G, CF]
+    assert b.known_used("user", 3) == 1
+    # A share too small for a reserve waits out the window's end.
+    assert await b.acquire("user", 2, 40, 0, 1000, carry_cap=3) is CF
+
+    redis_server.restart()  # empty: nothing was saved
+    await asyncio.sleep(1.05)
+    assert await b.acquire("user", 3, 40, 0, 1000) is G
+    assert b.status()["ok"] is True
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        assert await count(client, wkey("user", 2)) == 1
+        assert await count(client, ckey("user", 3)) == 1  # the others now see it too
+        assert await count(client, wkey("user", 3)) == 1
+        assert await count(client, dkey(0)) == 2
+    finally:
+        await client.aclose()
+    assert b.known_used("user", 3) == 2
+
+
+async def test_an_outage_noticed_at_a_window_end_spares_the_next_windows_reserve(
+    redis_server: RedisServer, make: MakeBackend
+) -> None:
+    b = await make(redis_server.url, fallback_share=0.25)
+    redis_server.stop()
+    # The others may have reserved up to a tenth of window 2 in Redis before it went.
+    assert await b.acquire("user", 1, 40, 0, 1000, carry_cap=4) is WF
+    verdicts = [await b.acquire("user", 2, 40, 0, 1000) for _ in range(10)]
+    assert verdicts == [G] * 9 + [WF]  # floor((40 - 4) * 0.25), not floor(40 * 0.25)
+    verdicts = [await b.acquire("user", 3, 40, 0, 1000) for _ in range(11)]
+    assert verdicts == [G] * 10 + [WF]  # from the window after, the whole share
 
 
 async def test_starts_in_fallback_when_redis_is_down(make: MakeBackend) -> None:
@@ -356,3 +462,40 @@ async def test_an_idle_process_notices_an_outage_and_its_end_without_traffic(
             break
         await asyncio.sleep(0.05)
     assert b.status() == {"ok": True, "backend": "redis"}
+
+
+async def test_close_ends_the_watchdog_even_when_a_redis_call_drops_the_cancellation(
+    redis_server: RedisServer,
+) -> None:
+    b = RedisBackend(redis_server.url, "k1", 60.0, 86400.0, 0.25, watch_interval=0.01)
+    await b.start()
+    ping = b._client.ping
+    in_ping = asyncio.Event()
+    dropped = False
+
+    async def ping_that_drops_one_cancellation() -> bool:
+        # What asyncio.wait_for does on Python 3.11 when a cancellation lands as the
+        # wrapped socket write completes: the cancellation is lost, the call goes on.
+        nonlocal dropped
+        in_ping.set()
+        if not dropped:
+            dropped = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+        return bool(await ping())
+
+    b._client.ping = ping_that_drops_one_cancellation  # type: ignore[method-assign]
+    await in_ping.wait()  # the watchdog is probing
+    closing = asyncio.ensure_future(b.close())
+    await asyncio.wait({closing}, timeout=5)
+    watchdog = b._watchdog
+    assert watchdog is not None
+    try:
+        assert dropped
+        assert closing.done()
+        assert watchdog.done()
+    finally:
+        while not watchdog.done():  # a failed test still leaves nothing running
+            watchdog.cancel()
+            await asyncio.wait({watchdog}, timeout=0.1)
+        await closing

@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio
 from conftest import USER, MakeProxy, MakeSandbox
+from redis_server import INSTALL_HINT, RedisServer, redis_server_binary
 
 from proxy.clock import ServerClock
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import QueueTimeout
-from proxy.limits import MemoryBackend, RateLimiter
+from proxy.limits import Backend, MemoryBackend, RateLimiter, Verdict
+from proxy.limits.redis_backend import RedisBackend
 
 WINDOW = 2
 USER_PATH = f"/perl/api/v2/user/{USER}/profile"
@@ -199,19 +203,13 @@ async def test_the_in_flight_cap_holds_whatever_the_rate(
 # -- a window's end, on a clock the test moves ----------------------------------------------
 
 
-class _SharedBackend(MemoryBackend):
-    """Counts like the Redis backend's: other processes would not see a reservation."""
-
-    name = "redis"
-
-
-def _limiter_at(now: list[float], per_minute: int, shared: bool = False) -> RateLimiter:
+def _limiter_at(now: list[float], per_minute: int, backend: Backend | None = None) -> RateLimiter:
     clock = ServerClock(wall=lambda: now[0])
     clock.known, clock.uncertainty = True, 0.0  # as after a few Date headers
     return RateLimiter(
         LimitsConfig(user_per_minute=per_minute, state_file=""),
         QueueConfig(),
-        _SharedBackend() if shared else MemoryBackend(),
+        backend if backend is not None else MemoryBackend(),
         clock,
     )
 
@@ -223,22 +221,168 @@ async def _granted_at_once(limiter: RateLimiter) -> bool:
         return False
 
 
+async def _now_or_never(limiter: RateLimiter) -> bool:
+    """A permit at once, or none: a deadline already past never joins the line (no pump)."""
+    try:
+        return await limiter.acquire("user", time.monotonic() - 1) == 0.0
+    except QueueTimeout:
+        return False
+
+
 async def test_at_a_window_end_permits_go_at_once_and_are_reserved_in_the_next_window() -> None:
     now = [600.0 - 0.2]  # inside the last half second of window 9
     limiter = _limiter_at(now, per_minute=100)
     # A tenth of the next window may be reserved: 10 go at once, the 11th must wait.
     assert [await _granted_at_once(limiter) for _ in range(11)] == [True] * 10 + [False]
-    assert limiter.buckets["user"].carried == {10: 10}
+    assert limiter.backend.known_used("user", 9) == 10
+    assert limiter.backend.known_used("user", 10) == 10  # the reserve, before window 10 begins
     now[0] = 601.0  # window 10: its budget less what was reserved from it
     await asyncio.sleep(0.3)  # the pump wakes from its nap and drops the waiter that left
     assert [await _granted_at_once(limiter) for _ in range(91)] == [True] * 90 + [False]
+    assert limiter.backend.known_used("user", 10) == 100
 
 
-@pytest.mark.parametrize(("per_minute", "shared"), [(9, False), (100, True)])
-async def test_small_or_shared_budgets_wait_out_a_window_end(per_minute: int, shared: bool) -> None:
+@pytest.mark.parametrize("per_minute", [1, 9])
+async def test_small_budgets_wait_out_a_window_end(per_minute: int) -> None:
+    # A tenth of a budget under ten is no permit: nothing may be reserved.
     now = [600.0 - 0.2]
-    limiter = _limiter_at(now, per_minute, shared)
+    limiter = _limiter_at(now, per_minute)
     assert not await _granted_at_once(limiter)
     now[0] = 600.5
     await asyncio.sleep(0.3)
     assert await _granted_at_once(limiter)
+
+
+async def test_a_reload_resizes_the_reserve_and_what_it_takes_from_the_next_window() -> None:
+    now = [600.0 - 0.2]
+    limiter = _limiter_at(now, per_minute=100)
+    assert [await _now_or_never(limiter) for _ in range(5)] == [True] * 5
+
+    def reload(per_minute: int) -> None:
+        limiter.reconfigure(LimitsConfig(user_per_minute=per_minute, state_file=""), QueueConfig())
+
+    reload(30)  # a reserve of 3, and 5 are reserved already
+    assert not await _now_or_never(limiter)
+    reload(200)  # a reserve of 20: 15 more
+    assert [await _now_or_never(limiter) for _ in range(16)] == [True] * 15 + [False]
+    reload(50)
+    now[0] = 601.0  # window 10: 50, less the 20 reserved under the larger budget
+    assert [await _now_or_never(limiter) for _ in range(31)] == [True] * 30 + [False]
+
+
+class _CountingBackend(MemoryBackend):
+    """The memory backend, counting how often the limiter asks it."""
+
+    asked = 0
+
+    async def acquire(
+        self, scope: str, window: int, limit: int, day: int, day_limit: int, carry_cap: int = 0
+    ) -> Verdict:
+        self.asked += 1
+        return await super().acquire(scope, window, limit, day, day_limit, carry_cap)
+
+
+async def test_a_spent_reserve_is_waited_out_in_one_nap_not_by_asking_again() -> None:
+    now = [600.0 - 0.45]
+    backend = _CountingBackend()
+    limiter = _limiter_at(now, per_minute=100, backend=backend)
+    assert [await _now_or_never(limiter) for _ in range(10)] == [True] * 10
+    waiting = asyncio.create_task(limiter.acquire("user", time.monotonic() + 5))
+    await asyncio.sleep(0.1)  # the clock stands still: the pump naps 0.45 s, to the window's end
+    assert backend.asked == 12  # ten permits, the newcomer's own try, one try of the pump
+    assert not waiting.done()
+    now[0] = 600.0
+    assert await waiting < 1.0  # the pump woke at the window's end and found room
+    assert backend.asked == 13
+
+
+def test_the_memory_backend_keeps_a_reserve_for_the_next_window_only() -> None:
+    g, wf, cf = Verdict.GRANTED, Verdict.WINDOW_FULL, Verdict.CARRY_FULL
+    b = MemoryBackend()
+    # Window 5's end reserves up to 2 of window 6; each such permit is one of the day's.
+    assert [b.acquire_now("user", 5, 10, 0, 100, carry_cap=2) for _ in range(3)] == [g, g, cf]
+    assert (b.known_used("user", 5), b.known_used("user", 6)) == (2, 2)
+    assert b.known_day_used(0) == 2
+    assert b.acquire_now("account", 6, 10, 0, 100) is g  # another scope, its own reserve
+    # Window 6: 10 less the 2 reserved; the reserve counts in what the API may have seen.
+    assert [b.acquire_now("user", 6, 10, 0, 100) for _ in range(9)] == [g] * 8 + [wf]
+    assert b.known_used("user", 6) == 10
+    # Window 6's end reserves 1 of window 7 (a budget raised to 12 leaves room)...
+    assert b.acquire_now("user", 6, 12, 0, 100, carry_cap=5) is g
+    assert b.known_used("user", 7) == 1
+    # ...but window 7 passes unused: window 8 starts whole, the old reserve dropped.
+    assert [b.acquire_now("user", 8, 10, 0, 100) for _ in range(11)] == [g] * 10 + [wf]
+    assert b.known_used("user", 7) == 0
+    assert b.known_day_used(0) == 22
+
+
+async def test_the_memory_backends_count_of_a_window_includes_its_reserve() -> None:
+    b = MemoryBackend()
+    assert [b.acquire_now("user", 5, 10, 0, 100, carry_cap=3) for _ in range(3)] == [
+        Verdict.GRANTED
+    ] * 3
+    # The API reports 3 used in window 6: the reserved three, nothing new to learn.
+    assert b.known_used("user", 6) == 3
+    await b.raise_used("user", 6, 5)  # two more from elsewhere
+    assert b.known_used("user", 6) == 5
+    assert [b.acquire_now("user", 6, 10, 0, 100) for _ in range(6)] == [Verdict.GRANTED] * 5 + [
+        Verdict.WINDOW_FULL
+    ]
+    await b.raise_used("user", 5, 10)  # a window already over: nothing to do
+    assert b.known_used("user", 5) == 0
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    if redis_server_binary() is None:
+        pytest.fail(INSTALL_HINT)
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+async def test_processes_on_redis_share_one_reserve_at_a_window_end(redis_url: str) -> None:
+    now = [570.0]  # the middle of window 9, on one clock for all three processes
+    limiters = [
+        _limiter_at(
+            now,
+            per_minute=100,
+            # A generous op timeout: this is about sharing, not a slow machine falling back.
+            backend=RedisBackend(redis_url, "shared", 60.0, 86400.0, 0.25, op_timeout=5.0),
+        )
+        for _ in range(3)
+    ]
+    for limiter in limiters:
+        await limiter.start()
+
+    async def granted_together(attempts: int) -> int:
+        # All at once, spread over the three processes: the Lua script must be atomic.
+        results = await asyncio.gather(*(_now_or_never(limiters[i % 3]) for i in range(attempts)))
+        return sum(results)
+
+    raw = redis.asyncio.Redis.from_url(redis_url)
+
+    async def count(key: str) -> int:
+        return int(await raw.get(f"luxsci-proxy:{{shared}}:{key}") or 0)
+
+    try:
+        assert await granted_together(50) == 50
+        now[0] = 600.0 - 0.2  # the end of window 9
+        # Together a tenth of window 10, not a tenth each, and none waits out the guard.
+        assert await granted_together(30) == 10
+        assert (await count("w:user:9"), await count("c:user:10")) == (60, 10)
+        assert all(limiter.backend.known_used("user", 10) <= 10 for limiter in limiters)
+        now[0] = 601.0  # window 10: together its budget less the reserve
+        assert await granted_together(120) == 90
+        # As the API may count them: never over the limit, whichever window the ten fell in.
+        assert await count("w:user:9") + await count("c:user:10") <= 100
+        assert await count("w:user:10") + await count("c:user:10") == 100
+        now[0] = 660.0 - 0.2  # window 10 is full: its end reserves nothing in window 11
+        assert await granted_together(10) == 0
+        assert await count("c:user:11") == 0
+        assert await count("d:0") == 150
+    finally:
+        await raw.aclose()
+        for limiter in limiters:
+            await limiter.close()

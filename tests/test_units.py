@@ -270,12 +270,12 @@ def test_server_clock_uncertainty_narrows_once_a_tick_is_bracketed() -> None:
     assert clock.offset == pytest.approx(-0.05)
 
 
-def test_no_permit_is_granted_within_the_clock_uncertainty_of_a_window_end() -> None:
+def test_a_window_end_guard_is_half_a_second_or_the_clock_uncertainty() -> None:
     windows = Windows.of(60, 86400)
-    assert windows.wait_to_grant(30.0) == 0.0
-    assert windows.wait_to_grant(59.6) == pytest.approx(0.4)  # inside the 0.5 s guard
-    assert windows.wait_to_grant(58.9, uncertainty=1.2) == pytest.approx(1.1)
-    assert windows.wait_to_grant(60.0) == 0.0  # the next window is open
+    assert windows.guard_start(0) == pytest.approx(59.5)
+    assert windows.guard_start(0, uncertainty=1.2) == pytest.approx(58.8)
+    assert windows.guard_start(1, uncertainty=0.1) == pytest.approx(119.5)
+    assert Windows.of(2, 86400).guard_start(0) == pytest.approx(1.9)  # a twentieth of a short one
 
 
 def test_the_access_line_masks_secrets_and_codes_in_what_the_client_sent(

@@ -8,6 +8,11 @@ sleeping to the next window when the current one is spent, and exits when the
 line is empty. A waiter that leaves (client gone, deadline passed) is skipped
 and never spends a permit.
 
+At a window's end (the guard: the API may count a request in this window or
+the next) a permit is counted in this window and reserved in the next one, up
+to a tenth of the next one's budget; beyond that, permits wait for the next
+window. The backend keeps the reserve, so with Redis all processes share it.
+
 The server's X-RateLimit-* headers correct the local count (another client of
 the same integration may be spending it too); a rate-limit 403 closes the
 scope until the reset it names.
@@ -28,15 +33,12 @@ import structlog
 from proxy.clock import ServerClock
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import DailyLimit, QueueFull, QueueTimeout
-from proxy.limits.backend import Backend, Verdict
+from proxy.limits.backend import CARRY_SHARE, Backend, Verdict
 from proxy.limits.windows import Windows
 
 log = structlog.get_logger("proxy.limits")
 
 USER_PREFIX = "/perl/api/v2/user/"
-# In the guard at a window's end, up to 1/CARRY_SHARE of the next window's budget may be
-# reserved for requests sent at once (see _wait_to_grant).
-CARRY_SHARE = 10
 SCOPES = ("user", "account")
 
 
@@ -69,26 +71,12 @@ class _Bucket:
     pump: asyncio.Task[None] | None = None
     # Set to cut the pump's nap short (a reload changed the budget).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # Permits granted in the guard at a window's end, reserved in the window after it
-    # (window index -> count): the API may count such a request in either window.
-    carried: dict[int, int] = field(default_factory=dict)
 
     @property
     def effective_limit(self) -> int:
         if self.server_limit is None:
             return self.limit
         return min(self.limit, self.server_limit)
-
-    def carry_room(self, window: int) -> bool:
-        # At most a tenth of a window may be reserved from the one before: a burst that
-        # arrives at a window's end must not take the next one's whole budget (budgets
-        # under ten never carry, and wait for the next window as a whole).
-        return self.carried.get(window, 0) < self.effective_limit // CARRY_SHARE
-
-    def carry(self, window: int) -> None:
-        for old in [w for w in self.carried if w < window - 1]:
-            del self.carried[old]
-        self.carried[window] = self.carried.get(window, 0) + 1
 
 
 class RateLimiter:
@@ -131,12 +119,14 @@ class RateLimiter:
         `front`: a request that already waited (a retry) goes to the head of its line.
         """
         bucket = self.buckets[scope]
-        if not bucket.waiters and self._wait_to_grant(bucket) == 0:
-            verdict = await self._try(bucket)
-            if verdict is Verdict.GRANTED:
-                return 0.0
-            if verdict is Verdict.DAY_FULL:
-                raise self._daily_limit()
+        if not bucket.waiters:
+            now = self.clock.now()
+            if now >= bucket.held_until:
+                verdict = await self._try(bucket, now)
+                if verdict is Verdict.GRANTED:
+                    return 0.0
+                if verdict is Verdict.DAY_FULL:
+                    raise self._daily_limit()
         if self.waiting >= self.queue.max_size:
             raise QueueFull(
                 f"{self.waiting} requests are already waiting for the API's rate limit "
@@ -163,42 +153,28 @@ class RateLimiter:
             # A waiter that left stays in the deque, cancelled; the pump skips it.
         return time.monotonic() - started
 
-    async def _try(self, bucket: _Bucket) -> Verdict:
-        now = self.clock.now()
-        window = self.windows.index(now)
-        in_guard = self.windows.wait_to_grant(now, self.clock.uncertainty) > 0
-        verdict = await self.backend.acquire(
-            bucket.scope,
-            window,
-            # What the guard at the previous window's end granted may count in this one.
-            max(0, bucket.effective_limit - bucket.carried.get(window, 0)),
-            self.windows.day(now),
-            self.cfg.per_day,
-        )
-        if verdict is Verdict.GRANTED and in_guard:
-            bucket.carry(window + 1)
-        return verdict
+    async def _try(self, bucket: _Bucket, now: float) -> Verdict:
+        """Take a permit at server time `now` (the scope is not held) if the limits allow.
 
-    def _wait_to_grant(self, bucket: _Bucket) -> float:
-        """0 when a permit may be tried now, else seconds until one may.
-
-        In the guard at a window's end the API may count a request in this window or
-        the next, so a permit there is counted in this one and reserved in the next
-        (_try): no wait while the next window has reserve left (a tenth of it). Waiting
-        out the guard instead stalled every request for up to half a second at each
-        window's end, however much budget was left.
+        In the guard at a window's end the API may count a request in this window or the
+        next, so the backend counts a permit there in this one and reserves it in the next,
+        while the next window's reserve has room (CARRY_FULL once it has none). Waiting out
+        the guard instead stalled every request for up to half a second at each window's
+        end, however much budget was left. `now` is read once by the caller: the fast path
+        pays for one clock reading and one guard test per permit.
         """
-        now = self.clock.now()
-        if now < bucket.held_until:
-            return bucket.held_until - now
-        wait = self.windows.wait_to_grant(now, self.clock.uncertainty)
-        # Only a process's own count can hold the reservation: with a shared backend the
-        # others would not see it (the benchmark found a window 2 over), so there the
-        # guard is waited out.
-        shared = self.backend.name != "memory"
-        if wait > 0 and not shared and bucket.carry_room(self.windows.index(now) + 1):
-            return 0.0
-        return wait
+        windows = self.windows
+        window = windows.index(now)
+        limit = bucket.effective_limit
+        if now < windows.guard_start(window, self.clock.uncertainty):
+            carry_cap = 0
+        else:
+            carry_cap = limit // CARRY_SHARE
+            if not carry_cap:  # a budget under CARRY_SHARE has no reserve
+                return Verdict.CARRY_FULL
+        return await self.backend.acquire(
+            bucket.scope, window, limit, windows.day(now), self.cfg.per_day, carry_cap
+        )
 
     def _ensure_pump(self, bucket: _Bucket) -> None:
         if bucket.pump is None or bucket.pump.done():
@@ -210,25 +186,28 @@ class RateLimiter:
             if waiters[0].done():  # left the line (timed out or client gone)
                 waiters.popleft()
                 continue
-            delay = self._wait_to_grant(bucket)
-            if delay > 0:
-                await self._nap(bucket, delay)
+            now = self.clock.now()
+            if now < bucket.held_until:
+                await self._nap(bucket, bucket.held_until - now)
                 continue
-            verdict = await self._try(bucket)
+            verdict = await self._try(bucket, now)
             if verdict is Verdict.GRANTED:
                 # The head may have left while the backend answered: the next in line gets it.
                 while waiters and waiters[0].done():
                     waiters.popleft()
                 if waiters:
                     waiters.popleft().set_result(None)
-            elif verdict is Verdict.WINDOW_FULL:
-                await self._nap(bucket, self.windows.until_next(self.clock.now()))
-            else:
+            elif verdict is Verdict.DAY_FULL:
                 error = self._daily_limit()
                 while waiters:
                     waiter = waiters.popleft()
                     if not waiter.done():
                         waiter.set_exception(error)
+            else:
+                # WINDOW_FULL, or CARRY_FULL in the guard, which ends with the window: both
+                # end with the window tried, which the backend's answer may have outlived.
+                end = self.windows.end(self.windows.index(now))
+                await self._nap(bucket, max(0.0, end - self.clock.now()))
 
     @staticmethod
     async def _nap(bucket: _Bucket, seconds: float) -> None:

@@ -1,7 +1,9 @@
 """The Redis backend: permits counted in Redis, so every process of one integration shares them.
 
 Each acquisition is one Lua script, so concurrent processes can never both take
-the last permit of a window. When Redis is unreachable the backend keeps
+the last permit of a window, nor both the last place in a window's reserve (the
+permits that the end of the window before may have put in it: a second counter
+per window that comes off its limit). When Redis is unreachable the backend keeps
 serving from an in-memory backend limited to `fallback_share` of each limit:
 N processes on their own share then stay inside the real limits without
 talking to each other. While in fallback, Redis is probed at most once a
@@ -12,7 +14,6 @@ Redis's counts when it answers again, so the day's budget stays honest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable
@@ -27,7 +28,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from proxy.limits.backend import MemoryBackend, Verdict
+from proxy.limits.backend import CARRY_SHARE, MemoryBackend, Verdict
 
 log = structlog.get_logger("proxy.limits")
 
@@ -43,34 +44,49 @@ PROBE_INTERVAL = 1.0
 # right even without traffic.
 WATCH_INTERVAL = 5.0
 
-# KEYS: window, day. ARGV: window limit, day limit, window ttl ms, day ttl ms.
-# Returns {verdict, window count, day count} afterwards: verdict 0 granted,
-# 1 window full, 2 day full (_VERDICTS).
+# KEYS: window, the window's reserve, day, the next window's reserve.
+# ARGV: window limit, day limit, window ttl ms, day ttl ms, carry cap (0: not at the
+# window's end; else the permit is also reserved in the next window, if its reserve is
+# under the cap). Returns {verdict, window count with its reserve, day count, next
+# window's reserve} afterwards: verdict 0 granted, 1 window full, 2 day full, 3 reserve
+# full (_VERDICTS). The next window's reserve expires like a window count: it is read
+# until that window ends, less than two windows after it is made.
 _ACQUIRE = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local day = tonumber(redis.call('GET', KEYS[2]) or '0')
-if day >= tonumber(ARGV[2]) then return {2, used, day} end
-if used >= tonumber(ARGV[1]) then return {1, used, day} end
-used = redis.call('INCR', KEYS[1])
+used = used + tonumber(redis.call('GET', KEYS[2]) or '0')
+local day = tonumber(redis.call('GET', KEYS[3]) or '0')
+local reserved = tonumber(redis.call('GET', KEYS[4]) or '0')
+local cap = tonumber(ARGV[5])
+if day >= tonumber(ARGV[2]) then return {2, used, day, reserved} end
+if used >= tonumber(ARGV[1]) then return {1, used, day, reserved} end
+if cap > 0 then
+  if reserved >= cap then return {3, used, day, reserved} end
+  reserved = redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+end
+redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-day = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {0, used, day}
+day = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return {0, used + 1, day, reserved}
 """
 
-# KEYS: window. ARGV: used, window ttl ms. Returns the window's count afterwards.
+# KEYS: window, the window's reserve. ARGV: used (as the API counts it: reserve
+# included), window ttl ms. Returns the window's count with its reserve afterwards.
 _RAISE = """
 local used = tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local carried = tonumber(redis.call('GET', KEYS[2]) or '0')
+local current = tonumber(redis.call('GET', KEYS[1]) or '0') + carried
 if used > current then
-  redis.call('SET', KEYS[1], used, 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], used - carried, 'PX', ARGV[2])
   return used
 end
 return current
 """
 
-# KEYS: day, then windows. ARGV: window ttl ms, day ttl ms, day count, then window counts.
-# Adds permits granted during a fallback. Returns the day's count afterwards.
+# KEYS: day, then window counts and reserves. ARGV: window ttl ms, day ttl ms, day count,
+# then a count for each window key. Adds permits granted (and reserved) during a fallback.
+# Returns the day's count afterwards.
 _SETTLE = """
 for i = 2, #KEYS do
   redis.call('INCRBY', KEYS[i], ARGV[i + 2])
@@ -81,7 +97,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return day
 """
 
-_VERDICTS = {0: Verdict.GRANTED, 1: Verdict.WINDOW_FULL, 2: Verdict.DAY_FULL}
+_VERDICTS = {
+    0: Verdict.GRANTED,
+    1: Verdict.WINDOW_FULL,
+    2: Verdict.DAY_FULL,
+    3: Verdict.CARRY_FULL,
+}
 
 
 def _ttl_ms(seconds: float) -> int:
@@ -105,8 +126,9 @@ class _Local:
 
     day: int = -1
     day_count: int = 0
-    # scope -> (window, count): only a scope's latest window still matters.
-    windows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Redis key (a window count or reserve) -> (its window, count to add): only windows
+    # not over yet still matter.
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class RedisBackend:
@@ -145,8 +167,9 @@ class RedisBackend:
         self._raise_script: AsyncScript = self._client.register_script(_RAISE)
         self._settle_script: AsyncScript = self._client.register_script(_SETTLE)
         self._memory = MemoryBackend()
-        # scope -> (window, count): the shared count as the last script saw it.
-        self._known: dict[str, tuple[int, int]] = {}
+        # scope -> (window, count with its reserve, next window's reserve): the shared
+        # counts as the last script saw them.
+        self._known: dict[str, tuple[int, int, int]] = {}
         self._known_day = (-1, 0)
         self._pending = _Local()
         # Why Redis is not used now (None: it is), and when it was last asked.
@@ -154,8 +177,11 @@ class RedisBackend:
         self._down_since = 0.0
         self._last_probe = 0.0
         # The window in which Redis was lost: how much of it the others spent is
-        # unknown, so the local share starts only with the next one.
+        # unknown, so the local share starts only with the next one...
         self._outage_window: int | None = None
+        # ...less what they may have reserved in that one if it was lost at the window's
+        # end (see acquire).
+        self._outage_at_end = False
         self._watchdog: asyncio.Task[None] | None = None
 
     # -- life cycle ------------------------------------------------------------------
@@ -170,9 +196,12 @@ class RedisBackend:
 
     async def close(self) -> None:
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            # Cancel until it has ended: on Python 3.11, asyncio.wait_for (around redis-py's
+            # socket writes) drops a cancellation that lands as the write completes, and the
+            # watchdog then went on probing for ever, so a shutdown never ended.
+            while not self._watchdog.done():
+                self._watchdog.cancel()
+                await asyncio.wait({self._watchdog}, timeout=0.1)
         await self._client.aclose()
         await self._memory.close()
 
@@ -193,37 +222,66 @@ class RedisBackend:
     # -- counting --------------------------------------------------------------------
 
     async def acquire(
-        self, scope: str, window: int, limit: int, day: int, day_limit: int
+        self,
+        scope: str,
+        window: int,
+        limit: int,
+        day: int,
+        day_limit: int,
+        carry_cap: int = 0,
     ) -> Verdict:
         if self._down is None or await self._recovered():
             try:
-                code, used, day_count = await self._bounded(
+                code, used, day_count, reserved = await self._bounded(
                     self._acquire_script(
-                        keys=[self._window_key(scope, window), self._day_key(day)],
-                        args=[limit, day_limit, self._window_ttl, self._day_ttl],
+                        keys=[
+                            self._window_key(scope, window),
+                            self._carry_key(scope, window),
+                            self._day_key(day),
+                            self._carry_key(scope, window + 1),
+                        ],
+                        args=[limit, day_limit, self._window_ttl, self._day_ttl, carry_cap],
                     )
                 )
-                self._known[scope] = (window, int(used))
+                self._known[scope] = (window, int(used), int(reserved))
                 self._known_day = (day, int(day_count))
                 return _VERDICTS[int(code)]
             except _UNAVAILABLE as e:
                 self._fall_back(e)
         if self._outage_window is None:
             self._outage_window = window
+            # Noticed at the window's end, the outage may have begun after the others
+            # reserved up to a tenth of the next window in Redis, where this process can no
+            # longer read it: the local shares leave that much of the next window alone.
+            # Noticed earlier, it began before anyone could reserve.
+            self._outage_at_end = carry_cap > 0
         if window <= self._outage_window:
             return Verdict.WINDOW_FULL
+        if window == self._outage_window + 1 and self._outage_at_end:
+            limit -= limit // CARRY_SHARE
+        # Each process reserves within its share of the reserve, as it counts within its
+        # share of the window.
+        local_cap = math.floor(carry_cap * self._share)
+        if carry_cap and not local_cap:
+            return Verdict.CARRY_FULL
         verdict = self._memory.acquire_now(
-            scope, window, self._local(limit), day, self._local(day_limit)
+            scope, window, self._local(limit), day, self._local(day_limit), local_cap
         )
         if verdict is Verdict.GRANTED:
-            self._remember_local(scope, window, day)
+            self._remember_local(scope, window, day, reserved=local_cap > 0)
         return verdict
 
     def known_used(self, scope: str, window: int) -> int:
         if self._down is not None:
             return self._memory.known_used(scope, window)
-        known_window, count = self._known.get(scope, (window, 0))
-        return count if known_window == window else 0
+        known = self._known.get(scope)
+        if known is None:
+            return 0
+        known_window, count, reserved = known
+        if known_window == window:
+            return count
+        # A window not begun when the script last ran: what was reserved in it then.
+        return reserved if window == known_window + 1 else 0
 
     def known_day_used(self, day: int) -> int:
         known_day, count = self._known_day
@@ -238,11 +296,13 @@ class RedisBackend:
             try:
                 count = await self._bounded(
                     self._raise_script(
-                        keys=[self._window_key(scope, window)],
+                        keys=[self._window_key(scope, window), self._carry_key(scope, window)],
                         args=[used, self._window_ttl],
                     )
                 )
-                self._known[scope] = (window, int(count))
+                known = self._known.get(scope)
+                reserved = known[2] if known is not None and known[0] == window else 0
+                self._known[scope] = (window, int(count), reserved)
                 return
             except _UNAVAILABLE as e:
                 self._fall_back(e)
@@ -266,6 +326,10 @@ class RedisBackend:
 
     def _window_key(self, scope: str, window: int) -> str:
         return f"{self._prefix}:w:{scope}:{window}"
+
+    def _carry_key(self, scope: str, window: int) -> str:
+        """The reserve in `window`: permits granted at the end of the window before."""
+        return f"{self._prefix}:c:{scope}:{window}"
 
     def _day_key(self, day: int) -> str:
         return f"{self._prefix}:d:{day}"
@@ -312,41 +376,51 @@ class RedisBackend:
         )
         self._down = None
         self._outage_window = None
+        self._outage_at_end = False
         return True
 
-    def _remember_local(self, scope: str, window: int, day: int) -> None:
+    def _remember_local(self, scope: str, window: int, day: int, reserved: bool) -> None:
         pending = self._pending
         if day != pending.day:
             pending.day, pending.day_count = day, 0
         pending.day_count += 1
-        current, count = pending.windows.get(scope, (window, 0))
-        pending.windows[scope] = (window, count + 1 if current == window else 1)
+        counts = pending.counts
+        for key in [k for k, (w, _) in counts.items() if w < window]:
+            del counts[key]  # a window that is over: nothing left to protect in it
+        self._add_pending(self._window_key(scope, window), window)
+        if reserved:
+            # Settled into the next window's reserve, not its count: either takes the
+            # permit off that window's budget, but only the reserve also keeps the others
+            # from reserving past the cap there if Redis is back before this window ends.
+            self._add_pending(self._carry_key(scope, window + 1), window + 1)
+
+    def _add_pending(self, key: str, window: int) -> None:
+        _, count = self._pending.counts.get(key, (window, 0))
+        self._pending.counts[key] = (window, count + 1)
 
     async def _settle(self) -> None:
-        """Add the permits the local share granted to Redis's counts."""
+        """Add the permits the local share granted (and reserved) to Redis's counts."""
         pending = self._pending
         if pending.day_count == 0:
             return
-        windows = dict(pending.windows)
+        counts = list(pending.counts.items())
         day, day_count = pending.day, pending.day_count
         await self._bounded(
             self._settle_script(
-                keys=[self._day_key(day)]
-                + [self._window_key(s, w) for s, (w, _) in windows.items()],
-                args=[self._window_ttl, self._day_ttl, day_count]
-                + [n for _, n in windows.values()],
+                keys=[self._day_key(day)] + [key for key, _ in counts],
+                args=[self._window_ttl, self._day_ttl, day_count] + [n for _, (_, n) in counts],
             )
         )
         # Acquisitions that went local while the script ran stay pending.
         if pending.day == day:
             pending.day_count -= day_count
-        for scope, (window, count) in windows.items():
-            now_window, now_count = pending.windows.get(scope, (window, 0))
+        for key, (window, count) in counts:
+            now_window, now_count = pending.counts.get(key, (window, 0))
             if now_window == window:
                 if now_count > count:
-                    pending.windows[scope] = (window, now_count - count)
+                    pending.counts[key] = (window, now_count - count)
                 else:
-                    del pending.windows[scope]
+                    pending.counts.pop(key, None)
 
     def _describe(self, error: BaseException) -> str:
         """A short reason for logs and /readyz, never with the URL's password."""

@@ -3,8 +3,8 @@
 The API counts requests in fixed windows (its minutes) and days. Our estimate
 of the server's clock is never ahead of it (see clock.py) but may trail it a
 little, and a request still has to travel, so one sent in the last `guard`
-seconds of a window may be counted in that window or the next: `wait_to_grant`
-says when that is the case, and the limiter then counts the permit in both.
+seconds of a window may be counted in that window or the next: `guard_start`
+says from when that is the case, and the limiter then counts the permit in both.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ class Windows:
         """The window whose end is `reset` (the API's X-RateLimit-Reset)."""
         return round(reset / self.length) - 1
 
-    def wait_to_grant(self, t: float, uncertainty: float = 0.0) -> float:
-        """0 when a permit may be granted at server time t, else seconds until one may.
+    def guard_start(self, index: int, uncertainty: float = 0.0) -> float:
+        """Server time from which a request sent in window `index` may be counted in the next.
 
-        `uncertainty`: how far the caller's t may trail the server's real time.
+        `uncertainty`: how far the caller's clock may trail the server's real time.
         """
-        end = self.end(self.index(t))
-        return 0.0 if t < end - max(self.guard, uncertainty) else end - t
+        return (index + 1) * self.length - max(self.guard, uncertainty)
 
     def until_next(self, t: float) -> float:
         return self.end(self.index(t)) - t
