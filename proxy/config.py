@@ -202,6 +202,8 @@ _FILE_KEYS = {"auth": ("token", "secret", "password", "api_key"), "access": ("cl
 _SECRET_KEYS = ("auth.secret", "auth.password", "auth.api_key", "access.client_token")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# C0 controls and DEL: never valid inside a header value.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def expand_env(value: str, env: Mapping[str, str], key: str) -> str:
@@ -400,6 +402,12 @@ def validate(cfg: Config) -> Config:
         if auth.api_key is None or not auth.api_key.get():
             raise ConfigError(
                 "auth.api_key: required for scheme bearer (set auth.api_key or auth.api_key_file)"
+            )
+        if _CONTROL.search(auth.api_key.get()):
+            # It goes into a header line as it is: a line break would split the request.
+            raise ConfigError(
+                "auth.api_key: contains a control character (a line break?); "
+                "an API key is one line of visible characters"
             )
     lim = cfg.limits
     for name in ("account_per_minute", "user_per_minute", "per_day", "max_inflight"):

@@ -72,6 +72,12 @@ def test_luxsci_scheme_requires_token_and_secret() -> None:
         parse("auth: {scheme: luxsci}", {})
 
 
+def test_an_api_key_with_a_line_break_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigError, match=r"^auth\.api_key: contains a control character") as e:
+        parse("auth: {scheme: bearer, api_key: '${K}'}", {"K": "key-1\r\nX-Injected: 1"})
+    assert "key-1" not in str(e.value)
+
+
 def test_bearer_scheme_requires_api_key() -> None:
     with pytest.raises(ConfigError, match=r"^auth\.api_key: required for scheme bearer"):
         parse("auth: {scheme: bearer}", {})
