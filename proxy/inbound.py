@@ -14,36 +14,39 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import multipart, signing
 from proxy.errors import BadRequest
 from proxy.listener import Request
-from proxy.upstream import header_line
+from proxy.wire import header_line
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the non-standard ones clients still send.
+# Names as bytes: header lines are filtered as received, before any decoding.
 HOP_BY_HOP = frozenset(
     (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
     )
 )
 # Never upstream: Host and Content-Length are the client library's to set;
 # Expect makes the API answer 417; credentials are the proxy's to add; X-Request-ID
 # is added by the proxy (the client's, when it is a sane token).
 _DROP_UPSTREAM = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "authorization",
-    "cookie",
-    "x-request-id",
+    b"host",
+    b"content-length",
+    b"expect",
+    b"authorization",
+    b"cookie",
+    b"x-request-id",
 }
+# When the proxy sets the Content-Type itself, the client's is left out too.
+_DROP_RETYPED = _DROP_UPSTREAM | {b"content-type"}
 # From responses the framing is re-done for the client connection.
-_DROP_DOWNSTREAM = HOP_BY_HOP | {"content-length"}
+_DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
 
 _FORM = "application/x-www-form-urlencoded"
 
@@ -74,13 +77,18 @@ _PLAIN_CONNECTION = frozenset({"keep-alive", "close"})
 
 
 def _drop_set(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], always: frozenset[str]
-) -> frozenset[str]:
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], always: frozenset[bytes]
+) -> frozenset[bytes]:
     """`always`, plus the fields named in `Connection` (hop-by-hop too, RFC 9110 7.6.1)."""
     values = headers.getall("Connection", ())
     if not values or (len(values) == 1 and values[0].strip().lower() in _PLAIN_CONNECTION):
         return always  # the usual case: no set built per message
-    tokens = {t.strip().lower() for value in values for t in value.split(",") if t.strip()}
+    tokens = {
+        t.strip().lower().encode("utf-8", "surrogateescape")
+        for value in values
+        for t in value.split(",")
+        if t.strip()
+    }
     return always | tokens
 
 
@@ -95,23 +103,6 @@ def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
     return "; ".join(kept) if kept else None
 
 
-_DROP_UPSTREAM_BYTES = frozenset(name.encode() for name in _DROP_UPSTREAM)
-_DROP_DOWNSTREAM_BYTES = frozenset(name.encode() for name in _DROP_DOWNSTREAM)
-_RETYPED = _DROP_UPSTREAM | {"content-type"}
-_RETYPED_BYTES = frozenset(name.encode() for name in _RETYPED)
-
-
-def _drop_bytes(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str],
-    always: frozenset[str],
-    always_bytes: frozenset[bytes],
-) -> frozenset[bytes]:
-    drop = _drop_set(headers, always)
-    if drop is always:
-        return always_bytes  # the usual case: nothing encoded per message
-    return frozenset(name.encode("utf-8", "surrogateescape") for name in drop)
-
-
 def upstream_block(
     raw: list[tuple[bytes, bytes]],
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
@@ -120,11 +111,7 @@ def upstream_block(
     """The client's header lines minus hop-by-hop ones, credentials, and X-Proxy-* (ours),
     as received (`headers`: the same, decoded). `retyped`: the proxy sets the
     Content-Type, so the client's is left out."""
-    drop = (
-        _drop_bytes(headers, _RETYPED, _RETYPED_BYTES)
-        if retyped
-        else _drop_bytes(headers, _DROP_UPSTREAM, _DROP_UPSTREAM_BYTES)
-    )
+    drop = _drop_set(headers, _DROP_RETYPED if retyped else _DROP_UPSTREAM)
     return b"".join(
         [
             n + b": " + v + b"\r\n"
@@ -136,7 +123,7 @@ def upstream_block(
 
 def downstream_block(raw: list[tuple[bytes, bytes]], headers: CIMultiDictProxy[str]) -> bytes:
     """The answer's end-to-end header lines, as received (`headers`: the same, decoded)."""
-    drop = _drop_bytes(headers, _DROP_DOWNSTREAM, _DROP_DOWNSTREAM_BYTES)
+    drop = _drop_set(headers, _DROP_DOWNSTREAM)
     return b"".join([n + b": " + v + b"\r\n" for n, v in raw if n.lower() not in drop])
 
 

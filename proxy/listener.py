@@ -44,7 +44,7 @@ from proxy.errors import (
     ProxyError,
     TooManyConnections,
 )
-from proxy.wire import decode_headers
+from proxy.wire import decode_headers, header_lines
 
 log = structlog.get_logger("proxy.server")
 
@@ -123,10 +123,7 @@ def answer_bytes(
     # Latin-1 both ways for the reason phrase, and surrogateescape for header fields, as
     # the parsers decoded them: what the API sent passes on byte for byte.
     status_line = f"HTTP/1.1 {status} {text}\r\n".encode("latin-1", "replace")
-    if isinstance(headers, bytes):
-        block = headers
-    else:
-        block = "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("utf-8", "surrogateescape")
+    block = headers if isinstance(headers, bytes) else header_lines(headers)
     n = len(body) if length is None else length
     tail = f"Content-Length: {n}\r\n" if n >= 0 else ""
     if close:

@@ -7,7 +7,7 @@ from typing import Protocol
 from proxy import signing
 from proxy.inbound import Outbound
 from proxy.session import AuthCode, LuxSciSession
-from proxy.upstream import header_line
+from proxy.wire import header_line
 
 
 class AuthScheme(Protocol):

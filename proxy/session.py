@@ -40,10 +40,11 @@ from proxy.config import AuthConfig
 from proxy.errors import ProxyError, UpstreamAuthFailed
 from proxy.limits import RateLimiter
 from proxy.metrics import Metrics
-from proxy.upstream import Upstream, header_line, header_lines
+from proxy.upstream import Upstream
+from proxy.wire import header_line, header_lines
 
 AUTH_PATH = "/perl/api/v2/auth"
-_LOGIN_LINES = header_lines({"Content-Type": "application/json", "Accept": "application/json"})
+_LOGIN_LINES = header_lines([("Content-Type", "application/json"), ("Accept", "application/json")])
 
 log = structlog.get_logger("proxy.session")
 

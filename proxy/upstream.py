@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import Mapping
 from types import TracebackType
 from typing import cast
 from urllib.parse import urlsplit
@@ -71,16 +70,6 @@ def request_head(method: str, target: str, host: str, lines: bytes, length: int)
     if length < 0:
         return start + lines + b"\r\n"
     return b"%s%sContent-Length: %d\r\n\r\n" % (start, lines, length)
-
-
-def header_line(name: str, value: str) -> bytes:
-    """One header line; text decoded from the wire goes back to the same bytes."""
-    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
-
-
-def header_lines(headers: Mapping[str, str]) -> bytes:
-    """Header lines from a mapping (requests the proxy makes itself: login, revoke)."""
-    return b"".join([header_line(k, v) for k, v in headers.items()])
 
 
 class UpstreamResponse:

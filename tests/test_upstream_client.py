@@ -22,7 +22,8 @@ from conftest import eventually
 from proxy import upstream as upstream_module
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from proxy.upstream import ConnectFailed, Upstream, UpstreamResponse, header_lines
+from proxy.upstream import ConnectFailed, Upstream, UpstreamResponse
+from proxy.wire import header_lines
 
 MiB = 1024 * 1024
 
@@ -217,7 +218,9 @@ async def fetch(
     body: bytes = b"",
 ) -> tuple[UpstreamResponse, bytes]:
     """One whole exchange: request, read the body, release."""
-    async with await up.request(method, path, query, header_lines(headers or {}), body) as resp:
+    async with await up.request(
+        method, path, query, header_lines((headers or {}).items()), body
+    ) as resp:
         return resp, await resp.read()
 
 
