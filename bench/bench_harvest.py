@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.harvest import CodeHarvester
+from proxy.schemes.luxsci.harvest import CodeHarvester
 
 CHUNK = 64 * 1024
 SIZE = 5 * 1024 * 1024

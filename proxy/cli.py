@@ -17,8 +17,6 @@ import structlog
 import yaml
 
 from proxy import __version__
-from proxy import log as proxy_log
-from proxy.app import ProxyService
 from proxy.config import (
     AdminConfig,
     AuthConfig,
@@ -33,6 +31,8 @@ from proxy.config import (
     masked,
     validate,
 )
+from proxy.observe import log as proxy_log
+from proxy.service import ProxyService
 
 log = structlog.get_logger("proxy.cli")
 

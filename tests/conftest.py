@@ -15,13 +15,13 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy.app import ProxyService
 from proxy.config import (
     Config,
     Secret,
     validate,
 )
 from proxy.sandbox import SandboxConfig, SandboxServer, start_sandbox
+from proxy.service import ProxyService
 
 TOKEN = "test-token-0123"
 SECRET = "test-secret-key-abcdef"

@@ -13,22 +13,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import log as proxy_log
-from proxy.access_record import AccessRecord
 from proxy.clock import ServerClock, parse_http_date
 from proxy.config import AuthConfig, Secret, UpstreamConfig
 from proxy.errors import BadRequest
-from proxy.inbound import (
-    check_target,
+from proxy.http.client import Upstream
+from proxy.http.headers import (
+    decode_headers,
     downstream_block,
-    prepare_body,
     strip_signature_cookie,
     upstream_block,
 )
 from proxy.limits import Windows
-from proxy.session import AuthCode, LuxSciSession
-from proxy.upstream import Upstream
-from proxy.wire import decode_headers
+from proxy.observe import log as proxy_log
+from proxy.observe.access_record import AccessRecord
+from proxy.pipeline.admission import check_target
+from proxy.pipeline.outbound import prepare_body
+from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
 
 CODE = "965823916111409-1426025141-b3486705691ba0bd15e31292166e3494034c748cb3fdfed0b9d456c647012763"
 

@@ -10,7 +10,6 @@ import contextlib
 
 from aiohttp import web
 
-from proxy import signing
 from proxy.sandbox import parsing
 from proxy.sandbox.auth import authenticate
 from proxy.sandbox.call import MAX_BODY, ApiCall
@@ -26,6 +25,7 @@ from proxy.sandbox.responses import (
     stamp_date,
 )
 from proxy.sandbox.state import Sandbox
+from proxy.schemes.luxsci import signing
 
 
 def make_app(sandbox: Sandbox) -> web.Application:

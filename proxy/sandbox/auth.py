@@ -7,11 +7,11 @@ import json
 
 from aiohttp import web
 
-from proxy import signing
 from proxy.sandbox import parsing
 from proxy.sandbox.call import ApiCall, is_json, read_body
 from proxy.sandbox.config import SandboxConfig
 from proxy.sandbox.responses import api_response
+from proxy.schemes.luxsci import signing
 
 # How far the auth request's date may lag behind / run ahead of the server clock.
 DATE_BEHIND = 15 * 60

@@ -8,7 +8,6 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from proxy import signing
 from proxy.sandbox import parsing
 from proxy.sandbox.call import ApiCall, is_json, read_body
 from proxy.sandbox.jsontext import filler
@@ -21,6 +20,7 @@ from proxy.sandbox.uploads import (
     read_upload,
     verify_attachments,
 )
+from proxy.schemes.luxsci import signing
 
 _CODE_ERRORS = {
     CodeState.UNKNOWN: "Unknown authentication code.",

@@ -34,14 +34,14 @@ from typing import Any
 import structlog
 from multidict import CIMultiDictProxy
 
-from proxy import signing
 from proxy.clock import ServerClock
 from proxy.config import AuthConfig
 from proxy.errors import ProxyError, UpstreamAuthFailed
+from proxy.http.client import Upstream
+from proxy.http.headers import header_line, header_lines
 from proxy.limits import RateLimiter
-from proxy.metrics import Metrics
-from proxy.upstream import Upstream
-from proxy.wire import header_line, header_lines
+from proxy.observe.metrics import Metrics
+from proxy.schemes.luxsci import signing
 
 AUTH_PATH = "/perl/api/v2/auth"
 _LOGIN_LINES = header_lines([("Content-Type", "application/json"), ("Accept", "application/json")])

@@ -26,9 +26,9 @@ import pytest
 from conftest import eventually
 from multidict import CIMultiDict
 
-from proxy import listener as listener_module
 from proxy.errors import Forbidden, ProxyError
-from proxy.listener import (
+from proxy.http import server as listener_module
+from proxy.http.server import (
     HEADER_BYTES_FACTOR,
     LINGER_SECONDS,
     Handler,

@@ -11,11 +11,11 @@ from conftest import EchoUpstream, MakeProxy, RunningProxy
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
-from proxy import retry
 from proxy.config import Secret
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.http.client import ConnectFailed
+from proxy.pipeline import retry
 from proxy.sandbox import SandboxServer
-from proxy.upstream import ConnectFailed
 
 PATH = "/perl/api/v2/account/42/things"
 FAST = {"backoff_base": 0.01, "backoff_max": 0.05}

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.harvest import CodeHarvester, _json_document, code_in_body
+from proxy.schemes.luxsci.harvest import CodeHarvester, _json_document, code_in_body
 
 
 def harvest(chunks: Iterable[bytes], encoding: str | None = None) -> str | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from proxy.errors import BadRequest
-from proxy.signing import body_hash
+from proxy.schemes.luxsci.signing import body_hash
 
 JSON_PART = "json"
 FILES_PART = "files"

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import BadRequest
-from proxy.multipart import Part, boundary_of, build, parse, prepare_upload
+from proxy.schemes.luxsci.multipart import Part, boundary_of, build, parse, prepare_upload
 
 B = "LuxSciBoundary7MA4YWxk"
 DASH = b"--" + B.encode()

@@ -12,17 +12,19 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from proxy.access import AccessPolicy
-from proxy.admin import create_admin_app
 from proxy.clock import ServerClock
 from proxy.config import AuthConfig, Config
-from proxy.forward import Forwarder
+from proxy.http.client import Upstream
+from proxy.http.server import Listener
 from proxy.limits import Backend, MemoryBackend, RateLimiter
-from proxy.listener import Listener
-from proxy.metrics import Metrics, ScopeState, StateSources
-from proxy.schemes import AuthScheme, BearerScheme, LuxSciScheme
-from proxy.session import LuxSciSession
-from proxy.upstream import Upstream
+from proxy.observe.admin import create_admin_app
+from proxy.observe.metrics import Metrics, ScopeState, StateSources
+from proxy.pipeline.admission import AccessPolicy
+from proxy.pipeline.forward import Forwarder
+from proxy.schemes.base import AuthScheme
+from proxy.schemes.bearer import BearerScheme
+from proxy.schemes.luxsci.scheme import LuxSciScheme
+from proxy.schemes.luxsci.session import LuxSciSession
 
 log = structlog.get_logger("proxy.app")
 

@@ -22,6 +22,7 @@ from urllib.parse import unquote_to_bytes
 
 from proxy.config import AccessConfig
 from proxy.errors import BadRequest, Forbidden
+from proxy.schemes.luxsci import signing
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -140,3 +141,23 @@ class AccessPolicy:
             and segments[len(USER_ROOT)].lower() in self.protected
         ):
             raise Forbidden("this user is protected: no request through the proxy may target it")
+
+
+# CONNECT would make the proxy a tunnel; TRACE would have the API echo the request,
+# signature cookie (a live auth code) included, back to the client.
+_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+
+
+def check_method(method: str) -> None:
+    if method in _REFUSED_METHODS:
+        raise BadRequest(f"{method} is not forwarded by the proxy")
+
+
+def check_target(raw_target: str) -> tuple[str, str]:
+    """Only origin-form targets (`/path?query`): nothing may redirect the proxy elsewhere."""
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise BadRequest(
+            "the request target must be a path such as /perl/api/v2/...; absolute URLs, "
+            "authority-form (CONNECT) and '*' targets are not accepted"
+        )
+    return signing.split_target(raw_target)

@@ -19,29 +19,24 @@ from dataclasses import dataclass
 
 import structlog
 
-from proxy import retry
-from proxy.access import AccessPolicy
-from proxy.access_record import AccessRecord
 from proxy.clock import ServerClock
 from proxy.config import Config, LoggingConfig, QueueConfig, RetryConfig
 from proxy.errors import BadRequest, ProxyError, ShuttingDown
-from proxy.harvest import CodeHarvester, code_in_body
-from proxy.inbound import (
-    Outbound,
-    check_method,
-    check_target,
-    downstream_block,
-    read_request,
-)
+from proxy.http.client import Upstream, UpstreamResponse
+from proxy.http.headers import downstream_block
+from proxy.http.server import Request, error_headers, request_id
 from proxy.limits import RateLimiter, scope_of
-from proxy.limits.gate import Gate
-from proxy.listener import Request, error_headers, request_id
-from proxy.log import access as access_log
-from proxy.log import body_text, mask_user
-from proxy.metrics import Metrics
-from proxy.schemes import AuthScheme
-from proxy.session import AUTH_PATH, AuthCode
-from proxy.upstream import Upstream, UpstreamResponse
+from proxy.observe.access_record import AccessRecord
+from proxy.observe.log import access as access_log
+from proxy.observe.log import body_text, mask_user
+from proxy.observe.metrics import Metrics
+from proxy.pipeline import retry
+from proxy.pipeline.admission import AccessPolicy, check_method, check_target
+from proxy.pipeline.inflight import Gate
+from proxy.pipeline.outbound import read_request
+from proxy.schemes.base import AuthScheme, Outbound
+from proxy.schemes.luxsci.harvest import CodeHarvester, code_in_body
+from proxy.schemes.luxsci.session import AUTH_PATH, AuthCode
 
 log = structlog.get_logger("proxy.access")
 

@@ -44,7 +44,7 @@ from proxy.errors import (
     ProxyError,
     TooManyConnections,
 )
-from proxy.wire import decode_headers, header_lines
+from proxy.http.headers import decode_headers, header_lines
 
 log = structlog.get_logger("proxy.server")
 

@@ -28,9 +28,9 @@ import pytest
 import trustme
 import yarl
 
-from proxy import signing
 from proxy.sandbox import Sandbox, SandboxConfig, SandboxServer, start_sandbox
 from proxy.sandbox import cli as sandbox_cli
+from proxy.schemes.luxsci import signing
 
 TOKEN = "sb-test-token"
 SECRET = "sb-test-secret"
@@ -38,7 +38,7 @@ USER = "joe@example.com"
 PASSWORD = "joe-password"
 AUTH = "/perl/api/v2/auth"
 PROFILE = "/perl/api/v2/user/joe%40example.com/profile"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CODE_RE = re.compile(r"^(\d+)-(\d+)-[0-9a-f]{40}$")
 
 Start = Callable[..., Awaitable[SandboxServer]]

@@ -34,7 +34,7 @@ from typing import IO, Any
 import structlog
 from structlog.typing import Processor
 
-from proxy.access_record import AccessRecord
+from proxy.observe.access_record import AccessRecord
 
 MASK = "[REDACTED]"
 _SENSITIVE_KEY = re.compile(

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from conftest import eventually
 
-from proxy import upstream as upstream_module
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
-from proxy.upstream import ConnectFailed, Upstream, UpstreamResponse
-from proxy.wire import header_lines
+from proxy.http import client as upstream_module
+from proxy.http.client import ConnectFailed, Upstream, UpstreamResponse
+from proxy.http.headers import header_lines
 
 MiB = 1024 * 1024
 

@@ -26,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import UpstreamConfig
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.wire import decode_headers
+from proxy.http.headers import decode_headers
 
 # Request bodies go out in pieces this size, each after the socket buffer has drained.
 _WRITE_CHUNK = 256 * 1024

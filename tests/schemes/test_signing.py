@@ -7,7 +7,7 @@ pin the bytes against an independent implementation, not against themselves.
 
 import pytest
 
-from proxy import signing
+from proxy.schemes.luxsci import signing
 
 KEY = "test-secret-key"
 BODY = b'{"a": 1}'

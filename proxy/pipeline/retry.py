@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from proxy.clock import parse_http_date
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.upstream import ConnectFailed
+from proxy.http.client import ConnectFailed
 
 # RFC 9110 9.2.2: repeating these has the same effect as sending them once.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})

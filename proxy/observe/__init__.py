@@ -1,0 +1,1 @@
+"""What the proxy tells operators: logs, the access line, metrics, the admin endpoint."""

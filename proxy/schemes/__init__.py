@@ -1,0 +1,1 @@
+"""Auth schemes: how credentials go on a request, and what answers mean for them."""

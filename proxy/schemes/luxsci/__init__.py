@@ -1,0 +1,1 @@
+"""The LuxSci REST API: signing, the rolling auth-code session, code harvesting, uploads."""
