@@ -67,6 +67,9 @@ class ListenConfig:
     # Seconds a client may take to send a request head, or stay idle between
     # requests, or go quiet while sending a body (slow clients cannot hold a worker).
     client_timeout: float = 30.0
+    # %2F / %5C inside a path segment: "keep" forwards them byte for byte (as Envoy does
+    # by default); "reject" answers 400. Rules match segments split at literal '/'.
+    encoded_slashes: Literal["keep", "reject"] = "keep"
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,7 @@ class ProxyService:
             cfg.logging,
             AccessPolicy(cfg.access),
             cfg.listen.client_timeout,
+            cfg.listen.encoded_slashes,
         )
         self.metrics.describe(cfg.auth.scheme, cfg.limits.backend)
         self.metrics.watch(

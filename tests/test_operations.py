@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import PASSWORD, USER, MakeProxy, MakeSandbox, RunningProxy
+from conftest import PASSWORD, USER, MakeProxy, MakeSandbox, RunningProxy, raw_exchange
 from structlog.testing import capture_logs
 
 from proxy.config import Secret
@@ -174,3 +174,18 @@ async def test_a_reload_that_raises_the_budget_serves_waiting_requests_at_once(
     results = await asyncio.wait_for(asyncio.gather(*waiting), 5)
     assert [status for status, _, _ in results] == [200, 200, 200]
     assert time.monotonic() - started < 2  # not at the next window, within the one open now
+
+
+async def test_a_percent_encoded_user_path_spends_the_user_budget_and_is_masked(
+    sandbox: SandboxServer, make_proxy: MakeProxy
+) -> None:
+    """The review's case: one classification for the limiter, the log and the policy."""
+    proxy = await make_proxy(sandbox.url, logging={"redact_paths": True})
+    target = f"/perl/api/v2/%75ser/{USER}/profile"
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    with capture_logs() as logs:
+        await raw_exchange(proxy.service.port, request)
+    (event,) = [e for e in logs if e["event"] == "request"]
+    assert event["scope"] == "user"
+    assert event["path"] == "/perl/api/v2/%75ser/[user]/profile"
+    assert USER not in repr(logs)

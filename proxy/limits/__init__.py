@@ -1,7 +1,7 @@
 """Traffic shaping: rate windows, the wait queue, and where permits are counted."""
 
 from proxy.limits.backend import Backend, MemoryBackend, Verdict
-from proxy.limits.limiter import SCOPES, RateLimiter, scope_of
+from proxy.limits.limiter import SCOPES, RateLimiter
 from proxy.limits.windows import Windows
 
-__all__ = ["SCOPES", "Backend", "MemoryBackend", "RateLimiter", "Verdict", "Windows", "scope_of"]
+__all__ = ["SCOPES", "Backend", "MemoryBackend", "RateLimiter", "Verdict", "Windows"]

@@ -38,15 +38,7 @@ from proxy.limits.windows import Windows
 
 log = structlog.get_logger("proxy.limits")
 
-USER_PREFIX = "/perl/api/v2/user/"
 SCOPES = ("user", "account")
-
-
-def scope_of(path: str, scheme: str) -> str:
-    """Which budget a request spends: user-level paths vs everything else."""
-    if scheme == "luxsci" and path.startswith(USER_PREFIX):
-        return "user"
-    return "account"
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:

@@ -1,76 +1,25 @@
 """Who may use the proxy and what for: pure checks, no I/O.
 
 Whoever reaches the proxy acts with the integration's full rights, so every
-request passes, in order: the peer allow-list, the client token, the shape of
-its target (nothing that could side-step a rule: dot-segments, encoded
-slashes, malformed escapes), the method + path rules, and the protected users.
-All of it happens before a permit is spent or a byte goes upstream.
+request passes, in order: the peer allow-list, the client token, the method,
+the method + path rules, and the protected users. The target's shape is
+settled when it is parsed (proxy/target.py). All of it happens before a
+permit is spent or a byte goes upstream.
 
-Paths are matched on their decoded segments: `/perl/api/v2/%75ser/x` is the
-`user` path the API will see, so it is the one the rules must see too; a
-segment that decodes to `/`, `\\`, `.` or `..` is refused outright.
+Rules match the target's decoded segments: `/perl/api/v2/%75ser/x` is the
+`user` path the API will see, so it is the one the rules must see too.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
 
 from proxy.config import AccessConfig
 from proxy.errors import BadRequest, Forbidden
-from proxy.schemes.luxsci import signing
-
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-USER_ROOT = ("perl", "api", "v2", "user")
-
-
-def check_escapes(text: str, what: str) -> None:
-    """Every % must start a two-hex-digit escape."""
-    if _BAD_ESCAPE.search(text):
-        raise BadRequest(f"malformed percent-encoding in the {what}")
-
-
-# Anything that needs a closer look: escapes, dots, backslashes, empty segments, controls.
-_SUSPECT = re.compile(r"[%\\\x00-\x1f\x7f]|/\.|//")
-
-
-def path_segments(path: str) -> list[str]:
-    """The decoded segments of a raw path, or BadRequest for anything that could mislead."""
-    if not _SUSPECT.search(path):
-        # The common case: plain segments, nothing to decode or refuse.
-        segments = path.split("/")[1:]
-        if segments and segments[-1] == "":
-            segments.pop()
-        return segments
-    check_escapes(path, "path")
-    raw_segments = path.split("/")[1:]
-    last = len(raw_segments) - 1
-    segments = []
-    for i, raw in enumerate(raw_segments):
-        if "\\" in raw:
-            raise BadRequest("backslashes are not allowed in the path")
-        data = unquote_to_bytes(raw) if "%" in raw else raw.encode()
-        if b"/" in data or b"\\" in data:
-            raise BadRequest("encoded slashes (%2F, %5C) are not allowed in the path")
-        try:
-            segment = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("the path does not decode to UTF-8") from None
-        if segment in (".", ".."):
-            raise BadRequest("dot-segments (., .., %2e%2e) are not allowed in the path")
-        if _CONTROL.search(segment):
-            raise BadRequest("control characters are not allowed in the path")
-        if segment == "" and i != last:
-            raise BadRequest("empty segments (//) are not allowed in the path")
-        segments.append(segment)
-    if segments and segments[-1] == "":
-        segments.pop()  # a trailing slash matches like its path without
-    return segments
+from proxy.target import Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,18 +77,12 @@ class AccessPolicy:
                 "missing or wrong client token (send Proxy-Authorization: Bearer <token>)"
             )
 
-    def check_request(self, method: str, path: str, query: str) -> None:
-        """Target shape, rules and protected users; BadRequest or Forbidden."""
-        segments = path_segments(path)
-        check_escapes(query, "query")
+    def check_request(self, method: str, target: Target) -> None:
+        """The method + path rules and the protected users; Forbidden if refused."""
+        segments = target.segments
         if self.rules and not any(rule.allows(method, segments) for rule in self.rules):
             raise Forbidden(f"{method} on this path is not allowed by the proxy's access rules")
-        if (
-            self.protected
-            and len(segments) > len(USER_ROOT)
-            and tuple(segments[: len(USER_ROOT)]) == USER_ROOT
-            and segments[len(USER_ROOT)].lower() in self.protected
-        ):
+        if self.protected and not self.protected.isdisjoint(target.users):
             raise Forbidden("this user is protected: no request through the proxy may target it")
 
 
@@ -151,13 +94,3 @@ _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 def check_method(method: str) -> None:
     if method in _REFUSED_METHODS:
         raise BadRequest(f"{method} is not forwarded by the proxy")
-
-
-def check_target(raw_target: str) -> tuple[str, str]:
-    """Only origin-form targets (`/path?query`): nothing may redirect the proxy elsewhere."""
-    if not raw_target.startswith("/") or raw_target.startswith("//"):
-        raise BadRequest(
-            "the request target must be a path such as /perl/api/v2/...; absolute URLs, "
-            "authority-form (CONNECT) and '*' targets are not accepted"
-        )
-    return signing.split_target(raw_target)

@@ -25,18 +25,20 @@ from proxy.errors import BadRequest, ProxyError, ShuttingDown
 from proxy.http.client import Upstream, UpstreamResponse
 from proxy.http.headers import downstream_block
 from proxy.http.server import Request, error_headers, request_id
-from proxy.limits import RateLimiter, scope_of
+from proxy.limits import RateLimiter
 from proxy.observe.access_record import AccessRecord
 from proxy.observe.log import access as access_log
-from proxy.observe.log import body_text, mask_user
+from proxy.observe.log import body_text
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import retry
-from proxy.pipeline.admission import AccessPolicy, check_method, check_target
+from proxy.pipeline.admission import AccessPolicy, check_method
 from proxy.pipeline.inflight import Gate
 from proxy.pipeline.outbound import read_request
 from proxy.schemes.base import AuthScheme, Outbound
 from proxy.schemes.luxsci.harvest import CodeHarvester, code_in_body
-from proxy.schemes.luxsci.session import AUTH_PATH, AuthCode
+from proxy.schemes.luxsci.session import AuthCode
+from proxy.target import Kind
+from proxy.target import parse as parse_target
 
 log = structlog.get_logger("proxy.access")
 
@@ -85,6 +87,7 @@ class Forwarder:
         logging: LoggingConfig,
         policy: AccessPolicy,
         client_timeout: float,
+        encoded_slashes: str = "keep",
     ) -> None:
         self.upstream = upstream
         self.scheme = scheme
@@ -98,6 +101,7 @@ class Forwarder:
         self.metrics = metrics
         self.policy = policy
         self.client_timeout = client_timeout
+        self.encoded_slashes = encoded_slashes
         # Replaced whole on reload (SIGHUP), never mutated.
         self.logging = logging
         # Handler tasks still working, so a shutdown can wait for them (or cut them off).
@@ -154,13 +158,15 @@ class Forwarder:
             self.policy.check_peer(request.remote)
             self.policy.check_token(headers.get("Proxy-Authorization"))
             check_method(request.method)
-            path, query = check_target(request.raw_path)
-            self.policy.check_request(request.method, path, query)
+            target = parse_target(request.raw_path, self.encoded_slashes)
+            self.policy.check_request(request.method, target)
             wait = max_wait(headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
-            out = await read_request(request, path, query, self.max_body, self.client_timeout)
-            scope = scope_of(out.path, self.scheme_name)
-            label_scope = "auth" if out.path.startswith(AUTH_PATH) else scope
-            event.path = mask_user(out.path) if self.logging.redact_paths else out.path
+            out = await read_request(
+                request, target.path, target.query, self.max_body, self.client_timeout
+            )
+            scope = self.scheme.budget(target)
+            label_scope = "auth" if target.kind is Kind.AUTH else scope
+            event.path = target.masked_path() if self.logging.redact_paths else target.path
             event.scope = label_scope
             event.bytes_in = len(out.body)
             if self.logging.log_bodies:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.schemes.luxsci.session import AuthCode
+from proxy.target import Target
 
 
 @dataclass(slots=True)
@@ -39,6 +40,10 @@ class AuthScheme(Protocol):
     refreshes_on_401: bool
     # Whether success answers carry a fresh auth code (to be harvested from the body).
     harvests: bool
+
+    def budget(self, target: Target) -> str:
+        """Which rate-limit budget (scope) a request to `target` spends."""
+        ...
 
     async def apply(self, out: Outbound) -> AuthCode | None:
         """Set `out.credentials`; returns what was used (for invalidate/harvest)."""

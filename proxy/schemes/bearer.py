@@ -5,6 +5,7 @@ from __future__ import annotations
 from proxy.http.headers import header_line
 from proxy.schemes.base import Outbound
 from proxy.schemes.luxsci.session import AuthCode
+from proxy.target import Target
 
 
 class BearerScheme:
@@ -16,6 +17,9 @@ class BearerScheme:
 
     def set_key(self, api_key: str) -> None:
         self._line = header_line("Authorization", f"Bearer {api_key}")
+
+    def budget(self, target: Target) -> str:
+        return "account"  # one budget for the whole API
 
     async def apply(self, out: Outbound) -> None:
         cookies = out.cookie_header()

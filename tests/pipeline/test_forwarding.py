@@ -31,9 +31,9 @@ from proxy.sandbox import SandboxServer
     [
         f"/perl/api/v2/user/{USER}/profile",
         "/perl/api/v2/user/joe%40example.com/profile",
-        # An encoded slash may travel in the query (in a path segment it is refused:
-        # see test_security.py).
+        # An encoded slash travels as sent, in the query and in a path segment.
         "/perl/api/v2/account/42/files?name=a%2Fb%3D",
+        "/perl/api/v2/account/42/files/a%2Fb%5Cc",
         "/perl/api/v2/account/42/search?q=a+b&r=%20&r=&flag",
         "/perl/api/v2/account/42/x?k=%c3%a9&K=%C3%A9",
     ],

@@ -6,6 +6,7 @@ from proxy.http.headers import header_line
 from proxy.schemes.base import Outbound
 from proxy.schemes.luxsci import signing
 from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
+from proxy.target import Kind, Target
 
 
 class LuxSciScheme:
@@ -14,6 +15,10 @@ class LuxSciScheme:
 
     def __init__(self, session: LuxSciSession) -> None:
         self.session = session
+
+    def budget(self, target: Target) -> str:
+        """The API counts user-level and account-level requests against separate limits."""
+        return "user" if target.kind is Kind.USER else "account"
 
     async def apply(self, out: Outbound) -> AuthCode:
         code = await self.session.code()

@@ -42,8 +42,8 @@ from proxy.http.headers import header_line, header_lines
 from proxy.limits import RateLimiter
 from proxy.observe.metrics import Metrics
 from proxy.schemes.luxsci import signing
+from proxy.target import AUTH_PATH
 
-AUTH_PATH = "/perl/api/v2/auth"
 _LOGIN_LINES = header_lines([("Content-Type", "application/json"), ("Accept", "application/json")])
 
 log = structlog.get_logger("proxy.session")
