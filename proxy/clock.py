@@ -87,3 +87,15 @@ class ServerClock:
         """Would the server accept this signed date now?"""
         server = self.now()
         return server - MAX_BEHIND <= signed_date <= server + MAX_AHEAD
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date, RFC 9110 10.2.3),
+    None if absent or bad. `now`: the server's clock, for the date form."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    when = parse_http_date(value)
+    return None if when is None else max(0.0, when - now)

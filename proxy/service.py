@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +14,18 @@ import structlog
 from aiohttp import web
 
 from proxy.clock import ServerClock
-from proxy.config import AuthConfig, Config
+from proxy.config import Config
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.observe.admin import create_admin_app
 from proxy.observe.metrics import Metrics, ScopeState, StateSources
-from proxy.pipeline.admission import AccessPolicy
+from proxy.pipeline.admission import AccessPolicy, Admission
+from proxy.pipeline.attempts import Attempts, Sender
 from proxy.pipeline.forward import Forwarder
-from proxy.schemes.base import AuthScheme
-from proxy.schemes.bearer import BearerScheme
-from proxy.schemes.luxsci.scheme import LuxSciScheme
-from proxy.schemes.luxsci.session import LuxSciSession
+from proxy.pipeline.inflight import Gate
+from proxy.pipeline.relay import Relay
+from proxy.schemes.registry import BUILT_IN, SchemeDeps, SchemeKind
 
 log = structlog.get_logger("proxy.app")
 
@@ -71,10 +72,6 @@ _RESTART_LIMITS = (
 )
 
 
-def _credentials(auth: AuthConfig) -> tuple[object, ...]:
-    return (auth.token, auth.secret, auth.user, auth.password)
-
-
 def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
@@ -83,7 +80,7 @@ def _bound_port(runner: web.BaseRunner) -> int:
 class ProxyService:
     """The running proxy: listeners, upstream pool and auth session."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> None:
         self.cfg = cfg
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
@@ -92,47 +89,20 @@ class ProxyService:
         self.limiter = RateLimiter(
             cfg.limits, cfg.queue, make_backend(cfg, self.limits_key), self.clock
         )
-        self.session: LuxSciSession | None = None
-        scheme: AuthScheme
         # The scheme is fixed for the life of the process (a reload cannot switch it).
-        if cfg.auth.scheme == "luxsci":
-            self.session = LuxSciSession(
-                cfg.auth,
-                self.upstream,
-                self.clock,
-                limiter=self.limiter,
-                permit_wait=cfg.queue.max_wait,
-                metrics=self.metrics,
-            )
-            scheme = LuxSciScheme(self.session)
-        else:
-            assert cfg.auth.api_key is not None
-            scheme = BearerScheme(cfg.auth.api_key.get())
-        self.scheme = scheme
-        self.forwarder = Forwarder(
-            self.upstream,
-            scheme,
-            cfg.auth.scheme,
-            self.clock,
-            self.limiter,
-            cfg.limits.max_inflight,
-            cfg.queue,
-            cfg.retry,
-            cfg.listen.max_body_bytes,
-            self.metrics,
-            cfg.logging,
-            AccessPolicy(cfg.access),
-            cfg.listen.client_timeout,
-            cfg.listen.encoded_slashes,
+        deps = SchemeDeps(
+            cfg.auth, self.upstream, self.clock, self.limiter, self.metrics, cfg.queue.max_wait
         )
-        self.metrics.describe(cfg.auth.scheme, cfg.limits.backend)
+        self.scheme = schemes[cfg.auth.scheme].build(deps)
+        self.forwarder = self._pipeline(cfg)
+        self.metrics.describe(self.scheme.name, cfg.limits.backend)
         self.metrics.watch(
             StateSources(
                 scopes=self._scope_states,
                 inflight=lambda: self.forwarder.inflight_count,
                 daily_used=lambda: self.limiter.day_used_known(),
-                code_age=lambda: self.session.code_age() if self.session else None,
-                session_valid=lambda: self.session.valid() if self.session else True,
+                code_age=self.scheme.credential_age,
+                session_valid=self.scheme.valid,
             )
         )
         listen = cfg.listen
@@ -156,6 +126,19 @@ class ProxyService:
             else set()
         )
 
+    def _pipeline(self, cfg: Config) -> Forwarder:
+        """The forwarding steps, each with its few collaborators."""
+        sender = Sender(
+            self.upstream, Gate(cfg.limits.max_inflight), self.clock, self.limiter, self.metrics
+        )
+        return Forwarder(
+            Admission(AccessPolicy(cfg.access), self.scheme, cfg.queue, cfg.listen.encoded_slashes),
+            Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry),
+            Relay(self.scheme, cfg.logging.log_bodies),
+            self.metrics,
+            cfg,
+        )
+
     def _scope_states(self) -> dict[str, ScopeState]:
         return {
             scope: ScopeState(
@@ -171,9 +154,7 @@ class ProxyService:
         Redis backend also while Redis answers (admin.ready_requires_redis), though the
         proxy keeps serving on its local share either way."""
         checks: dict[str, Any] = {
-            "auth": {"ok": True, "scheme": "bearer"}
-            if self.session is None
-            else self.session.status(),
+            "auth": self.scheme.status(),
             "limits": self.limiter.status(),
         }
         if self.forwarder.draining:
@@ -221,15 +202,14 @@ class ProxyService:
         # Listen before the first login: requests wait for it (single flight) instead
         # of being refused, and /readyz says 503 until it has succeeded.
         self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port)
-        if self.session is not None:
-            await self.session.start()
+        await self.scheme.start()
         log.info(
             "proxy_started",
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             listen=f"{self.cfg.listen.host}:{self.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
             upstream=self.cfg.upstream.url,
-            scheme=self.cfg.auth.scheme,
+            scheme=self.scheme.name,
             ready=self.readiness()[0],
         )
 
@@ -266,13 +246,7 @@ class ProxyService:
         self.limiter.reconfigure(applied.limits, applied.queue)
         self.forwarder.reconfigure(applied)
         self.cfg = applied
-        if self.session is not None:
-            if _credentials(auth) != _credentials(old.auth):
-                await self.session.change_credentials(auth)
-            else:
-                self.session.cfg = auth
-        elif isinstance(self.scheme, BearerScheme) and auth.api_key is not None:
-            self.scheme.set_key(auth.api_key.get())
+        await self.scheme.reconfigure(auth)
         return restart
 
     async def stop(self) -> None:
@@ -280,12 +254,11 @@ class ProxyService:
         answer the rest 503; revoke the session; close everything."""
         log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
         self.listener.stop_accepting()  # no new connections; idle ones closed
-        cut_off = await self.forwarder.drain(self.cfg.shutdown_timeout)
+        cut_off = await self.forwarder.drain.drain(self.cfg.shutdown_timeout)
         if cut_off:
             log.warning("shutdown_cut_off_requests", count=cut_off)
         await self.listener.close()
-        if self.session is not None:
-            await self.session.revoke()
+        await self.scheme.stop()
         await self._admin_runner.cleanup()
         await self.limiter.close()
         await self.upstream.close()

@@ -75,8 +75,8 @@ async def test_reload_applies_limits_and_queue_at_once(
     )
     assert await service.reload(new) == []
     assert service.limiter.buckets["user"].effective_limit == 7
-    assert service.forwarder.queue.max_wait == 5
-    assert service.forwarder.retries.max_attempts == 2
+    assert service.forwarder.admission.queue.max_wait == 5
+    assert service.forwarder.attempts.retries.max_attempts == 2
     # The day so far: the login, 1 of the new budget of 2; one request fits.
     assert (await get(http, proxy.url + USER_PATH))[0] == 200
     status, headers, _ = await get(http, proxy.url + USER_PATH)

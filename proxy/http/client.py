@@ -43,13 +43,11 @@ class ConnectFailed(UpstreamUnreachable):
     """The connection was never made, so the request certainly did not reach the API."""
 
 
-class _DroppedIdle(UpstreamUnreachable):
+class StaleConnection(UpstreamUnreachable):
     """A kept-alive connection closed with not a byte of answer: most likely the server
-    dropped it as idle just as the request went out."""
-
-
-# Sent again at once on a new connection after _DroppedIdle (aiohttp's client did the same).
-_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+    dropped it as idle just as the request went out. Whether to send the request again
+    (on a fresh connection) is the retry policy's call, counted like any attempt: the
+    client never resends on its own."""
 
 
 def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -191,7 +189,7 @@ class _Connection(asyncio.Protocol):
             message = f"{self.pool.where} closed the connection without answering"
             silent = self._last_data == self._sent_at
             self._fail(
-                _DroppedIdle(message) if self.served and silent else UpstreamUnreachable(message)
+                StaleConnection(message) if self.served and silent else UpstreamUnreachable(message)
             )
         elif not self._complete and self._eof_body and self._error is None:
             # A body delimited by the end of the connection has just ended.
@@ -550,20 +548,17 @@ class Upstream:
         query: str,
         lines: bytes,
         body: bytes,
+        fresh: bool = False,
     ) -> UpstreamResponse:
         """Send one request; returns once the response head is in. Caller releases it.
 
         `lines`: the header lines, `Name: value\\r\\n` each (Host and Content-Length
-        are added here)."""
+        are added here). `fresh`: on a new connection, not a kept-alive one (the attempt
+        after a StaleConnection)."""
         target = f"{path}?{query}" if query else path
         length = len(body) if body or method in _BODY_METHODS else -1
         head = request_head(method, target, self.host_header, lines, length)
-        try:
-            return await self._send(head, body, method == "HEAD")
-        except _DroppedIdle:
-            if method not in _IDEMPOTENT:
-                raise  # it may have been carried out: the retry policy decides
-        return await self._send(head, body, method == "HEAD", fresh=True)
+        return await self._send(head, body, method == "HEAD", fresh)
 
     async def _send(
         self, head: bytes, body: bytes, head_only: bool, fresh: bool = False

@@ -228,10 +228,6 @@ class RateLimiter:
             if used > self.backend.known_used(scope, window):
                 await self.backend.raise_used(scope, window, used)
 
-    def is_rate_limited(self, status: int, headers: Mapping[str, str]) -> bool:
-        """A 403 that is the API's rate limit (remaining 0), not a refusal for another reason."""
-        return status == 403 and _int_header(headers, "X-RateLimit-Remaining") == 0
-
     async def hold(self, scope: str, headers: Mapping[str, str]) -> float:
         """The API refused for rate: close `scope` until its reset; returns seconds until then."""
         now = self.clock.now()

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.config import AccessConfig
+from proxy.config import AccessConfig, QueueConfig
 from proxy.errors import BadRequest, Forbidden
-from proxy.target import Target
+from proxy.http.server import Request
+from proxy.schemes.base import AuthScheme
+from proxy.target import Kind, Target
+from proxy.target import parse as parse_target
+
+MAX_WAIT_HEADER = "X-Proxy-Max-Wait"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +100,54 @@ _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 def check_method(method: str) -> None:
     if method in _REFUSED_METHODS:
         raise BadRequest(f"{method} is not forwarded by the proxy")
+
+
+def max_wait(header: str | None, configured: float) -> float:
+    """The client may ask to wait less than queue.max_wait, never more."""
+    if header is None:
+        return configured
+    try:
+        asked = float(header)
+    except ValueError:
+        asked = math.nan
+    if not math.isfinite(asked) or asked < 0:
+        raise BadRequest(f"{MAX_WAIT_HEADER} must be a number of seconds >= 0 (got {header!r})")
+    return min(asked, configured)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request the proxy will forward: what it targets, which budget it spends, and
+    until when (monotonic) it may wait for its turn."""
+
+    target: Target
+    scope: str
+    # The scope label for metrics and the access line ("auth" for log-in paths).
+    label: str
+    deadline: float
+
+
+class Admission:
+    """The first step: who may ask, for what, and within which budget. A refused request
+    costs no body read, no permit and no API call."""
+
+    def __init__(
+        self, policy: AccessPolicy, scheme: AuthScheme, queue: QueueConfig, encoded_slashes: str
+    ) -> None:
+        self.policy = policy
+        self.scheme = scheme
+        self.queue = queue
+        self.encoded_slashes = encoded_slashes
+
+    def admit(self, request: Request, started: float) -> Admitted:
+        headers = request.headers
+        policy = self.policy
+        policy.check_peer(request.remote)
+        policy.check_token(headers.get("Proxy-Authorization"))
+        check_method(request.method)
+        target = parse_target(request.raw_path, self.encoded_slashes)
+        policy.check_request(request.method, target)
+        wait = max_wait(headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
+        scope = self.scheme.budget(target)
+        label = "auth" if target.kind is Kind.AUTH else scope
+        return Admitted(target, scope, label, started + wait)

@@ -1,16 +1,21 @@
 """What every auth scheme is: the contract the forwarding pipeline talks to.
 
-The pipeline knows nothing of LuxSci signatures or Bearer keys: it hands the
-scheme an `Outbound` request to put credentials on, and asks the scheme what an
-answer means (see the scheme modules).
+The pipeline knows nothing of LuxSci signatures, auth codes or Bearer keys. It
+hands a scheme an `Outbound` request to put credentials on, asks it which
+budget a target spends, what a failed answer means (`judge`), and lets it read
+success answers as they pass (`watch`). Everything an API does differently
+lives behind these few calls, so adding a scheme is one module plus its entry
+in the registry (schemes/registry.py); no scheme name is compared anywhere else.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from proxy.schemes.luxsci.session import AuthCode
+from proxy.config import AuthConfig
 from proxy.target import Target
 
 
@@ -35,22 +40,99 @@ class Outbound:
         return "; ".join(parts) if parts else None
 
 
+class Credential:
+    """What a scheme put on one attempt, so it can tell later which answer it earned."""
+
+    __slots__ = ()
+
+
+class Action(enum.Enum):
+    DONE = "done"  # hand this answer to the client
+    REAUTH = "reauth"  # fresh credentials, then send again (at most once per request)
+    RATE_WAIT = "rate_wait"  # the API's rate limit: wait, then send again
+    RETRY = "retry"  # back off, then send again
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do after an attempt; `reason` labels retries_total and the log."""
+
+    action: Action
+    reason: str = ""
+    # Seconds to wait before the next attempt, when the server said (Retry-After).
+    delay: float | None = None
+    # RATE_WAIT: the API names its window's reset in X-RateLimit-Reset; wait for that.
+    until_reset: bool = False
+    # RETRY: send the next attempt on a new connection, at once (a stale kept-alive one).
+    fresh_connection: bool = False
+
+
+DONE = Decision(Action.DONE)
+
+
+class AnswerWatch(Protocol):
+    """Reads a success answer on its way to the client (never holds it whole)."""
+
+    def whole(self, body: bytes) -> None:
+        """The answer's entire body, when it was small enough to be read at once."""
+
+    def feed(self, chunk: bytes) -> None:
+        """The next chunk of a streamed body."""
+
+    def end(self) -> None:
+        """The streamed body is complete."""
+
+
 class AuthScheme(Protocol):
-    # Whether a 401 is worth one fresh login and one retry.
-    refreshes_on_401: bool
-    # Whether success answers carry a fresh auth code (to be harvested from the body).
-    harvests: bool
+    # For the build-info metric and the startup log line only, never for decisions.
+    name: str
 
     def budget(self, target: Target) -> str:
         """Which rate-limit budget (scope) a request to `target` spends."""
         ...
 
-    async def apply(self, out: Outbound) -> AuthCode | None:
-        """Set `out.credentials`; returns what was used (for invalidate/harvest)."""
+    async def apply(self, out: Outbound) -> Credential | None:
+        """Set `out.credentials`; returns what was used (for `judge`, `retire`, `watch`)."""
         ...
 
-    def invalidate(self, used: AuthCode | None) -> None: ...
+    def judge(self, status: int, headers: Mapping[str, str], now: float) -> Decision | None:
+        """This API's reading of a failed answer (status >= 400), or None for the generic
+        rules (pipeline/retry.py). `now`: the server's clock, for Retry-After dates."""
+        ...
 
-    def harvested(self, used: AuthCode | None, sent_at: float, code: str | None) -> None:
-        """A success answer to a request sent at `sent_at` with `used` carried `code`."""
+    def retire(self, used: Credential | None) -> None:
+        """`used` earned a REAUTH: never sign with it again."""
+        ...
+
+    def watch(
+        self, used: Credential | None, sent_at: float, headers: Mapping[str, str]
+    ) -> AnswerWatch | None:
+        """A reader for a success answer to a request sent at `sent_at` with `used`, or None
+        when this scheme learns nothing from answers."""
+        ...
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Get credentials before the first request, when the scheme has any to get."""
+        ...
+
+    async def stop(self) -> None:
+        """End the session server-side on shutdown, when there is one."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The readiness check's entry: {"ok": bool, ...}."""
+        ...
+
+    def credential_age(self) -> float | None:
+        """Seconds since the current credential was earned; None when it does not age."""
+        ...
+
+    def valid(self) -> bool:
+        """Holds a credential it would use right now."""
+        ...
+
+    async def reconfigure(self, auth: AuthConfig) -> None:
+        """A reload: new credentials take effect (the scheme itself never changes)."""
         ...

@@ -1,16 +1,23 @@
-"""Bearer-key APIs: `Authorization: Bearer <api_key>` on every request."""
+"""Bearer-key APIs: `Authorization: Bearer <api_key>` on every request.
+
+Here 429 *is* the rate limit: honour Retry-After (seconds or an HTTP-date),
+else back off. A 401 means the key is wrong; a retry would not change that.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.clock import retry_after
+from proxy.config import AuthConfig
 from proxy.http.headers import header_line
-from proxy.schemes.base import Outbound
-from proxy.schemes.luxsci.session import AuthCode
+from proxy.schemes.base import Action, AnswerWatch, Credential, Decision, Outbound
 from proxy.target import Target
 
 
 class BearerScheme:
-    refreshes_on_401 = False  # a 401 means the key is wrong; a retry would not change that
-    harvests = False
+    name = "bearer"
 
     def __init__(self, api_key: str) -> None:
         self.set_key(api_key)
@@ -25,8 +32,37 @@ class BearerScheme:
         cookies = out.cookie_header()
         out.credentials = self._line + header_line("Cookie", cookies) if cookies else self._line
 
-    def invalidate(self, used: AuthCode | None) -> None:
+    def judge(self, status: int, headers: Mapping[str, str], now: float) -> Decision | None:
+        if status == 429:
+            delay = retry_after(headers.get("Retry-After"), now)
+            return Decision(Action.RATE_WAIT, "rate_limited", delay)
+        return None
+
+    def retire(self, used: Credential | None) -> None:
         pass
 
-    def harvested(self, used: AuthCode | None, sent_at: float, code: str | None) -> None:
+    def watch(
+        self, used: Credential | None, sent_at: float, headers: Mapping[str, str]
+    ) -> AnswerWatch | None:
+        return None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
         pass
+
+    async def stop(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {"ok": True, "scheme": self.name}
+
+    def credential_age(self) -> float | None:
+        return None
+
+    def valid(self) -> bool:
+        return True
+
+    async def reconfigure(self, auth: AuthConfig) -> None:
+        if auth.api_key is not None:
+            self.set_key(auth.api_key.get())

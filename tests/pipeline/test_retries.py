@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -11,13 +12,22 @@ from conftest import EchoUpstream, MakeProxy, RunningProxy
 from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
+from proxy.clock import retry_after
 from proxy.config import Secret
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
-from proxy.http.client import ConnectFailed
+from proxy.http.client import ConnectFailed, StaleConnection
 from proxy.pipeline import retry
 from proxy.sandbox import SandboxServer
+from proxy.schemes.base import AuthScheme
+from proxy.schemes.bearer import BearerScheme
+from proxy.schemes.luxsci.scheme import LuxSciScheme
 
 PATH = "/perl/api/v2/account/42/things"
+# judge() is pure: the LuxSci scheme's session is never touched.
+SCHEMES: dict[str, AuthScheme] = {
+    "luxsci": LuxSciScheme(cast(Any, None)),
+    "bearer": BearerScheme("k"),
+}
 FAST = {"backoff_base": 0.01, "backoff_max": 0.05}
 
 
@@ -187,8 +197,17 @@ async def test_bearer_429_without_retry_after_backs_off(
 def test_retry_policy_table(
     scheme: str, method: str, status: int, rate_limited: bool, expected: retry.Action
 ) -> None:
-    decision = retry.after_response(scheme, method, status, CIMultiDict(), rate_limited, 0.0)
+    headers = CIMultiDict({"X-RateLimit-Remaining": "0"} if rate_limited else {})
+    decision = retry.after_response(SCHEMES[scheme], method, status, headers, 0.0)
     assert decision.action is expected
+
+
+def test_a_rate_limit_403_waits_for_the_reset_and_a_429_for_retry_after() -> None:
+    remaining_0 = CIMultiDict({"X-RateLimit-Remaining": "0", "Retry-After": "7"})
+    luxsci = retry.after_response(SCHEMES["luxsci"], "GET", 403, remaining_0, 0.0)
+    assert luxsci.until_reset and luxsci.delay is None
+    bearer = retry.after_response(SCHEMES["bearer"], "GET", 429, remaining_0, 0.0)
+    assert bearer.delay == 7.0 and not bearer.until_reset
 
 
 @pytest.mark.parametrize(
@@ -200,6 +219,8 @@ def test_retry_policy_table(
         ("POST", UpstreamTimeout("x"), retry.Action.DONE),
         ("GET", UpstreamTimeout("x"), retry.Action.RETRY),
         ("GET", BadRequest("x"), retry.Action.DONE),
+        ("GET", StaleConnection("x"), retry.Action.RETRY),
+        ("POST", StaleConnection("x"), retry.Action.DONE),
     ],
 )
 def test_retry_policy_for_errors(method: str, error: Exception, expected: retry.Action) -> None:
@@ -213,8 +234,34 @@ def test_backoff_is_full_jitter_capped() -> None:
     assert retry.backoff(3, 0.5, 8, rand=lambda: 0.0) == 0.0
 
 
+def test_a_stale_kept_alive_connection_is_retried_at_once_on_a_fresh_one() -> None:
+    decision = retry.after_error("GET", StaleConnection("x"))
+    assert (decision.reason, decision.delay, decision.fresh_connection) == (
+        "stale_connection",
+        0.0,
+        True,
+    )
+
+
 def test_retry_after_reads_seconds_and_dates() -> None:
-    assert retry.retry_after("7", now=0) == 7.0
-    assert retry.retry_after("Thu, 01 Jan 1970 00:01:40 GMT", now=90.0) == 10.0
-    assert retry.retry_after("soon", now=0) is None
-    assert retry.retry_after(None, now=0) is None
+    assert retry_after("7", now=0) == 7.0
+    assert retry_after("Thu, 01 Jan 1970 00:01:40 GMT", now=90.0) == 10.0
+    assert retry_after("soon", now=0) is None
+    assert retry_after(None, now=0) is None
+
+
+async def test_a_get_on_a_dropped_kept_alive_connection_is_a_counted_attempt(
+    sandbox: SandboxServer, fast_proxy: RunningProxy, http: aiohttp.ClientSession
+) -> None:
+    """The upstream client never resends on its own: the stale-connection retry is an
+    ordinary attempt, in the access line, the log and retries_total."""
+    assert await send(http, fast_proxy, "GET") == 200  # a kept-alive connection to reuse
+    sandbox.sandbox.add_fault(drop=True, times=1, path_prefix=PATH)
+    with capture_logs() as logs:
+        assert await send(http, fast_proxy, "GET") == 200
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["attempts"] == 2
+    assert [e["reason"] for e in logs if e["event"] == "retry"] == ["stale_connection"]
+    async with http.get(f"http://127.0.0.1:{fast_proxy.service.admin_port}/metrics") as resp:
+        text = await resp.text()
+    assert 'luxsci_proxy_retries_total{reason="stale_connection"} 1.0' in text

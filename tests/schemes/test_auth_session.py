@@ -9,6 +9,7 @@ import aiohttp
 from conftest import PASSWORD, USER, MakeProxy, MakeSandbox, RunningProxy
 
 from proxy.sandbox import SandboxServer
+from proxy.schemes.luxsci.scheme import LuxSciScheme
 
 PROFILE = f"/perl/api/v2/user/{USER}/profile"
 
@@ -116,8 +117,8 @@ async def test_concurrent_first_requests_share_one_login(
 ) -> None:
     sandbox.sandbox.expire_all()
     # Make the proxy believe its code is gone too, so 20 requests all need a login at once.
-    assert proxy.service.session is not None
-    proxy.service.session._current = None
+    assert isinstance(proxy.service.scheme, LuxSciScheme)
+    proxy.service.scheme.session._current = None
     await asyncio.gather(*(get_ok(http, proxy) for _ in range(20)))
     assert sandbox.sandbox.stats.auth_calls == 2
 

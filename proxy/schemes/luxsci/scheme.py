@@ -2,23 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.config import AuthConfig
 from proxy.http.headers import header_line
-from proxy.schemes.base import Outbound
-from proxy.schemes.luxsci import signing
+from proxy.schemes.base import AnswerWatch, Credential, Decision, Outbound
+from proxy.schemes.luxsci import rules, signing
+from proxy.schemes.luxsci.harvest import CodeHarvester, code_in_body
 from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
-from proxy.target import Kind, Target
+from proxy.target import Target
+
+
+class _CodeWatch:
+    """Takes the fresh auth code from a success answer and offers it to the session."""
+
+    __slots__ = ("_harvester", "_headers", "_sent_at", "_session", "_used")
+
+    def __init__(
+        self, session: LuxSciSession, used: AuthCode, sent_at: float, headers: Mapping[str, str]
+    ) -> None:
+        self._session = session
+        self._used = used
+        self._sent_at = sent_at
+        self._headers = headers
+        self._harvester: CodeHarvester | None = None
+
+    def whole(self, body: bytes) -> None:
+        self._offer(code_in_body(body, self._headers.get("Content-Encoding")))
+
+    def feed(self, chunk: bytes) -> None:
+        harvester = self._harvester
+        if harvester is None:
+            harvester = self._harvester = CodeHarvester(self._headers.get("Content-Encoding"))
+        if not harvester.done:
+            harvester.feed(chunk)
+
+    def end(self) -> None:
+        if self._harvester is not None:
+            self._offer(self._harvester.result())
+
+    def _offer(self, code: str | None) -> None:
+        if code:
+            self._session.offer(code, self._used, self._sent_at)
 
 
 class LuxSciScheme:
-    refreshes_on_401 = True
-    harvests = True
+    name = "luxsci"
 
     def __init__(self, session: LuxSciSession) -> None:
         self.session = session
 
     def budget(self, target: Target) -> str:
-        """The API counts user-level and account-level requests against separate limits."""
-        return "user" if target.kind is Kind.USER else "account"
+        return rules.budget(target)
 
     async def apply(self, out: Outbound) -> AuthCode:
         code = await self.session.code()
@@ -30,10 +66,44 @@ class LuxSciScheme:
         out.credentials = header_line("Cookie", out.cookie_header(cookie) or cookie)
         return code
 
-    def invalidate(self, used: AuthCode | None) -> None:
-        if used is not None:
+    def judge(self, status: int, headers: Mapping[str, str], now: float) -> Decision | None:
+        return rules.judge(status, headers)
+
+    def retire(self, used: Credential | None) -> None:
+        if isinstance(used, AuthCode):
             self.session.invalidate(used)
 
-    def harvested(self, used: AuthCode | None, sent_at: float, code: str | None) -> None:
-        if code and used is not None:
-            self.session.offer(code, used, sent_at)
+    def watch(
+        self, used: Credential | None, sent_at: float, headers: Mapping[str, str]
+    ) -> AnswerWatch | None:
+        # Every success answer carries a fresh code: keep the newest, never log in again.
+        if not isinstance(used, AuthCode):
+            return None
+        return _CodeWatch(self.session, used, sent_at, headers)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.session.start()
+
+    async def stop(self) -> None:
+        await self.session.revoke()
+
+    def status(self) -> dict[str, Any]:
+        return self.session.status()
+
+    def credential_age(self) -> float | None:
+        return self.session.code_age()
+
+    def valid(self) -> bool:
+        return self.session.valid()
+
+    async def reconfigure(self, auth: AuthConfig) -> None:
+        if _credentials(auth) != _credentials(self.session.cfg):
+            await self.session.change_credentials(auth)
+        else:
+            self.session.cfg = auth
+
+
+def _credentials(auth: AuthConfig) -> tuple[object, ...]:
+    return (auth.token, auth.secret, auth.user, auth.password)

@@ -41,7 +41,8 @@ from proxy.http.client import Upstream
 from proxy.http.headers import header_line, header_lines
 from proxy.limits import RateLimiter
 from proxy.observe.metrics import Metrics
-from proxy.schemes.luxsci import signing
+from proxy.schemes.base import Credential
+from proxy.schemes.luxsci import rules, signing
 from proxy.target import AUTH_PATH
 
 _LOGIN_LINES = header_lines([("Content-Type", "application/json"), ("Accept", "application/json")])
@@ -50,7 +51,7 @@ log = structlog.get_logger("proxy.session")
 
 
 @dataclass(frozen=True, slots=True)
-class AuthCode:
+class AuthCode(Credential):
     value: str
     # Monotonic time the request that earned this code was sent.
     obtained_at: float
@@ -223,7 +224,7 @@ class LuxSciSession:
                 self._metrics.auth("error")  # the API could not be reached
                 raise
             limiter = self._limiter
-            limited = limiter is not None and limiter.is_rate_limited(status, headers)
+            limited = limiter is not None and rules.rate_limited(status, headers)
             self._metrics.auth("rate_limited" if limited else _auth_result(status))
             if limiter is not None and limited and rate_waits < 3:
                 rate_waits += 1

@@ -1,0 +1,226 @@
+"""Attempts: permit → credentials → send → judge, until an answer is final.
+
+Each attempt takes a rate-limit permit (waiting in line if need be), lets the
+scheme put credentials on the request, takes an in-flight slot and sends. The
+answer (or the error) decides what comes next (retry.py and the scheme's
+`judge`): hand it to the client, get fresh credentials once, wait for the rate
+window, or back off and try again, within the attempt and time caps. Every
+attempt is counted: in the access line, and each retry in retries_total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from proxy.clock import ServerClock
+from proxy.config import RetryConfig
+from proxy.errors import ProxyError
+from proxy.http.client import Upstream, UpstreamResponse
+from proxy.limits import RateLimiter
+from proxy.observe.access_record import AccessRecord
+from proxy.observe.metrics import Metrics
+from proxy.pipeline import retry
+from proxy.pipeline.inflight import Gate
+from proxy.schemes.base import AuthScheme, Credential, Outbound
+
+log = structlog.get_logger("proxy.access")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The final answer for one request, holding an in-flight slot until `close()`."""
+
+    resp: UpstreamResponse
+    used: Credential | None
+    sent_at: float
+    inflight: Gate
+
+    def close(self) -> None:
+        self.resp.release()
+        self.inflight.release()
+
+
+class Sender:
+    """One attempt on the wire: an in-flight slot, the request, and what its answer says
+    about the API's clock and limits."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        inflight: Gate,
+        clock: ServerClock,
+        limiter: RateLimiter,
+        metrics: Metrics,
+    ) -> None:
+        self.upstream = upstream
+        self.inflight = inflight
+        self.clock = clock
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def send(
+        self, out: Outbound, scope: str, deadline: float, fresh: bool
+    ) -> tuple[UpstreamResponse, float]:
+        """The answer's head and when the request went out; the slot stays held."""
+        await self.inflight.acquire(deadline)
+        sent_at = time.monotonic()
+        try:
+            resp = await self.upstream.request(
+                out.method, out.path, out.query, out.lines + out.credentials, out.body, fresh
+            )
+        except ProxyError:
+            self.inflight.release()
+            self.metrics.upstream(scope, None, time.monotonic() - sent_at)
+            raise
+        except BaseException:
+            self.inflight.release()
+            raise
+        self.metrics.upstream(scope, resp.status, time.monotonic() - sent_at)
+        self.clock.observe(resp.headers.get("Date"))
+        await self.limiter.observe(scope, resp.headers)
+        return resp, sent_at
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Where one request's attempts stand."""
+
+    first: float
+    attempts: int = 0
+    # The one fresh-credentials retry, which the attempt cap does not count.
+    reauthenticated: bool = False
+    queue_wait: float = 0.0
+    fresh: bool = False
+
+    @property
+    def counted(self) -> int:
+        return self.attempts - self.reauthenticated
+
+
+class Attempts:
+    def __init__(
+        self,
+        sender: Sender,
+        scheme: AuthScheme,
+        limiter: RateLimiter,
+        clock: ServerClock,
+        metrics: Metrics,
+        retries: RetryConfig,
+    ) -> None:
+        self.sender = sender
+        self.scheme = scheme
+        self.limiter = limiter
+        self.clock = clock
+        self.metrics = metrics
+        # Replaced whole on reload (SIGHUP), never mutated.
+        self.retries = retries
+
+    async def run(
+        self, out: Outbound, scope: str, deadline: float, event: AccessRecord
+    ) -> Exchange:
+        """Attempt until an answer is final; the Exchange holds an in-flight slot."""
+        progress = _Progress(time.monotonic())
+        while True:
+            # Once a request has waited its turn, a retry keeps its place at the head.
+            waited = await self.limiter.acquire(scope, deadline, progress.attempts > 0)
+            self.metrics.queue_wait(scope, waited)
+            progress.queue_wait += waited
+            progress.attempts += 1
+            event.attempts = progress.attempts
+            event.queue_wait = progress.queue_wait
+            used = await self.scheme.apply(out)
+            fresh, progress.fresh = progress.fresh, False
+            try:
+                resp, sent_at = await self.sender.send(out, scope, deadline, fresh)
+            except ProxyError as e:
+                decision = retry.after_error(out.method, e)
+                delay = self._backoff(decision, progress)
+                if delay is None:
+                    raise
+                await self._pause(event, decision, progress, delay, None)
+                continue
+            event.upstream_time = time.monotonic() - sent_at
+            decision = retry.after_response(
+                self.scheme, out.method, resp.status, resp.headers, self.clock.now()
+            )
+            delay = await self._next(decision, progress, resp, scope, deadline, used)
+            if delay is None:
+                return Exchange(resp, used, sent_at, self.sender.inflight)
+            resp.release()
+            self.sender.inflight.release()
+            await self._pause(event, decision, progress, delay, resp.status)
+
+    async def _next(
+        self,
+        decision: retry.Decision,
+        progress: _Progress,
+        resp: UpstreamResponse,
+        scope: str,
+        deadline: float,
+        used: Credential | None,
+    ) -> float | None:
+        """Seconds before the next attempt, or None: this answer is the client's."""
+        action = decision.action
+        if action is retry.Action.DONE:
+            return None
+        if action is retry.Action.REAUTH:
+            if progress.reauthenticated:
+                return None
+            progress.reauthenticated = True
+            self.scheme.retire(used)
+            return 0.0
+        if action is retry.Action.RATE_WAIT:
+            pause = await self._rate_pause(scope, resp, decision)
+            if progress.counted >= self.retries.max_attempts or time.monotonic() + pause > deadline:
+                return None  # it cannot wait for the reset: the API's own answer says why
+            return 0.0  # the held budget makes the next permit wait for the reset
+        return self._backoff(decision, progress)
+
+    async def _rate_pause(
+        self, scope: str, resp: UpstreamResponse, decision: retry.Decision
+    ) -> float:
+        if decision.delay is not None:  # the server said how long (Retry-After)
+            return self.limiter.hold_for(scope, decision.delay)
+        if decision.until_reset:
+            return await self.limiter.hold(scope, resp.headers)
+        # Refused for rate with no word on how long: back off like any retry.
+        cfg = self.retries
+        return self.limiter.hold_for(scope, retry.backoff(2, cfg.backoff_base, cfg.backoff_max))
+
+    def _backoff(self, decision: retry.Decision, progress: _Progress) -> float | None:
+        """The pause before another attempt, or None when the caps say stop."""
+        cfg = self.retries
+        if decision.action is retry.Action.DONE or progress.counted >= cfg.max_attempts:
+            return None
+        if decision.delay is not None:
+            delay = decision.delay
+        else:
+            delay = retry.backoff(progress.counted, cfg.backoff_base, cfg.backoff_max)
+        if time.monotonic() + delay - progress.first > cfg.max_time:
+            return None
+        progress.fresh = decision.fresh_connection
+        return delay
+
+    async def _pause(
+        self,
+        event: AccessRecord,
+        decision: retry.Decision,
+        progress: _Progress,
+        delay: float,
+        status: int | None,
+    ) -> None:
+        self.metrics.retry(decision.reason)
+        log.info(
+            "retry",
+            request_id=event.request_id,
+            reason=decision.reason,
+            status=status,
+            attempt=progress.attempts,
+            delay_s=round(delay, 3),
+        )
+        if delay:
+            await asyncio.sleep(delay)
