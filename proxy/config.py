@@ -98,6 +98,10 @@ class AuthConfig:
     user: str | None = None
     password: Secret | None = None
     api_key: Secret | None = None
+    # Scheme luxsci: also send `auth=<auth_code>` beside `signature=<auth_code>:<sig>`. The
+    # API document speaks of two cookies; its example and the public PHP client send only
+    # the signature one (see PROTOCOL.md), so that stays the default.
+    auth_cookie: bool = False
     # How long the API honours an auth code, and how long before that we stop using one.
     code_lifetime: float = 900.0
     refresh_margin: float = 60.0
@@ -399,6 +403,13 @@ def validate(cfg: Config) -> Config:
                 "auth.refresh_margin: must be at least 0 and less than auth.code_lifetime"
             )
     else:
+        if auth.auth_cookie:
+            # An error rather than a warning: a luxsci-only key in a bearer config means the
+            # file is not the one its author thinks it is, and unknown keys are errors too.
+            raise ConfigError(
+                f"auth.auth_cookie: applies to scheme luxsci only (scheme is {auth.scheme}); "
+                "remove it or set it to false"
+            )
         if auth.api_key is None or not auth.api_key.get():
             raise ConfigError(
                 "auth.api_key: required for scheme bearer (set auth.api_key or auth.api_key_file)"

@@ -419,6 +419,7 @@ auth:
   user: {USER}
   password_file: {password_file}
   api_key: ${{TEST_API_KEY}}
+  auth_cookie: true
   code_lifetime: 600
   refresh_margin: 30
   retry_min: 2
@@ -510,6 +511,7 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     for key in ("token", "secret", "password", "api_key"):
         assert printed["auth"][key] == "********"
     assert printed["auth"]["user"] == USER
+    assert printed["auth"]["auth_cookie"] is True
     assert printed["access"]["client_token"] == "********"
     assert printed["access"]["rules"] == [
         {"methods": ["GET", "POST"], "path": "/perl/api/v2/user/*/profile"},
@@ -610,3 +612,35 @@ def test_servers_whose_stdout_reader_went_away_keep_serving_and_stop_cleanly(
         _, stderr = proc.communicate(timeout=20)
     _assert_quiet(stderr)
     assert proc.returncode == 0, stderr[-2000:]
+
+
+def test_auth_cookie_run_sends_both_cookies_and_logs_no_code(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    config, port, admin = write_config(tmp_path, sandbox_process)
+    config.write_text(
+        config.read_text().replace("scheme: luxsci", "scheme: luxsci\n  auth_cookie: true")
+    )
+    proc = start_proxy(config)
+    try:
+        wait_until(lambda: _status(f"http://127.0.0.1:{admin}/readyz") == 200)
+        status, _ = curl(
+            "-b", "auth=client-own; theme=dark", f"http://127.0.0.1:{port}/perl/api/v2/account/9/x"
+        )
+        assert status == 200
+    finally:
+        events = stop_proxy(proc)
+    stats = json.loads(curl(f"{sandbox_process}/_sandbox/stats")[1])
+    sent = {(e["method"], e["target"]): e["cookies"] for e in stats["log"]}
+    # The login's code signs the request; the code that answer carried signs the revoke.
+    code, newer = stats["issued_codes"]
+    (get,) = sent[("GET", "/perl/api/v2/account/9/x")]
+    assert re.fullmatch(rf"theme=dark; auth={code}; signature={code}:[0-9a-f]{{64}}", get)
+    (revoke,) = sent[("DELETE", "/perl/api/v2/auth")]
+    assert re.fullmatch(rf"auth={newer}; signature={newer}:[0-9a-f]{{64}}", revoke)
+    assert stats["revocations"] == 1
+    text = json.dumps(events)
+    assert "request" in [e["event"] for e in events]
+    for issued in stats["issued_codes"]:
+        assert issued not in text
+    assert SECRET not in text and TOKEN not in text

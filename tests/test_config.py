@@ -186,6 +186,17 @@ def test_url_passwords_in_the_authority_or_the_query_are_found_and_masked(
     assert url_passwords(url) == passwords
 
 
+def test_auth_cookie_is_off_by_default_and_for_scheme_luxsci_only() -> None:
+    assert parse(MINIMAL, ENV).auth.auth_cookie is False
+    assert parse(MINIMAL + "  auth_cookie: true\n", ENV).auth.auth_cookie is True
+    bearer = "auth: {scheme: bearer, api_key: k-123456, auth_cookie: true}"
+    with pytest.raises(ConfigError, match=r"^auth\.auth_cookie: applies to scheme luxsci only"):
+        parse(bearer, ENV)
+    assert parse(bearer.replace("true", "false"), ENV).auth.auth_cookie is False
+    with pytest.raises(ConfigError, match=r"^auth\.auth_cookie: must be true or false"):
+        parse(MINIMAL + "  auth_cookie: both\n", ENV)
+
+
 def test_limits_queue_and_retry_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"^limits\.fallback_share"):
         parse(MINIMAL + "limits: {fallback_share: 0}", ENV)
