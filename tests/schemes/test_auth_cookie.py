@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
+import structlog
 from conftest import SECRET, USER, MakeProxy, RunningProxy
 
 from proxy.observe import log as proxy_log
@@ -166,6 +167,9 @@ async def test_auth_cookie_is_reloaded_without_a_restart_or_a_new_login(
 def rendered_log() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     proxy_log.configure("debug", "json", [SECRET], stream=stream)
+    # The proxy's module loggers would otherwise keep this chain for the rest of the test
+    # session (cached on first use), and later tests' capture_logs would see nothing.
+    structlog.configure(cache_logger_on_first_use=False)
     yield stream
     proxy_log.reset()
 
