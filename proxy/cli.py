@@ -11,12 +11,12 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import structlog
 import yaml
 
-from proxy import __version__
+from proxy import __version__, console
 from proxy.config import (
     AdminConfig,
     AuthConfig,
@@ -29,6 +29,7 @@ from proxy.config import (
     UpstreamConfig,
     load,
     masked,
+    url_passwords,
     validate,
 )
 from proxy.observe import log as proxy_log
@@ -52,9 +53,10 @@ def _config_path(args: argparse.Namespace) -> str:
 def _secrets_of(cfg: Config) -> list[str]:
     values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
     found = [v.get() for v in values if v is not None]
-    redis_password = urlsplit(cfg.limits.redis_url).password
-    if redis_password:
-        found += [redis_password, unquote(redis_password)]
+    if cfg.access.client_token is not None:
+        found.append(cfg.access.client_token.get())
+    for password in url_passwords(cfg.limits.redis_url):
+        found += [password, unquote(password)]
     return found
 
 
@@ -131,7 +133,7 @@ async def serve(
             starting.result()
         except OSError as e:
             # Typically a port in use; say so, then leave cleanly.
-            print(f"error: cannot start listeners: {e.strerror or e}", file=sys.stderr)
+            console.say(f"error: cannot start listeners: {e.strerror or e}", sys.stderr)
             await service.stop()
             return EXIT_RUNTIME
         if announce is not None:
@@ -171,10 +173,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate, then print the config as YAML with every secret masked. The verdict is a
+    YAML comment, so the whole of stdout stays YAML (`check | yq`); warnings go to stderr."""
     path = _config_path(args)
     cfg = load(path)
-    print(f"{path}: OK")
-    print(yaml.safe_dump(masked(cfg), sort_keys=False).rstrip())
+    for warning in cfg.warnings:
+        console.say(f"warning: {warning}", sys.stderr)
+    # A reader that stops early (`check | head -1`) is not an error: the config is valid.
+    if console.say(f"# {path}: OK"):
+        console.say(yaml.safe_dump(masked(cfg), sort_keys=False).rstrip())
     return 0
 
 
@@ -208,7 +215,8 @@ async def _demo(port: int, admin_port: int) -> int:
     def banner(service: ProxyService) -> None:
         base = f"http://127.0.0.1:{service.port}"
         user = "joe@example.com"
-        print(
+        # Nobody reading stdout (`demo | head -3`) does not stop the demo: it keeps serving.
+        console.say(
             f"""
 LuxSci sandbox  {sandbox.url}   (a local simulator of the LuxSci REST API)
 luxsci-proxy    {base}   (admin: http://127.0.0.1:{service.admin_port})
@@ -220,8 +228,7 @@ Your app sends plain requests; the proxy signs them. Try:
        -F 'files=@README.md' {base}/perl/api/v2/user/{user}/email/compose/secureline/send
   curl -s http://127.0.0.1:{service.admin_port}/readyz
 Press Ctrl-C to stop.
-""",
-            flush=True,
+"""
         )
 
     try:
@@ -264,11 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # A print that did not go through console.say: its reader went away. Not an error
+        # of ours (see proxy/console.py), so no traceback, and exit 0.
+        console.reader_gone()
+        return 0
+    finally:
+        # argparse's --help and --version text may still be buffered: flush it here.
+        console.flush()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        console.say(f"config error: {e}", sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0

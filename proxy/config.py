@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import yaml
 
@@ -105,6 +105,10 @@ class AuthConfig:
     user: str | None = None
     password: Secret | None = None
     api_key: Secret | None = None
+    # Scheme luxsci: also send `auth=<auth_code>` beside `signature=<auth_code>:<sig>`. The
+    # API document speaks of two cookies; its example and the public PHP client send only
+    # the signature one (see PROTOCOL.md), so that stays the default.
+    auth_cookie: bool = False
     # How long the API honours an auth code, and how long before that we stop using one.
     code_lifetime: float = 900.0
     refresh_margin: float = 60.0
@@ -505,27 +509,72 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return cfg
 
 
-def mask_url_password(url: str) -> str:
-    """redis://user:pw@host/0 -> redis://user:********@host/0 (other URLs unchanged)."""
+# Query parameters redis-py (and most URL-configured clients) read as a password.
+_URL_PASSWORD_PARAMS = frozenset({"password", "pass", "passwd", "pwd"})
+MASK = "********"
+
+
+def _password_params(query: str) -> list[str]:
+    """The raw (still percent-encoded) values of password parameters in a query string."""
+    found = []
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if unquote_plus(name).lower() in _URL_PASSWORD_PARAMS and value:
+            found.append(value)
+    return found
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords a URL carries, as written (percent-encoded): in its authority, and as a
+    `password=` query parameter (redis-py takes either)."""
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{user}:********@{host}").geturl()
+    found = [parts.password] if parts.password else []
+    return found + _password_params(parts.query)
+
+
+def mask_url_password(url: str) -> str:
+    """redis://user:pw@host/0?password=pw -> redis://user:********@host/0?password=********
+    (the rest of the URL as written; URLs without a password unchanged)."""
+    parts = urlsplit(url)
+    if parts.password:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        # The authority is the first place its text occurs (right after the scheme).
+        url = url.replace(parts.netloc, f"{user}:{MASK}@{host}", 1)
+    if _password_params(parts.query):
+        query = "&".join(
+            f"{name}={MASK}"
+            if unquote_plus(name).lower() in _URL_PASSWORD_PARAMS and value
+            else pair
+            for pair in parts.query.split("&")
+            for name, _, value in [pair.partition("=")]
+        )
+        # The first "?" starts the query.
+        url = url.replace("?" + parts.query, "?" + query, 1)
+    return url
 
 
 def masked(cfg: Config) -> dict[str, Any]:
-    """The config as plain data with every secret masked (for `check` and logs)."""
+    """The config as plain data (mappings, lists, scalars: what `yaml.safe_dump` takes) with
+    every secret masked, for `check`. `warnings` are not a key of the file: left out."""
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, Secret):
-            return "********"
-        if isinstance(obj, str) and "@" in obj and "://" in obj:
+            return MASK
+        if isinstance(obj, str) and "://" in obj:
             return mask_url_password(obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return obj
+            return {
+                f.name: walk(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if f.name != "warnings"
+            }
+        if isinstance(obj, tuple | list):
+            return [walk(item) for item in obj]
+        if obj is None or isinstance(obj, str | int | float | bool):
+            return obj
+        # A new config type must be taught here, never printed by its repr.
+        raise TypeError(f"masked(): no plain form for {type(obj).__name__}")
 
     result: dict[str, Any] = walk(cfg)
     return result

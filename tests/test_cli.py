@@ -376,3 +376,272 @@ def test_sigterm_during_a_slow_first_login_still_exits_cleanly(
     events = stop_proxy(proc)  # SIGTERM; asserts exit code 0
     assert time.monotonic() - started < 10
     assert "shutdown_complete" in [e["event"] for e in events]
+
+
+# -- check prints every config run accepts; output to a reader that goes away ----------
+
+REDIS_PASSWORD = "r3dis-Pw-9Kq"
+USER_PASSWORD = "user-Pw-4Hx7"
+API_KEY = "api-key-Lm2Tq8Zr"
+CLIENT_TOKEN = "client-token-Vb6Yn3Wd0"
+ALL_SECRETS = (SECRET, TOKEN, REDIS_PASSWORD, USER_PASSWORD, API_KEY, CLIENT_TOKEN)
+
+
+def write_full_config(tmp_path: Path) -> Path:
+    """A config that sets every key of every section (secrets from the environment and a
+    file, as they should come; a URL password and a query password in the Redis URL)."""
+    password_file = tmp_path / "password"
+    password_file.write_text(USER_PASSWORD + "\n")
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # check reads no further than its name
+    path = tmp_path / "full.yaml"
+    path.write_text(
+        f"""
+listen:
+  host: 127.0.0.1
+  port: 18080
+  max_body_bytes: 1048576
+  max_header_bytes: 4096
+  max_connections: 50
+  client_timeout: 12.5
+  encoded_slashes: reject
+admin: {{host: 127.0.0.1, port: 19100, ready_requires_redis: false}}
+upstream:
+  url: https://rest.example.com:8443
+  ca_file: {ca_file}
+  allow_insecure: false
+  connect_timeout: 3
+  read_timeout: 40
+  pool_size: 10
+auth:
+  scheme: luxsci
+  token: ${{LUXSCI_API_TOKEN}}
+  secret: ${{LUXSCI_API_SECRET}}
+  user: {USER}
+  password_file: {password_file}
+  api_key: ${{TEST_API_KEY}}
+  auth_cookie: true
+  code_lifetime: 600
+  refresh_margin: 30
+  retry_min: 2
+  retry_max: 20
+access:
+  allow_clients: [127.0.0.1/32, 10.1.2.0/24]
+  client_token: ${{TEST_CLIENT_TOKEN}}
+  rules:
+    - {{methods: [GET, POST], path: /perl/api/v2/user/*/profile}}
+    - {{methods: ["*"], path: /perl/api/v2/account/**}}
+  protected_users: [ceo@example.com]
+limits:
+  account_per_minute: 30
+  user_per_minute: 40
+  per_day: 5000
+  backend: redis
+  redis_url: redis://app:{REDIS_PASSWORD}@redis.internal:6379/0?password={REDIS_PASSWORD}
+  fallback_share: 0.5
+  state_file: ""
+  max_inflight: 8
+  window_seconds: 60
+  day_seconds: 86400
+  key: shared-limits
+queue: {{max_size: 100, max_wait: 10}}
+retry: {{max_attempts: 3, max_time: 20, backoff_base: 0.5, backoff_max: 4}}
+logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
+shutdown_timeout: 15
+event_loop: asyncio
+"""
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _config_keys() -> dict[str, set[str]]:
+    """Every key of the config file format, per section ("" for the top level)."""
+    import dataclasses
+
+    from proxy.config import Config
+
+    keys: dict[str, set[str]] = {"": set()}
+    for f in dataclasses.fields(Config):
+        if f.name == "warnings":  # not a key of the file
+            continue
+        keys[""].add(f.name)
+        section = getattr(Config(), f.name)
+        if dataclasses.is_dataclass(section):
+            keys[f.name] = {g.name for g in dataclasses.fields(section)}
+    return keys
+
+
+def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    config = write_full_config(tmp_path)
+    written = yaml.safe_load(config.read_text())
+    # The file above must keep up with the config format: every key of every section set.
+    expected = _config_keys()
+    assert set(written) == expected[""]
+    for section, names in expected.items():
+        if section:
+            given = {k if k in names else k.removesuffix("_file") for k in written[section]}
+            assert given == names, f"{section}: not set in the test config: {names - given}"
+
+    result = subprocess.run(
+        [*PROXY, "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env_with(
+            LUXSCI_API_TOKEN=TOKEN,
+            LUXSCI_API_SECRET=SECRET,
+            TEST_API_KEY=API_KEY,
+            TEST_CLIENT_TOKEN=CLIENT_TOKEN,
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    output = result.stdout + result.stderr
+    for secret in ALL_SECRETS:
+        assert secret not in output
+    printed = yaml.safe_load(result.stdout)  # the whole of stdout is YAML
+    assert set(printed) == expected[""]
+    for section, names in expected.items():
+        if section:
+            assert set(printed[section]) == names, section
+    for key in ("token", "secret", "password", "api_key"):
+        assert printed["auth"][key] == "********"
+    assert printed["auth"]["user"] == USER
+    assert printed["auth"]["auth_cookie"] is True
+    assert printed["access"]["client_token"] == "********"
+    assert printed["access"]["rules"] == [
+        {"methods": ["GET", "POST"], "path": "/perl/api/v2/user/*/profile"},
+        {"methods": ["*"], "path": "/perl/api/v2/account/**"},
+    ]
+    assert printed["access"]["allow_clients"] == ["127.0.0.1/32", "10.1.2.0/24"]
+    assert printed["access"]["protected_users"] == ["ceo@example.com"]
+    assert printed["limits"]["redis_url"] == (
+        "redis://app:********@redis.internal:6379/0?password=********"
+    )
+    assert printed["limits"]["backend"] == "redis"
+    assert printed["listen"]["client_timeout"] == 12.5
+    assert printed["shutdown_timeout"] == 15
+    assert printed["event_loop"] == "asyncio"
+    assert printed["upstream"]["ca_file"] == str(tmp_path / "ca.pem")
+
+
+def _closed_pipe() -> int:
+    """The write end of a pipe whose reader is already gone: every write fails (EPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+def _assert_quiet(stderr: str) -> None:
+    for sign in ("Traceback", "BrokenPipe", "Exception ignored", "Errno 32"):
+        assert sign not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["check"], ["--version"], ["--help"], ["check", "--help"]],
+    ids=["check", "version", "help", "check-help"],
+)
+def test_output_to_a_reader_that_went_away_ends_quietly(tmp_path: Path, args: list[str]) -> None:
+    config, _, _ = write_config(tmp_path, "https://rest.luxsci.com")
+    config.write_text(config.read_text() + "access: {rules: [{methods: [GET], path: /**}]}\n")
+    stdout = _closed_pipe()
+    try:
+        result = subprocess.run(
+            [*PROXY, *args],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            env=env_with(
+                LUXSCI_PROXY_CONFIG=str(config), LUXSCI_API_TOKEN=TOKEN, LUXSCI_API_SECRET=SECRET
+            ),
+        )
+    finally:
+        os.close(stdout)
+    _assert_quiet(result.stderr)
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_piped_into_head_prints_the_verdict_and_exits_0(tmp_path: Path) -> None:
+    config = write_full_config(tmp_path)
+    command = f"{shlex.join([*PROXY, 'check', '--config', str(config)])} | head -1"
+    result = subprocess.run(
+        ["bash", "-c", command + '; echo "exit=${PIPESTATUS[0]}"'],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env_with(
+            LUXSCI_API_TOKEN=TOKEN,
+            LUXSCI_API_SECRET=SECRET,
+            TEST_API_KEY=API_KEY,
+            TEST_CLIENT_TOKEN=CLIENT_TOKEN,
+        ),
+    )
+    first, exit_line = result.stdout.splitlines()
+    assert first == f"# {config}: OK"
+    assert exit_line == "exit=0"
+    _assert_quiet(result.stderr)
+
+
+@pytest.mark.parametrize("verb", ["demo", "sandbox"])
+def test_servers_whose_stdout_reader_went_away_keep_serving_and_stop_cleanly(
+    verb: str,
+) -> None:
+    port, admin = free_port(), free_port()
+    args = ["demo", "--port", str(port), "--admin-port", str(admin)]
+    ready = f"http://127.0.0.1:{admin}/readyz"
+    if verb == "sandbox":
+        args = ["sandbox", "--port", str(port)]
+        ready = f"http://127.0.0.1:{port}/_sandbox/stats"
+    stdout = _closed_pipe()
+    try:
+        proc = subprocess.Popen(
+            [*PROXY, *args], stdout=stdout, stderr=subprocess.PIPE, text=True, env=env_with()
+        )
+    finally:
+        os.close(stdout)
+    try:
+        wait_until(lambda: _status(ready) == 200)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    _assert_quiet(stderr)
+    assert proc.returncode == 0, stderr[-2000:]
+
+
+def test_auth_cookie_run_sends_both_cookies_and_logs_no_code(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    config, port, admin = write_config(tmp_path, sandbox_process)
+    config.write_text(
+        config.read_text().replace("scheme: luxsci", "scheme: luxsci\n  auth_cookie: true")
+    )
+    proc = start_proxy(config)
+    try:
+        wait_until(lambda: _status(f"http://127.0.0.1:{admin}/readyz") == 200)
+        status, _ = curl(
+            "-b", "auth=client-own; theme=dark", f"http://127.0.0.1:{port}/perl/api/v2/account/9/x"
+        )
+        assert status == 200
+    finally:
+        events = stop_proxy(proc)
+    stats = json.loads(curl(f"{sandbox_process}/_sandbox/stats")[1])
+    sent = {(e["method"], e["target"]): e["cookies"] for e in stats["log"]}
+    # The login's code signs the request; the code that answer carried signs the revoke.
+    code, newer = stats["issued_codes"]
+    (get,) = sent[("GET", "/perl/api/v2/account/9/x")]
+    assert re.fullmatch(rf"theme=dark; auth={code}; signature={code}:[0-9a-f]{{64}}", get)
+    (revoke,) = sent[("DELETE", "/perl/api/v2/auth")]
+    assert re.fullmatch(rf"auth={newer}; signature={newer}:[0-9a-f]{{64}}", revoke)
+    assert stats["revocations"] == 1
+    text = json.dumps(events)
+    assert "request" in [e["event"] for e in events]
+    for issued in stats["issued_codes"]:
+        assert issued not in text
+    assert SECRET not in text and TOKEN not in text

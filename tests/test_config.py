@@ -1,8 +1,17 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from proxy.config import ConfigError, Secret, load, masked, parse
+from proxy.config import (
+    ConfigError,
+    Secret,
+    load,
+    mask_url_password,
+    masked,
+    parse,
+    url_passwords,
+)
 
 ENV = {"LUXSCI_API_TOKEN": "tok-123", "LUXSCI_API_SECRET": "s3cr3t-value"}
 MINIMAL = """
@@ -129,6 +138,63 @@ def test_masked_dump_hides_a_password_in_the_redis_url() -> None:
         MINIMAL + "limits: {backend: redis, redis_url: 'redis://app:pa55word@redis:6379/0'}", ENV
     )
     assert masked(cfg)["limits"]["redis_url"] == "redis://app:********@redis:6379/0"
+
+
+def test_masked_dump_of_rules_and_lists_is_plain_yaml() -> None:
+    cfg = parse(
+        MINIMAL
+        + """
+access:
+  allow_clients: [10.0.0.0/8]
+  rules: [{methods: [GET, POST], path: /perl/api/v2/user/*/profile}, {path: /x/**}]
+  protected_users: [ceo@example.com]
+""",
+        ENV,
+    )
+    dump = masked(cfg)
+    assert "warnings" not in dump  # not a key of the file
+    assert yaml.safe_load(yaml.safe_dump(dump)) == dump
+    assert dump["access"]["rules"] == [
+        {"methods": ["GET", "POST"], "path": "/perl/api/v2/user/*/profile"},
+        {"methods": ["*"], "path": "/x/**"},
+    ]
+    assert dump["access"]["allow_clients"] == ["10.0.0.0/8"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "passwords"),
+    [
+        ("redis://h:6379/0", "redis://h:6379/0", []),
+        ("redis://:pw1@h/0", "redis://:********@h/0", ["pw1"]),
+        (
+            "redis://h/0?db=1&password=pw%2F2",
+            "redis://h/0?db=1&password=********",
+            ["pw%2F2"],
+        ),
+        (
+            "unix:///run/redis.sock?password=pw3",
+            "unix:///run/redis.sock?password=********",
+            ["pw3"],
+        ),
+        ("redis://h/0?password=", "redis://h/0?password=", []),
+    ],
+)
+def test_url_passwords_in_the_authority_or_the_query_are_found_and_masked(
+    url: str, shown: str, passwords: list[str]
+) -> None:
+    assert mask_url_password(url) == shown
+    assert url_passwords(url) == passwords
+
+
+def test_auth_cookie_is_off_by_default_and_for_scheme_luxsci_only() -> None:
+    assert parse(MINIMAL, ENV).auth.auth_cookie is False
+    assert parse(MINIMAL + "  auth_cookie: true\n", ENV).auth.auth_cookie is True
+    bearer = "auth: {scheme: bearer, api_key: k-123456, auth_cookie: true}"
+    with pytest.raises(ConfigError, match=r"^auth\.auth_cookie: applies to scheme luxsci only"):
+        parse(bearer, ENV)
+    assert parse(bearer.replace("true", "false"), ENV).auth.auth_cookie is False
+    with pytest.raises(ConfigError, match=r"^auth\.auth_cookie: must be true or false"):
+        parse(MINIMAL + "  auth_cookie: both\n", ENV)
 
 
 def test_limits_queue_and_retry_are_validated() -> None:

@@ -20,6 +20,7 @@ from proxy.http.client import Upstream
 from proxy.http.headers import (
     decode_headers,
     downstream_block,
+    strip_cookies,
     strip_signature_cookie,
     upstream_block,
 )
@@ -100,6 +101,13 @@ def test_downstream_block_keeps_repeated_set_cookie_and_drops_framing(
 )
 def test_only_the_signature_cookie_is_stripped(cookies: list[str], expected: str | None) -> None:
     assert strip_signature_cookie(cookies) == expected
+
+
+def test_strip_cookies_drops_exactly_the_named_ones_and_keeps_the_order() -> None:
+    header = "auth=a; theme=dark; signature=s:x; oauth=o; auth = b; lang=en"
+    assert strip_cookies([header], ("auth",)) == "theme=dark; signature=s:x; oauth=o; lang=en"
+    assert strip_cookies([header], ("auth", "signature")) == "theme=dark; oauth=o; lang=en"
+    assert strip_cookies(["auth=a"], ("auth",)) is None
 
 
 @pytest.mark.parametrize("target", ["http://x/y", "x.example:443", "*", "//x/y", ""])
@@ -203,6 +211,26 @@ def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
     assert events[3]["value"] == "a [REDACTED] b"
     assert events[0]["nested"] == {"auth": "[REDACTED]", "ok": 1}
     assert "RuntimeError" in events[1]["exception"]
+
+
+def test_an_auth_cookie_in_a_logged_line_is_masked_whatever_the_code_looks_like(
+    rendered_log: io.StringIO,
+) -> None:
+    # auth.auth_cookie sends `auth=<code>`; a code of another shape than the sandbox's
+    # (the API does not promise one) must still never reach the log.
+    opaque = "OpaqueCode_7Kq2"
+    logger = structlog.get_logger("careless")
+    logger.debug("sent", header=f"theme=dark; auth={opaque}; signature={opaque}:ab12")
+    logger.debug("sent", note=f"Cookie: auth={opaque}", path=f"/x?auth={opaque}&oauth=keep")
+    logging.getLogger("aiohttp.client").warning("cookie auth=%s;x=1", opaque)
+    proxy_log.flush()
+    text = rendered_log.getvalue()
+    assert opaque not in text
+    events = [json.loads(line) for line in text.splitlines()]
+    assert events[0]["header"] == "theme=dark; auth=[REDACTED]; signature=[REDACTED]"
+    assert events[1]["note"] == "Cookie: auth=[REDACTED]"
+    assert events[1]["path"] == "/x?auth=[REDACTED]&oauth=keep"  # oauth= is not ours
+    assert events[2]["event"] == "cookie auth=[REDACTED];x=1"
 
 
 def _session(now: list[float]) -> LuxSciSession:

@@ -83,15 +83,20 @@ def _drop_set(
     return always | tokens
 
 
-def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
-    """The client's cookies minus any `signature` one (that is the proxy's to make)."""
+def strip_cookies(cookie_headers: list[str], names: tuple[str, ...]) -> str | None:
+    """The cookies of `cookie_headers` (joined into one value) minus those called `names`."""
     kept = []
     for header in cookie_headers:
         for item in header.split(";"):
             pair = item.strip()
-            if pair and pair.split("=", 1)[0].strip() != "signature":
+            if pair and pair.split("=", 1)[0].strip() not in names:
                 kept.append(pair)
     return "; ".join(kept) if kept else None
+
+
+def strip_signature_cookie(cookie_headers: list[str]) -> str | None:
+    """The client's cookies minus any `signature` one (that is the proxy's to make)."""
+    return strip_cookies(cookie_headers, ("signature",))
 
 
 def upstream_block(

@@ -44,6 +44,8 @@ _SENSITIVE_KEY = re.compile(
 _PATTERNS = (
     # signature=<auth_code>:<hmac> as it appears in Cookie headers
     (re.compile(r"(signature=)[^;\s\"'\\]+"), r"\1" + MASK),
+    # auth=<auth_code>, the second cookie of auth.auth_cookie (not oauth=, x_auth=...)
+    (re.compile(r"(?<![\w-])(auth=)[^;\s\"'\\&]+"), r"\1" + MASK),
     (re.compile(r"(Bearer\s+)[^\s\"',;\\]+", re.IGNORECASE), r"\1" + MASK),
     # LuxSci auth codes: <session>-<epoch>-<long hex> (see PROTOCOL.md examples)
     (re.compile(r"\b\d+-\d{9,11}-[0-9a-fA-F]{32,}\b"), MASK),
@@ -60,6 +62,7 @@ _CODE_HINT = re.compile(r"-\d{9,11}-[0-9a-fA-F]{32}")
 def _needs_patterns(text: str) -> bool:
     return (
         "signature=" in text
+        or "auth=" in text
         or "earer" in text
         or "EARER" in text
         or '"auth' in text

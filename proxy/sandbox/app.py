@@ -56,7 +56,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = await _serve(call)
         status = None if response is None else response.status
     finally:
-        sandbox.request_finished(request.method, raw_target, route.scope, status)
+        sandbox.request_finished(
+            request.method, raw_target, route.scope, status, request.headers.getall("Cookie", [])
+        )
     # A dropped connection still needs a response object; writing it fails quietly.
     return response if response is not None else web.Response(status=499)
 

@@ -9,6 +9,7 @@ import os
 import signal
 import ssl
 
+from proxy import console
 from proxy.sandbox.config import DEFAULT_SECRET, DEFAULT_TOKEN, DEFAULT_USERS, SandboxConfig
 from proxy.sandbox.server import start_sandbox
 
@@ -93,7 +94,8 @@ async def serve(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     try:
-        print(f"sandbox listening on {server.url} (token={config.token})", flush=True)
+        # Nobody reading stdout any more is no reason to stop serving (proxy/console.py).
+        console.say(f"sandbox listening on {server.url} (token={config.token})")
         await stop.wait()
     finally:
         await server.close()

@@ -179,8 +179,16 @@ class Sandbox:
         self.stats.inflight += 1
         self.stats.max_inflight = max(self.stats.max_inflight, self.stats.inflight)
 
-    def request_finished(self, method: str, target: str, scope: str, status: int | None) -> None:
-        """Record one API request; status None means the connection was dropped."""
+    def request_finished(
+        self,
+        method: str,
+        target: str,
+        scope: str,
+        status: int | None,
+        cookies: list[str] | None = None,
+    ) -> None:
+        """Record one API request; status None means the connection was dropped. `cookies`:
+        its Cookie header values as received, so tests can see exactly what was sent."""
         stats = self.stats
         stats.inflight -= 1
         stats.requests += 1
@@ -200,6 +208,7 @@ class Sandbox:
                 "status": status or 0,
                 "scope": scope,
                 "ts": self.now(),
+                "cookies": list(cookies or ()),
             }
         )
 

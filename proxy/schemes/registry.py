@@ -95,6 +95,13 @@ def check_header_value(auth: AuthConfig, key: str) -> str:
 
 
 def _check_bearer(auth: AuthConfig) -> None:
+    if auth.auth_cookie:
+        # An error rather than a warning: a luxsci-only key in a bearer config means the
+        # file is not the one its author thinks it is, and unknown keys are errors too.
+        raise ConfigError(
+            f"auth.auth_cookie: applies to scheme luxsci only (scheme is {auth.scheme}); "
+            "remove it or set it to false"
+        )
     check_header_value(auth, "api_key")
 
 

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.config import AuthConfig
-from proxy.http.headers import header_line
+from proxy.http.headers import header_line, strip_cookies
 from proxy.schemes.base import AnswerWatch, Credential, Decision, Outbound
-from proxy.schemes.luxsci import rules, signing
+from proxy.schemes.luxsci import rules
 from proxy.schemes.luxsci.harvest import CodeHarvester, code_in_body
 from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
 from proxy.target import Target
@@ -58,10 +58,12 @@ class LuxSciScheme:
 
     async def apply(self, out: Outbound) -> AuthCode:
         code = await self.session.code()
-        # Read per request: a reload may have changed the credentials.
-        cookie = "signature=" + signing.signature_cookie(
-            self.session.secret(), code.value, out.method, out.path, out.query, out.body_digest
-        )
+        # Made per request: a reload may have changed the credentials or auth.auth_cookie.
+        cookie = self.session.cookie(code.value, out.method, out.path, out.query, out.body_digest)
+        if out.cookies and self.session.cfg.auth_cookie:
+            # Ours is the only `auth` cookie, as ours is the only `signature` one (the
+            # client's was dropped in outbound.py): the API must not read the client's.
+            out.cookies = strip_cookies([out.cookies], ("auth",))
         # Replaced on every attempt: a retry is signed afresh with the newest code.
         out.credentials = header_line("Cookie", out.cookie_header(cookie) or cookie)
         return code

@@ -143,6 +143,15 @@ class LuxSciSession:
     def secret(self) -> str:
         return self._secret
 
+    def cookie(self, code: str, method: str, path: str, query: str, body_digest: str) -> str:
+        """The Cookie value that signs one request with `code`: `signature=<code>:<sig>`,
+        preceded by `auth=<code>` with auth.auth_cookie (PROTOCOL.md: the document speaks of
+        two cookies, its example sends one). Read per call: a reload may change either."""
+        signed = signing.signature_cookie(self._secret, code, method, path, query, body_digest)
+        if self.cfg.auth_cookie:
+            return f"auth={code}; signature={signed}"
+        return f"signature={signed}"
+
     def _usable(self, code: AuthCode | None, now: float) -> bool:
         return (
             code is not None
@@ -346,14 +355,12 @@ class LuxSciSession:
         current = self._current
         if current is None or not self._usable(current, self._monotonic()):
             return False
-        cookie = signing.signature_cookie(self._secret, current.value, "DELETE", AUTH_PATH, "", "")
+        cookie = self.cookie(current.value, "DELETE", AUTH_PATH, "", "")
         self._current = None
         self._dead_generation = current.generation
         try:
             resp = await asyncio.wait_for(
-                self._upstream.request(
-                    "DELETE", AUTH_PATH, "", header_line("Cookie", f"signature={cookie}"), b""
-                ),
+                self._upstream.request("DELETE", AUTH_PATH, "", header_line("Cookie", cookie), b""),
                 timeout=10,
             )
             async with resp:
