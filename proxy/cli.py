@@ -55,6 +55,7 @@ def _secrets_of(cfg: Config) -> list[str]:
     found = [v.get() for v in values if v is not None]
     if cfg.access.client_token is not None:
         found.append(cfg.access.client_token.get())
+    found += [c.token.get() for c in cfg.access.clients if c.token is not None]
     for password in url_passwords(cfg.limits.redis_url):
         found += [password, unquote(password)]
     return found

@@ -103,6 +103,7 @@ class ProxyService:
                 daily_used=lambda: self.limiter.day_used_known(),
                 code_age=self.scheme.credential_age,
                 session_valid=self.scheme.valid,
+                client_depths=self.limiter.client_depths,
             )
         )
         listen = cfg.listen
@@ -132,7 +133,12 @@ class ProxyService:
             self.upstream, Gate(cfg.limits.max_inflight), self.clock, self.limiter, self.metrics
         )
         return Forwarder(
-            Admission(AccessPolicy(cfg.access), self.scheme, cfg.queue, cfg.listen.encoded_slashes),
+            Admission(
+                AccessPolicy(cfg.access, cfg.queue.max_size),
+                self.scheme,
+                cfg.queue,
+                cfg.listen.encoded_slashes,
+            ),
             Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry),
             Relay(self.scheme, cfg.logging.log_bodies),
             self.metrics,
@@ -145,6 +151,7 @@ class ProxyService:
                 queue_depth=self.limiter.queue_depth(scope),
                 rate_limit_remaining=bucket.remaining,
                 rate_limit_limit=bucket.server_limit,
+                lane_depths=self.limiter.lane_depths(scope),
             )
             for scope, bucket in self.limiter.buckets.items()
         }

@@ -20,6 +20,8 @@ class AccessRecord:
     method: str
     path: str | None = None
     scope: str | None = None
+    lane: str | None = None
+    client: str | None = None
     bytes_in: int | None = None
     request_body: str | None = None
     attempts: int | None = None
@@ -40,6 +42,8 @@ class AccessRecord:
             ("method", self.method),
             ("path", self.path),
             ("scope", self.scope),
+            ("lane", self.lane),
+            ("client", self.client),
             ("bytes_in", self.bytes_in),
             ("request_body", self.request_body),
             ("attempts", self.attempts),
@@ -64,6 +68,10 @@ class AccessRecord:
             parts.append(f', "path": {_string(self.path)}')
         if self.scope is not None:
             parts.append(f', "scope": {_string(self.scope)}')
+        if self.lane is not None:
+            parts.append(f', "lane": {_string(self.lane)}')
+        if self.client is not None:
+            parts.append(f', "client": {_string(self.client)}')
         if self.bytes_in is not None:
             parts.append(f', "bytes_in": {self.bytes_in:d}')
         if self.request_body is not None:
