@@ -142,8 +142,8 @@ class ClientConfig:
 class AccessConfig:
     # Peers (CIDR) that may use the proxy; empty: any peer that can connect.
     allow_clients: tuple[str, ...] = ()
-    # When set, clients must send `Proxy-Authorization: Bearer <token>` (one client,
-    # named "default"; for several, use `clients`).
+    # When set, clients must send `Proxy-Authorization: Bearer <token>`: one client,
+    # named "default" (beside any in `clients`).
     client_token: Secret | None = None
     # Named apps, each with its own token, highest lane and share of the queue.
     clients: tuple[ClientConfig, ...] = ()
@@ -485,13 +485,12 @@ _RESERVED_CLIENTS = ("anonymous", "proxy")
 
 
 def _validate_clients(access: AccessConfig) -> None:
-    if access.clients and access.client_token is not None:
-        raise ConfigError(
-            "access.client_token: give either access.client_token (one client) or "
-            "access.clients, not both; list that token in access.clients as name: default"
-        )
     names: set[str] = set()
     tokens: set[str] = set()
+    if access.client_token is not None:
+        # The shorthand's client: one more, beside any named ones.
+        names.add("default")
+        tokens.add(access.client_token.get())
     for i, client in enumerate(access.clients):
         key = f"access.clients[{i}]"
         if not _CLIENT_NAME.fullmatch(client.name):
@@ -501,7 +500,8 @@ def _validate_clients(access: AccessConfig) -> None:
         if client.name in _RESERVED_CLIENTS:
             raise ConfigError(f"{key}.name: {client.name!r} is the proxy's own; pick another")
         if client.name in names:
-            raise ConfigError(f"{key}.name: {client.name!r} is already the name of a client")
+            taken = "access.client_token's client" if client.name == "default" else "a client"
+            raise ConfigError(f"{key}.name: {client.name!r} is already the name of {taken}")
         names.add(client.name)
         token = client.token.get() if client.token is not None else ""
         if not token:

@@ -384,7 +384,8 @@ REDIS_PASSWORD = "r3dis-Pw-9Kq"
 USER_PASSWORD = "user-Pw-4Hx7"
 API_KEY = "api-key-Lm2Tq8Zr"
 CLIENT_TOKEN = "client-token-Vb6Yn3Wd0"
-ALL_SECRETS = (SECRET, TOKEN, REDIS_PASSWORD, USER_PASSWORD, API_KEY, CLIENT_TOKEN)
+PORTAL_TOKEN = "portal-token-Qe5Rt1Xs"
+ALL_SECRETS = (SECRET, TOKEN, REDIS_PASSWORD, USER_PASSWORD, API_KEY, CLIENT_TOKEN, PORTAL_TOKEN)
 
 
 def write_full_config(tmp_path: Path) -> Path:
@@ -392,6 +393,8 @@ def write_full_config(tmp_path: Path) -> Path:
     file, as they should come; a URL password and a query password in the Redis URL)."""
     password_file = tmp_path / "password"
     password_file.write_text(USER_PASSWORD + "\n")
+    portal_file = tmp_path / "portal-token"
+    portal_file.write_text(PORTAL_TOKEN + "\n")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # check reads no further than its name
     path = tmp_path / "full.yaml"
@@ -428,6 +431,8 @@ auth:
 access:
   allow_clients: [127.0.0.1/32, 10.1.2.0/24]
   client_token: ${{TEST_CLIENT_TOKEN}}
+  clients:
+    - {{name: portal, token_file: {portal_file}, max_priority: high, max_queued: 10}}
   rules:
     - {{methods: [GET, POST], path: /perl/api/v2/user/*/profile}}
     - {{methods: ["*"], path: /perl/api/v2/account/**}}
@@ -444,7 +449,7 @@ limits:
   window_seconds: 60
   day_seconds: 86400
   key: shared-limits
-queue: {{max_size: 100, max_wait: 10}}
+queue: {{max_size: 100, max_wait: 10, aging: 5}}
 retry: {{max_attempts: 3, max_time: 20, backoff_base: 0.5, backoff_max: 4}}
 logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
 shutdown_timeout: 15
@@ -514,6 +519,9 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["auth"]["user"] == USER
     assert printed["auth"]["auth_cookie"] is True
     assert printed["access"]["client_token"] == "********"
+    assert printed["access"]["clients"] == [
+        {"name": "portal", "token": "********", "max_priority": "high", "max_queued": 10}
+    ]
     assert printed["access"]["rules"] == [
         {"methods": ["GET", "POST"], "path": "/perl/api/v2/user/*/profile"},
         {"methods": ["*"], "path": "/perl/api/v2/account/**"},

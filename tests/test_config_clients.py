@@ -79,8 +79,12 @@ def test_a_client_token_may_come_from_a_file(tmp_path: Path) -> None:
         ),
         ("clients: [{name: a, token: '${APP}', lane: 1}]", r"^access\.clients\[0\]\.lane: unknown"),
         (
-            "{client_token: '${APP}', clients: [{name: a, token: '${BATCH}'}]}",
-            r"^access\.client_token: give either",
+            "{client_token: '${APP}', clients: [{name: default, token: '${BATCH}'}]}",
+            r"^access\.clients\[0\]\.name: 'default' is already the name of access\.client_token",
+        ),
+        (
+            "{client_token: '${APP}', clients: [{name: a, token: '${APP}'}]}",
+            r"^access\.clients\[0\]\.token: another client has the same token",
         ),
     ],
 )
@@ -143,9 +147,20 @@ def test_without_named_clients_requests_are_anonymous_or_default_and_may_ask_any
     )
     shorthand = AccessPolicy(AccessConfig(client_token=Secret(ENV["APP"])))
     default = shorthand.identify(f"Bearer {ENV['APP']}")
-    assert (default.name, default.max_lane, default.max_queued) == ("default", Lane.HIGH, None)
+    assert (default.name, default.max_lane, default.max_queued) == ("default", Lane.HIGH, 1000)
     with pytest.raises(Forbidden):
         shorthand.identify(None)
+
+
+def test_the_client_token_beside_named_clients_is_one_more_client_capped_at_normal() -> None:
+    cfg = parse(
+        MINIMAL + "access: {client_token: '${APP}', clients: [{name: b, token: '${BATCH}'}]}", ENV
+    )
+    policy = AccessPolicy(cfg.access, 1000)
+    default = policy.identify(f"Bearer {ENV['APP']}")
+    assert (default.name, default.max_lane, default.max_queued) == ("default", Lane.NORMAL, 500)
+    named = policy.identify(f"Bearer {ENV['BATCH']}")
+    assert (named.name, named.max_lane, named.max_queued) == ("b", Lane.NORMAL, 500)
 
 
 def test_the_priority_header_names_a_lane_or_is_refused() -> None:

@@ -36,7 +36,7 @@ APPLIED_HEADER = "X-Proxy-Priority-Applied"
 # With no token configured, every request is this client. Its lane is its own affair (it
 # is the only client), so it may ask for any; to cap lanes, name the apps.
 ANONYMOUS = Client("anonymous", Lane.HIGH)
-# access.client_token: one client, likewise free to order its own requests.
+# access.client_token's client.
 DEFAULT_CLIENT = "default"
 
 
@@ -66,11 +66,14 @@ class AccessPolicy:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allow_clients]
         # (b"Bearer <token>", the client it names); empty: no token asked for.
         self._tokens: list[tuple[bytes, Client]] = []
-        if cfg.client_token is not None and cfg.client_token.get():
-            self._tokens.append(
-                (_bearer(cfg.client_token.get()), Client(DEFAULT_CLIENT, Lane.HIGH))
-            )
-        share = -(-max_queue // max(1, len(cfg.clients)))  # rounded up
+        shorthand = cfg.client_token.get() if cfg.client_token is not None else ""
+        count = len(cfg.clients) + bool(shorthand)
+        share = -(-max_queue // max(1, count))  # rounded up
+        if shorthand:
+            # Alone, it orders only its own requests: any lane. Beside named clients it is
+            # one of them, with a named client's default cap.
+            cap = Lane.NORMAL if cfg.clients else Lane.HIGH
+            self._tokens.append((_bearer(shorthand), Client(DEFAULT_CLIENT, cap, share)))
         for c in cfg.clients:
             if c.token is None:
                 continue  # validation refuses such a config
