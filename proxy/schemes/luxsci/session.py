@@ -140,9 +140,6 @@ class LuxSciSession:
 
     # -- the signer's view -------------------------------------------------------
 
-    def secret(self) -> str:
-        return self._secret
-
     def cookie(self, code: str, method: str, path: str, query: str, body_digest: str) -> str:
         """The Cookie value that signs one request with `code`: `signature=<code>:<sig>`,
         preceded by `auth=<code>` with auth.auth_cookie (PROTOCOL.md: the document speaks of
