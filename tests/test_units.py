@@ -294,6 +294,39 @@ def test_the_access_line_masks_secrets_and_codes_in_what_the_client_sent(
     assert line["event"] == "request" and line["level"] == "info"
 
 
+def test_the_access_line_is_written_in_its_fixed_order_and_format() -> None:
+    record = AccessRecord(
+        "r1",
+        "POST",
+        path="/caf\u00e9",
+        scope="user",
+        bytes_in=12,
+        request_body="{}",
+        attempts=2,
+        queue_wait=0.0015,
+        upstream_time=0.25,
+        upstream_status=200,
+        response_body="ok",
+        error="e",
+        error_message="m",
+        status=201,
+        bytes_out=34,
+        total_time=1,
+    )
+    assert record.json("T") == (
+        '{"request_id": "r1", "method": "POST", "path": "/caf\\u00e9", "scope": "user", '
+        '"bytes_in": 12, "request_body": "{}", "attempts": 2, "queue_wait_ms": 1.50, '
+        '"upstream_ms": 250.00, "upstream_status": 200, "response_body": "ok", "error": "e", '
+        '"error_message": "m", "status": 201, "bytes_out": 34, "total_ms": 1000.00, '
+        '"event": "request", "level": "info", "timestamp": "T"}'
+    )
+    assert AccessRecord("r2", "GET", total_time=0.5).fields() == {
+        "request_id": "r2",
+        "method": "GET",
+        "total_ms": 500.0,
+    }
+
+
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
 _COUNT = st.integers(min_value=0, max_value=10**12)
 _SECONDS = st.floats(min_value=0, max_value=1e6, allow_nan=False)
