@@ -24,8 +24,8 @@ from proxy.http.headers import (
     upstream_block,
 )
 from proxy.limits import Windows
-from proxy.observe import log as proxy_log
 from proxy.observe.access_record import AccessRecord
+from proxy.observe.log import Logs, route_stdlib
 from proxy.pipeline.admission import check_target
 from proxy.pipeline.outbound import prepare_body
 from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
@@ -156,36 +156,47 @@ def test_unreadable_date_headers_are_ignored() -> None:
 
 
 @pytest.fixture
-def rendered_log() -> Iterator[io.StringIO]:
-    """Configure the real logging chain, rendering into a buffer."""
+def rendered_log() -> Iterator[tuple[Logs, io.StringIO]]:
+    """The real logging chain, rendering into a buffer, with stdlib records routed to it."""
     stream = io.StringIO()
-    proxy_log.configure(
-        "debug", "json", ["the-secret-key", "pw-123456", 'q"uote\\d'], stream=stream
-    )
-    yield stream
-    proxy_log.reset()
+    logs = Logs("debug", "json", ["the-secret-key", "pw-123456", 'q"uote\\d'], stream=stream)
+    root = logging.getLogger()
+    level = root.level
+    handler = route_stdlib()
+    yield logs, stream
+    root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
-    rendered_log: io.StringIO,
+    rendered_log: tuple[Logs, io.StringIO],
 ) -> None:
-    logger = structlog.get_logger("careless")
-    logger.info(
-        "oops",
-        note="key is the-secret-key",
-        header=f"signature={CODE}:abcdef0123",
-        bearer="Authorization: Bearer abc.def.ghi",
-        password="pw-123456",
-        nested={"auth": CODE, "ok": 1},
-        code_in_text=f"got {CODE} back",
+    logs, stream = rendered_log
+
+    def log_carelessly() -> None:
+        # A module-level logger, as most modules have: it logs to the context's Logs.
+        logger = structlog.get_logger("careless")
+        logger.info(
+            "oops",
+            note="key is the-secret-key",
+            header=f"signature={CODE}:abcdef0123",
+            bearer="Authorization: Bearer abc.def.ghi",
+            password="pw-123456",
+            nested={"auth": CODE, "ok": 1},
+            code_in_text=f"got {CODE} back",
+        )
+        try:
+            raise RuntimeError("failed with the-secret-key")
+        except RuntimeError:
+            logger.exception("boom")
+        logging.getLogger("aiohttp.server").error("stdlib says pw-123456")
+
+    logs.context().run(log_carelessly)
+    # A logger bound to the Logs itself, used outside its context.
+    logs.logger().info(
+        "escaped", value='a q"uote\\d b', body='{"auth":"opaque-code-x","success":1}'
     )
-    try:
-        raise RuntimeError("failed with the-secret-key")
-    except RuntimeError:
-        logger.exception("boom")
-    logging.getLogger("aiohttp.server").error("stdlib says pw-123456")
-    logger.info("escaped", value='a q"uote\\d b', body='{"auth":"opaque-code-x","success":1}')
-    text = rendered_log.getvalue()
+    text = stream.getvalue()
     for leaked in (
         "the-secret-key",
         "pw-123456",
@@ -279,15 +290,16 @@ def test_a_window_end_guard_is_half_a_second_or_the_clock_uncertainty() -> None:
 
 
 def test_the_access_line_masks_secrets_and_codes_in_what_the_client_sent(
-    rendered_log: io.StringIO,
+    rendered_log: tuple[Logs, io.StringIO],
 ) -> None:
+    logs, stream = rendered_log
     code = "7-1700000000-" + "ab" * 16
     record = AccessRecord(
         "r", "GET", path=f"/perl/api/v2/x/the-secret-key/{code}", error_message='q"uote\\d'
     )
-    proxy_log.access(record)
-    proxy_log.flush()
-    text = rendered_log.getvalue()
+    logs.access(record)
+    logs.flush()
+    text = stream.getvalue()
     line = json.loads(text)
     assert "the-secret-key" not in text and code not in text and "uote" not in text
     assert line["path"] == "/perl/api/v2/x/[REDACTED]/[REDACTED]"

@@ -27,8 +27,7 @@ from proxy.http.headers import downstream_block
 from proxy.http.server import Request, error_headers, request_id
 from proxy.limits import RateLimiter, scope_of
 from proxy.observe.access_record import AccessRecord
-from proxy.observe.log import access as access_log
-from proxy.observe.log import body_text, mask_user
+from proxy.observe.log import Logs, body_text, mask_user
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import retry
 from proxy.pipeline.admission import AccessPolicy, check_method, check_target
@@ -85,6 +84,7 @@ class Forwarder:
         logging: LoggingConfig,
         policy: AccessPolicy,
         client_timeout: float,
+        logs: Logs,
     ) -> None:
         self.upstream = upstream
         self.scheme = scheme
@@ -98,6 +98,9 @@ class Forwarder:
         self.metrics = metrics
         self.policy = policy
         self.client_timeout = client_timeout
+        # The service's logs: the access line goes there (the other events find them
+        # through the context the request is served in).
+        self.logs = logs
         # Replaced whole on reload (SIGHUP), never mutated.
         self.logging = logging
         # Handler tasks still working, so a shutdown can wait for them (or cut them off).
@@ -181,7 +184,7 @@ class Forwarder:
                 # to answer.
                 event.error = "client_disconnected"
                 event.total_time = time.monotonic() - started
-                access_log(event)
+                self.logs.access(event)
                 raise
             # Shutdown's deadline passed before this request was served: say so.
             task.uncancel()
@@ -203,7 +206,7 @@ class Forwarder:
         event.bytes_out = sent
         elapsed = event.total_time = time.monotonic() - started
         self.metrics.request(request.method, label_scope, status, elapsed)
-        access_log(event)
+        self.logs.access(event)
 
     def _refuse(
         self, request: Request, error: ProxyError, rid: str, event: AccessRecord
