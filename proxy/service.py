@@ -6,19 +6,20 @@ import asyncio
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
+from urllib.parse import unquote
 
-import structlog
 from aiohttp import web
 
 from proxy.clock import ServerClock
-from proxy.config import Config
+from proxy.config import Config, url_passwords
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.observe.admin import create_admin_app
+from proxy.observe.log import Logs
 from proxy.observe.metrics import Metrics, ScopeState, StateSources
 from proxy.pipeline.admission import AccessPolicy, Admission
 from proxy.pipeline.attempts import Attempts, Sender
@@ -27,7 +28,23 @@ from proxy.pipeline.inflight import Gate
 from proxy.pipeline.relay import Relay
 from proxy.schemes.registry import BUILT_IN, SchemeDeps, SchemeKind
 
-log = structlog.get_logger("proxy.app")
+T = TypeVar("T")
+
+
+def secrets_of(cfg: Config) -> list[str]:
+    """Every secret value in the config: the logs mask them wherever they appear."""
+    values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
+    found = [v.get() for v in values if v is not None]
+    if cfg.access.client_token is not None:
+        found.append(cfg.access.client_token.get())
+    for password in url_passwords(cfg.limits.redis_url):
+        found += [password, unquote(password)]
+    return found
+
+
+def make_logs(cfg: Config, stream: IO[str] | None = None) -> Logs:
+    """The logging of a service with this config (stream: stderr unless given)."""
+    return Logs(cfg.logging.level, cfg.logging.format, secrets_of(cfg), stream)
 
 
 def limits_key(cfg: Config) -> str:
@@ -78,10 +95,24 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 class ProxyService:
-    """The running proxy: listeners, upstream pool and auth session."""
+    """The running proxy: listeners, upstream pool, auth session and its logs.
 
-    def __init__(self, cfg: Config, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> None:
+    Its events go to `logs`, made from the config unless given (the CLI makes it
+    first, to run the whole event loop in its context). start, reload and stop run
+    in `logs.context()`, so what the components log from them, and from every task
+    and connection they start, goes there too.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        logs: Logs | None = None,
+        *,
+        schemes: Mapping[str, SchemeKind] = BUILT_IN,
+    ) -> None:
         self.cfg = cfg
+        self.logs = logs if logs is not None else make_logs(cfg)
+        self.log = self.logs.logger()
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
         self.metrics = Metrics()
@@ -136,6 +167,7 @@ class ProxyService:
             Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry),
             Relay(self.scheme, cfg.logging.log_bodies),
             self.metrics,
+            self.logs,
             cfg,
         )
 
@@ -165,30 +197,37 @@ class ProxyService:
     def _warn_about_exposure(self) -> None:
         cfg = self.cfg
         for warning in cfg.warnings:
-            log.warning("config_warning", warning=warning)
+            self.log.warning("config_warning", warning=warning)
         loopback = cfg.listen.host in (
             "127.0.0.1",
             "::1",
             "localhost",
         ) or cfg.listen.host.startswith("127.")
         if not loopback and AccessPolicy(cfg.access).open_to_anyone:
-            log.warning(
+            self.log.warning(
                 "proxy_open_to_the_network",
                 listen=cfg.listen.host,
                 note="anyone who can reach this port acts with the integration's full rights: "
                 "set access.allow_clients and/or access.client_token, or listen on 127.0.0.1",
             )
         if cfg.upstream.url.startswith("http://"):
-            log.warning(
+            self.log.warning(
                 "upstream_not_encrypted",
                 upstream=cfg.upstream.url,
                 note="upstream.allow_insecure: credentials and data travel in the clear",
             )
 
+    def _in_context(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """`coro` as a task of this service's log context (see the class docstring)."""
+        return asyncio.get_running_loop().create_task(coro, context=self.logs.context())
+
     async def start(self) -> None:
+        await self._in_context(self._start())
+
+    async def _start(self) -> None:
         self._warn_about_exposure()
         if self.cfg.logging.log_bodies:
-            log.warning(
+            self.log.warning(
                 "log_bodies_enabled",
                 note="request and response bodies go to the log; they may hold protected "
                 "health information: turn logging.log_bodies off outside debugging",
@@ -203,7 +242,7 @@ class ProxyService:
         # of being refused, and /readyz says 503 until it has succeeded.
         self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port)
         await self.scheme.start()
-        log.info(
+        self.log.info(
             "proxy_started",
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             listen=f"{self.cfg.listen.host}:{self.port}",
@@ -220,6 +259,11 @@ class ProxyService:
         the old login and start a new one. Listeners, the upstream, the limiter's
         backend and windows, and the auth scheme keep their old values.
         """
+        return await self._in_context(self._reload(new))
+
+    async def _reload(self, new: Config) -> list[str]:
+        # Logging first, so the reload's own events follow the new settings.
+        self.logs.configure(new.logging.level, new.logging.format, secrets_of(new))
         old = self.cfg
         restart = [
             name
@@ -251,15 +295,19 @@ class ProxyService:
 
     async def stop(self) -> None:
         """Stop accepting; let in-flight and queued requests finish within shutdown_timeout,
-        answer the rest 503; revoke the session; close everything."""
-        log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
+        answer the rest 503; revoke the session; close everything; flush the log."""
+        await self._in_context(self._stop())
+
+    async def _stop(self) -> None:
+        self.log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
         self.listener.stop_accepting()  # no new connections; idle ones closed
         cut_off = await self.forwarder.drain.drain(self.cfg.shutdown_timeout)
         if cut_off:
-            log.warning("shutdown_cut_off_requests", count=cut_off)
+            self.log.warning("shutdown_cut_off_requests", count=cut_off)
         await self.listener.close()
         await self.scheme.stop()
         await self._admin_runner.cleanup()
         await self.limiter.close()
         await self.upstream.close()
-        log.info("shutdown_complete")
+        self.log.info("shutdown_complete")
+        self.logs.flush()

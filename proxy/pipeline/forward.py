@@ -19,8 +19,7 @@ from proxy.config import Config, LoggingConfig
 from proxy.errors import ProxyError, ShuttingDown
 from proxy.http.server import Request, error_headers, request_id
 from proxy.observe.access_record import AccessRecord
-from proxy.observe.log import access as access_log
-from proxy.observe.log import body_text
+from proxy.observe.log import Logs, body_text
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.admission import AccessPolicy, Admission
 from proxy.pipeline.attempts import Attempts
@@ -41,12 +40,16 @@ class Forwarder:
         attempts: Attempts,
         relay: Relay,
         metrics: Metrics,
+        logs: Logs,
         cfg: Config,
     ) -> None:
         self.admission = admission
         self.attempts = attempts
         self.relay = relay
         self.metrics = metrics
+        # The service's logs: the access line goes there (the other events find them
+        # through the context the request is served in).
+        self.logs = logs
         self.drain = Drain()
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
@@ -88,7 +91,7 @@ class Forwarder:
             # The client went away (the server cancels its handler): nothing to answer.
             event.error = "client_disconnected"
             event.total_time = time.monotonic() - started
-            access_log(event)
+            self.logs.access(event)
             raise
         except TimeoutError:
             if not scope.expired():
@@ -103,7 +106,7 @@ class Forwarder:
         event.bytes_out = sent
         elapsed = event.total_time = time.monotonic() - started
         self.metrics.request(request.method, event.scope or "account", status, elapsed)
-        access_log(event)
+        self.logs.access(event)
 
     async def _forward(
         self, request: Request, rid: str, event: AccessRecord, started: float
