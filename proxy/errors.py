@@ -6,6 +6,8 @@
     ├── ClientTimeout             408 client_timeout
     ├── BodyTooLarge              413 body_too_large
     ├── HeadersTooLarge           431 headers_too_large
+    ├── TransferCodingNotSupported 501 transfer_coding_not_supported
+    ├── HttpVersionNotSupported   505 http_version_not_supported
     ├── Unavailable               503, with Retry-After
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
@@ -68,6 +70,20 @@ class BodyTooLarge(ProxyError):
 class HeadersTooLarge(ProxyError):
     status = 431
     reason = "headers_too_large"
+
+
+class TransferCodingNotSupported(ProxyError):
+    """A request body in a transfer coding other than chunked alone (RFC 9112 6.1)."""
+
+    status = 501
+    reason = "transfer_coding_not_supported"
+
+
+class HttpVersionNotSupported(ProxyError):
+    """A request line with an HTTP version other than 1.0 or 1.1 (RFC 9110 15.6.6)."""
+
+    status = 505
+    reason = "http_version_not_supported"
 
 
 class Unavailable(ProxyError):
