@@ -911,9 +911,9 @@ class _Connection(asyncio.Protocol):
         else:
             log.info("bad_http_request", peer=self.remote, reason=error.reason, error=error.message)
         if any(not request.finished for request in self.pipeline):
-            # Answer what came before it first; the connection ends after that.
-            for request in self.pipeline:
-                request.keep_alive = False
+            # Answer what came before it first, each in turn; the connection ends with
+            # the last of them (ending it with the first would drop the others unanswered).
+            self.pipeline[-1].keep_alive = False
             if self._parsing is not None:
                 self._parsing.body_error = error or BadRequest("malformed HTTP request")
                 self._parsing.wake()

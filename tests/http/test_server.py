@@ -726,6 +726,19 @@ async def test_a_parse_error_after_a_good_pipelined_request_ends_after_its_answe
     assert [r.raw_path for r in echo.seen] == ["/good"]
 
 
+async def test_every_request_before_a_parse_error_is_answered_then_it_ends(
+    serve: Serve, connect: Connect
+) -> None:
+    echo = Echo(delays={"/1": 0.1})
+    served = await serve(echo)
+    client = await connect(served.port)
+    client.send(get("/1") + get("/2") + get("/3", "Connection: close") + get("/4"))
+    answers = [await client.answer() for _ in range(3)]
+    assert [a.json()["path"] for a in answers] == ["/1", "/2", "/3"]
+    assert [a.headers.get("Connection") for a in answers] == [None, None, "close"]
+    assert await client.closed()
+
+
 async def test_an_upgrade_request_is_answered_then_the_connection_ends(
     serve: Serve, connect: Connect
 ) -> None:
