@@ -508,6 +508,7 @@ class _Connection(asyncio.Protocol):
         self._chunk_fresh = False  # that size line came in the read being parsed
         self._tail = b""
         self._last = False  # the request being parsed is the connection's last
+        self._host: str | None = None  # the last valid Host on this connection
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
         self._reading_paused = False
@@ -559,7 +560,10 @@ class _Connection(asyncio.Protocol):
             # their way wait behind them.
             self._held += data
             return
-        self._feed(data)
+        if len(data) <= _MIN_HEAD * (PIPELINE_MAX - 1 - len(self.pipeline)):
+            self._parse(data)  # the usual read: too short to hold more heads than there is room for
+        else:
+            self._feed(data)
 
     def eof_received(self) -> bool:
         # A client that stops sending has gone (as aiohttp's server treats it, and as
@@ -750,7 +754,16 @@ class _Connection(asyncio.Protocol):
             raise _Http09
         else:
             raise _VERSION
-        self._check_head(headers, version)
+        # RFC 9112's rules that llhttp leaves to its user, cheap in the usual case: the
+        # Host seen last on this connection, no fragment, no Transfer-Encoding.
+        hosts = headers.getall("Host", None)
+        if hosts is None or len(hosts) != 1 or hosts[0] != self._host:
+            self._check_host(hosts, version)
+        if b"#" in self._url:
+            raise BadRequest("a request target has no fragment (#)")
+        self._chunked = "Transfer-Encoding" in headers
+        if self._chunked:
+            self._check_coding(headers, version)
         if len(self.pipeline) >= PIPELINE_MAX:
             # Unreachable: _feed parses no more heads than there is room for.
             raise BadRequest(f"more than {PIPELINE_MAX} pipelined requests at once")
@@ -775,39 +788,39 @@ class _Connection(asyncio.Protocol):
         elif self.task is None:
             self.task = self.loop.create_task(self._serve())
 
-    def _check_head(self, headers: CIMultiDict[str], version: tuple[int, int]) -> None:
-        """RFC 9112's rules for a request head that llhttp leaves to its user."""
-        hosts = headers.getall("Host", None)
+    def _check_host(self, hosts: list[str] | None, version: tuple[int, int]) -> None:
+        """One Host, and a host at that (RFC 9112 3.2); HTTP/1.0 may send none."""
         if hosts is None:
             if version >= (1, 1):
                 raise BadRequest("an HTTP/1.1 request needs a Host header (RFC 9112 3.2)")
         elif len(hosts) > 1 or not _HOST.fullmatch(hosts[0].strip(" \t")):
             raise BadRequest("one Host header with a host name is needed (RFC 9112 3.2)")
-        if b"#" in self._url:
-            raise BadRequest("a request target has no fragment (#)")
-        self._chunked = "Transfer-Encoding" in headers
-        if self._chunked:
-            if version < (1, 1):
-                # Its framing cannot be trusted (RFC 9112 6.1): a 1.0 server would not
-                # have read it as chunked.
-                raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
-            codings = [
-                c.strip(" \t").lower()
-                for value in headers.getall("Transfer-Encoding")
-                for c in value.split(",")
-            ]
-            if codings != ["chunked"]:
-                if codings[-1] != "chunked" or "chunked" in codings[:-1]:
-                    # No length can be read from it (RFC 9112 6.3): 400, and close.
-                    raise BadRequest("malformed body framing (Content-Length / Transfer-Encoding)")
-                # Other codings under chunked (gzip, chunked) would reach the API still
-                # encoded, and unlabelled: not implemented (RFC 9112 6.1), as nginx says.
-                raise TransferCodingNotSupported(
-                    "request bodies are accepted with Transfer-Encoding: chunked alone"
-                )
-            self._framing = 0
-            self._chunk_fresh = False
-            self._tail = b""
+        else:
+            self._host = hosts[0]  # the next request on this connection sends the same
+
+    def _check_coding(self, headers: CIMultiDict[str], version: tuple[int, int]) -> None:
+        """Transfer-Encoding: chunked alone, and not in HTTP/1.0 (RFC 9112 6.1, 6.3)."""
+        if version < (1, 1):
+            # Its framing cannot be trusted (RFC 9112 6.1): a 1.0 server would not have
+            # read it as chunked.
+            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        codings = [
+            c.strip(" \t").lower()
+            for value in headers.getall("Transfer-Encoding")
+            for c in value.split(",")
+        ]
+        if codings != ["chunked"]:
+            if codings[-1] != "chunked" or "chunked" in codings[:-1]:
+                # No length can be read from it (RFC 9112 6.3): 400, and close.
+                raise BadRequest("malformed body framing (Content-Length / Transfer-Encoding)")
+            # Other codings under chunked (gzip, chunked) would reach the API still
+            # encoded, and unlabelled: not implemented (RFC 9112 6.1), as nginx says.
+            raise TransferCodingNotSupported(
+                "request bodies are accepted with Transfer-Encoding: chunked alone"
+            )
+        self._framing = 0
+        self._chunk_fresh = False
+        self._tail = b""
 
     def on_body(self, body: bytes) -> None:
         self._events += 1
@@ -836,8 +849,9 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self._parsing
         self._parsing = None
-        self._chunked = False
-        self._tail = b""
+        if self._chunked:
+            self._chunked = False
+            self._tail = b""
         if self._last:
             self._broken = True  # the connection's last request: nothing after it is read
         if request is None:
