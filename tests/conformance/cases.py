@@ -110,6 +110,7 @@ class RecordingUpstream:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -125,11 +126,16 @@ class RecordingUpstream:
             self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
+        if self._tasks:  # each sees its connection end, and returns
+            await asyncio.wait(self._tasks, timeout=5)
         if self._server is not None:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             while True:
                 arrived = await _read_request(reader)
@@ -147,6 +153,8 @@ class RecordingUpstream:
             pass
         finally:
             self._writers.discard(writer)
+            if task is not None:
+                self._tasks.discard(task)
             writer.transport.abort()
 
 
