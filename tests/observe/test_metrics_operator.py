@@ -7,6 +7,7 @@ import ast
 import asyncio
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,6 @@ from proxy import cli, errors
 from proxy.config import Secret, load
 from proxy.observe import metrics
 from proxy.pipeline import retry
-from proxy.schemes.luxsci import session
 from proxy.service import ProxyService
 from tests.redis_server import free_port
 
@@ -73,7 +73,7 @@ async def test_a_first_event_adds_to_its_zero_series(
     assert sum(rejected.values()) == 1
 
 
-def string_constants(nodes: list[ast.AST]) -> set[str]:
+def string_constants(nodes: Sequence[ast.AST]) -> set[str]:
     return {
         n.value
         for node in nodes
@@ -104,21 +104,28 @@ def retry_reasons_in_code() -> set[str]:
 
 
 def auth_results_in_code() -> set[str]:
-    """Every result the LuxSci session counts: the literals in its metrics.auth(...) calls
-    and in _auth_result, which maps a login's status to one."""
-    tree = ast.parse(Path(session.__file__).read_text())
-    calls = [
-        n
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Call)
-        and isinstance(n.func, ast.Attribute)
-        and n.func.attr == "auth"
-        and ast.unparse(n.func.value) == "self._metrics"
-    ]
-    mapping = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_auth_result"]
-    assert calls and mapping
-    returns = [r for r in ast.walk(mapping[0]) if isinstance(r, ast.Return)]
-    return string_constants([c.args[0] for c in calls]) | string_constants(returns)
+    """Every result a scheme counts: the literals in its `...metrics.auth(...)` calls, and
+    those returned by a module function called there (luxsci's _auth_result, which maps a
+    login's status to one)."""
+    found: set[str] = set()
+    for path in sorted((repo_root() / "proxy" / "schemes").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "auth"
+                and ast.unparse(node.func.value).endswith("metrics")
+            ):
+                continue
+            found |= string_constants(node.args)
+            for call in ast.walk(node.args[0]):
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
+                    returns = ast.walk(functions[call.func.id])
+                    found |= string_constants([r for r in returns if isinstance(r, ast.Return)])
+    assert found, "no metrics.auth(...) call found: has the session moved?"
+    return found
 
 
 def test_the_known_label_values_match_what_the_code_can_produce() -> None:
