@@ -16,7 +16,7 @@ from conftest import SECRET, TOKEN, MakeProxy, RunningProxy, repo_root
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli, errors
-from proxy.config import Secret, load
+from proxy.config import Secret
 from proxy.observe import metrics
 from proxy.pipeline import retry
 from proxy.service import ProxyService
@@ -225,11 +225,9 @@ async def test_reload_success_and_refusal_are_exported(
     # The time is that of the last load that applied: a refusal leaves it.
     assert s[(P + "config_last_reload_success_timestamp_seconds", frozenset())] == first
 
-    # The success path of the Reloader is service.reload (the Reloader would also
-    # reconfigure this test process's logging, which other tests rely on).
     write_config(path, sandbox.url, per_day=4321)
     await asyncio.sleep(0.01)
-    await service.reload(load(str(path)))
+    await reloader.reload()
     s = await scrape(http, proxy)
     assert s[(P + "config_last_reload_successful", frozenset())] == 1
     assert s[(P + "config_last_reload_success_timestamp_seconds", frozenset())] > first
