@@ -92,6 +92,7 @@ class Reloader:
                 new = load(self.path)
             except ConfigError as e:
                 self.log.error("config_reload_rejected", error=str(e), path=self.path)
+                self.service.reload_refused()  # luxsci_proxy_config_last_reload_successful 0
                 return
             restart = await self.service.reload(new)  # logging settings included
             self.log.info("config_reloaded", path=self.path, needs_restart=restart)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -20,7 +21,7 @@ from proxy.http.server import Listener
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.observe.admin import create_admin_app
 from proxy.observe.log import Logs
-from proxy.observe.metrics import Metrics, ScopeState, StateSources
+from proxy.observe.metrics import Metrics, ReloadState, ScopeState, StateSources
 from proxy.pipeline.admission import AccessPolicy, Admission
 from proxy.pipeline.attempts import Attempts, Sender
 from proxy.pipeline.forward import Forwarder
@@ -113,6 +114,8 @@ class ProxyService:
         self.cfg = cfg
         self.logs = logs if logs is not None else make_logs(cfg)
         self.log = self.logs.logger()
+        # The config this process started with is the first load that applied.
+        self.last_reload = ReloadState(successful=True, success_time=time.time())
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
         self.metrics = Metrics()
@@ -134,6 +137,13 @@ class ProxyService:
                 daily_used=lambda: self.limiter.day_used_known(),
                 code_age=self.scheme.credential_age,
                 session_valid=self.scheme.valid,
+                daily_limit=lambda: self.cfg.limits.per_day,
+                code_lifetime=self._code_lifetime,
+                limits_fallback=lambda: bool(self.limiter.status().get("fallback")),
+                ready=lambda: self.readiness()[0],
+                queue_max_size=lambda: self.cfg.queue.max_size,
+                queue_max_wait=lambda: self.cfg.queue.max_wait,
+                reload=lambda: self.last_reload,
             )
         )
         listen = cfg.listen
@@ -180,6 +190,16 @@ class ProxyService:
             )
             for scope, bucket in self.limiter.buckets.items()
         }
+
+    def _code_lifetime(self) -> float | None:
+        """auth.code_lifetime, for the schemes whose credential ages (luxsci)."""
+        if self.scheme.credential_age() is None:
+            return None
+        return float(self.cfg.auth.code_lifetime)
+
+    def reload_refused(self) -> None:
+        """A SIGHUP's config did not load: the old config stays, and the metrics say so."""
+        self.last_reload = dataclasses.replace(self.last_reload, successful=False)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once logged in, while no later login failed and no drain is on; with a
@@ -259,7 +279,13 @@ class ProxyService:
         the old login and start a new one. Listeners, the upstream, the limiter's
         backend and windows, and the auth scheme keep their old values.
         """
-        return await self._in_context(self._reload(new))
+        try:
+            restart = await self._in_context(self._reload(new))
+        except BaseException:
+            self.reload_refused()
+            raise
+        self.last_reload = ReloadState(successful=True, success_time=time.time())
+        return restart
 
     async def _reload(self, new: Config) -> list[str]:
         # Logging first, so the reload's own events follow the new settings.
