@@ -77,31 +77,29 @@ class Forwarder:
         started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
         event = AccessRecord(rid, request.method)
-        scope = asyncio.timeout(None)  # moved to "now" by a drain past its grace
+        drain = self.drain
+        drain.add(request)
         try:
-            async with scope:
-                self.drain.add(scope)
-                try:
-                    status, sent = await self._forward(request, rid, event, started)
-                finally:
-                    self.drain.discard(scope)
+            status, sent = await self._forward(request, rid, event, started)
         except ProxyError as e:
             status, sent = self._refuse(request, e, rid, event)
         except asyncio.CancelledError:
-            # The client went away (the server cancels its handler): nothing to answer.
-            event.error = "client_disconnected"
-            event.total_time = time.monotonic() - started
-            self.logs.access(event)
-            raise
-        except TimeoutError:
-            if not scope.expired():
+            if not drain.cut_off(request) or request.task is None:
+                # The client went away (the server cancels its handler): nothing to answer.
+                drain.discard(request)
+                event.error = "client_disconnected"
+                event.total_time = time.monotonic() - started
+                self.logs.access(event)
                 raise
+            # The drain's grace ran out before this request was served: say so.
+            request.task.uncancel()
             status, sent = self._refuse(request, ShuttingDown(_CUT_OFF, 1), rid, event)
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
             error = ProxyError("internal proxy error; see the proxy log")
             status, sent = self._refuse(request, error, rid, event)
+        drain.discard(request)
         event.status = status
         event.bytes_out = sent
         elapsed = event.total_time = time.monotonic() - started
