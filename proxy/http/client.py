@@ -161,9 +161,10 @@ class _Connection(asyncio.Protocol):
         # The answer's head is still to come, and what it (with any 1xx heads) has taken.
         self._in_head = False
         self._head_bytes = 0
-        # A chunk header was parsed and neither its data nor its end yet: what arrives now
-        # is the trailer section (or a chunk's data still to come).
-        self._chunk_open = False
+        # Bytes of reads in a row that carried no body data: the trailer section, or chunk
+        # framing. httptools gathers a trailer field whole before it reports it, so this
+        # bounds one endless field; _trailer_bytes sums the fields it reports.
+        self._quiet = 0
         self._trailer_bytes = 0
         # The framing was doubtful (Transfer-Encoding with Content-Length, or in HTTP/1.0):
         # the answer is read as Transfer-Encoding says, and the connection never reused.
@@ -203,9 +204,20 @@ class _Connection(asyncio.Protocol):
         self._last_data = self.loop.time()
         try:
             if self._in_head:
-                self._feed_head(data)
+                if len(data) > self.max_head - self._head_bytes:
+                    self._feed_past_cap(data)
+                    return
+                self._head_bytes += len(data)
+                self.parser.feed_data(data)
+                return
+            buffered = self._buffered
+            self.parser.feed_data(data)
+            if self._buffered != buffered:
+                self._quiet = 0
             else:
-                self._feed_body(data)
+                self._quiet += len(data)
+                if self._quiet > self.max_head:
+                    raise self._trailers_too_large()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamBadResponse(f"{self.pool.where} switched protocols unasked"))
         except httptools.HttpParserError as e:
@@ -213,14 +225,10 @@ class _Connection(asyncio.Protocol):
         except ProxyError as e:
             self._fail(e)
 
-    def _feed_head(self, data: bytes) -> None:
+    def _feed_past_cap(self, data: bytes) -> None:
+        """A read that takes the answer past the head's cap: the head must end within it.
+        Fed in two parts (views, no copies), so the parser never holds more of a head."""
         room = self.max_head - self._head_bytes
-        if len(data) <= room:
-            self._head_bytes += len(data)
-            self.parser.feed_data(data)
-            return
-        # This read takes the answer past the cap: the head must end within it. Fed in two
-        # parts (views, no copies), so the parser never holds more of a head than the cap.
         view = memoryview(data)
         self._head_bytes = self.max_head
         self.parser.feed_data(view[:room])
@@ -232,24 +240,13 @@ class _Connection(asyncio.Protocol):
         if self._complete:
             self.close()  # a whole bodiless answer, then more: see data_received
             return
-        self._feed_body(view[room:])
+        self.parser.feed_data(view[room:])
 
-    def _feed_body(self, data: bytes | memoryview) -> None:
-        trailing = self._chunk_open
-        self.parser.feed_data(data)
-        if trailing and self._chunk_open:
-            # A whole read with neither chunk data nor a chunk's end: trailer bytes, which
-            # httptools gathers until a field ends. Counted here so one endless field is
-            # refused too, not only many fields (on_header).
-            self._count_trailers(len(data))
-
-    def _count_trailers(self, size: int) -> None:
-        self._trailer_bytes += size
-        if self._trailer_bytes > self.max_head:
-            raise UpstreamBadResponse(
-                f"{self.pool.where} sent trailers over {self.max_head} bytes "
-                "(upstream.max_header_bytes)"
-            )
+    def _trailers_too_large(self) -> UpstreamBadResponse:
+        return UpstreamBadResponse(
+            f"{self.pool.where} sent trailers (or chunk framing) over {self.max_head} bytes "
+            "(upstream.max_header_bytes)"
+        )
 
     def _parse_error(self, error: httptools.HttpParserError) -> None:
         if self._complete:
@@ -315,7 +312,9 @@ class _Connection(asyncio.Protocol):
         else:
             # httptools reports trailer fields as headers. They are counted and dropped,
             # never merged into the head (RFC 9110 6.5.1, RFC 9112 7.1.2; nginx drops them).
-            self._count_trailers(len(name) + len(value) + 4)
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self.max_head:
+                raise self._trailers_too_large()
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -326,11 +325,11 @@ class _Connection(asyncio.Protocol):
             self._raw_headers = []
             self._reason = b""
             return
-        if status > 599 or status < 100 or self.parser.get_http_version()[:2] != "1.":
+        version = self.parser.get_http_version()
+        if status > 599 or status < 100 or version[:2] != "1.":
             # RFC 9110 15: three digits, 100-599; llhttp also takes HTTP/0.9 and 2.0 lines.
             raise UpstreamBadResponse(
-                f"{self.pool.where} sent an invalid status line "
-                f"(HTTP/{self.parser.get_http_version()} {status})"
+                f"{self.pool.where} sent an invalid status line (HTTP/{version} {status})"
             )
         self._in_head = False
         headers = CIMultiDict(decode_headers(self._raw_headers))
@@ -338,12 +337,13 @@ class _Connection(asyncio.Protocol):
         has_body = status not in (204, 304) and not self._head_only
         coded = "Transfer-Encoding" in headers
         if coded:
-            if has_body:
-                self._check_transfer_coding(headers.getall("Transfer-Encoding"))
+            codings = headers.getall("Transfer-Encoding")
+            if has_body and (len(codings) != 1 or codings[0].lower() != "chunked"):
+                self._check_transfer_coding(codings)
             # RFC 9112 6.1, 6.3: Transfer-Encoding wins over Content-Length; the pair, or
             # Transfer-Encoding in HTTP/1.0, is faulty framing: close after this answer.
             length = None
-            self._no_reuse = length_text is not None or self.parser.get_http_version() == "1.0"
+            self._no_reuse = length_text is not None or version == "1.0"
         else:
             length = int(length_text) if length_text is not None and length_text.isdigit() else None
         self._eof_body = length is None and not coded and has_body
@@ -377,14 +377,7 @@ class _Connection(asyncio.Protocol):
                 "only chunked can be relayed"
             )
 
-    def on_chunk_header(self) -> None:
-        self._chunk_open = True
-
-    def on_chunk_complete(self) -> None:
-        self._chunk_open = False
-
     def on_body(self, body: bytes) -> None:
-        self._chunk_open = False
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _BUFFER_HIGH and not self._reading_paused:
@@ -462,7 +455,7 @@ class _Connection(asyncio.Protocol):
         self._head_only = head_only
         self._in_head = True
         self._head_bytes = 0
-        self._chunk_open = False
+        self._quiet = 0
         self._trailer_bytes = 0
         self._no_reuse = False
         self._reason = b""

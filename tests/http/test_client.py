@@ -824,7 +824,7 @@ async def test_many_trailer_fields_over_the_cap_are_refused(serve: Serve, connec
     server = await serve(answering(answer + trailers + b"\r\n"))
     up = await connect(server.url, max_header_bytes=2048)
     async with await up.request("GET", "/", "", b"", b"") as resp:
-        with pytest.raises(UpstreamBadResponse, match="trailers over 2048 bytes"):
+        with pytest.raises(UpstreamBadResponse, match=r"trailers .*over 2048 bytes"):
             await resp.read()
     assert up.open_connections == 0
 
@@ -847,10 +847,28 @@ async def test_one_endless_trailer_field_is_refused_without_holding_it(
     server = await serve(handle)
     up = await connect(server.url, max_header_bytes=4096)
     async with await up.request("GET", "/", "", b"", b"") as resp:
-        with pytest.raises(UpstreamBadResponse, match="trailers over 4096 bytes"):
+        with pytest.raises(UpstreamBadResponse, match=r"trailers .*over 4096 bytes"):
             await resp.read()
     await eventually(lambda: server.active == 0)
     assert written < 16 * MiB  # what the socket buffers took before the client hung up
+
+
+async def test_an_endless_chunk_extension_is_refused(serve: Serve, connect: Connect) -> None:
+    """llhttp skips extensions without keeping them; still, bytes that never become body
+    are bounded like trailers, so such an answer cannot run forever."""
+
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        await server.read_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n5;ext=")
+        for _ in range(1000):
+            w.write(b"e" * (16 * 1024))
+            await w.drain()
+
+    server = await serve(handle)
+    up = await connect(server.url, max_header_bytes=4096)
+    async with await up.request("GET", "/", "", b"", b"") as resp:
+        with pytest.raises(UpstreamBadResponse, match="chunk framing"):
+            await resp.read()
 
 
 async def test_two_answers_in_one_write_give_the_first_and_discard_the_connection(
