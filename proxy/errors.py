@@ -16,6 +16,7 @@
     │   └── TooManyConnections    503 too_many_connections
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
+        ├── UpstreamBadResponse   502 upstream_bad_response
         ├── UpstreamTimeout       504 upstream_timeout
         └── UpstreamAuthFailed    502 upstream_auth_failed
 
@@ -129,6 +130,15 @@ class UpstreamError(ProxyError):
 class UpstreamUnreachable(UpstreamError):
     status = 502
     reason = "upstream_unreachable"
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered, but not with HTTP/1.1 the proxy can relay (unparseable,
+    a head or trailers over their cap, a framing it cannot pass on). Not retried: the
+    request reached the API, and the same server is likely to answer the same way."""
+
+    status = 502
+    reason = "upstream_bad_response"
 
 
 class UpstreamTimeout(UpstreamError):

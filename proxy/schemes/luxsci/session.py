@@ -66,7 +66,7 @@ def api_error_message(body: bytes, status: int) -> str:
     """The API's `error_message`, or a description of the status when there is none."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # the API's body, any shape
         data = None
     if isinstance(data, dict) and isinstance(data.get("error_message"), str):
         # Bounded: this text goes to clients and logs.
@@ -293,7 +293,7 @@ class LuxSciSession:
     def _code_from(body: bytes) -> str:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("auth"), str) or not data["auth"]:
             raise UpstreamAuthFailed("authentication answered success but carried no auth code")
