@@ -94,6 +94,9 @@ class UpstreamConfig:
     # Longest silence from the upstream (waiting for the response head or the next body bytes).
     read_timeout: float = 60.0
     pool_size: int = 100
+    # The most an answer's head may take: status line and header lines, 1xx interim heads
+    # included; also the cap on its trailer section. Past it: 502 upstream_bad_response.
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -390,6 +393,8 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
     _check_positive(cfg.shutdown_timeout, "shutdown_timeout")
     if cfg.listen.max_header_bytes < 1024:
         raise ConfigError("listen.max_header_bytes: must be at least 1024")
+    if cfg.upstream.max_header_bytes < 1024:
+        raise ConfigError("upstream.max_header_bytes: must be at least 1024")
     _check_positive(cfg.listen.max_connections, "listen.max_connections")
     _check_positive(cfg.listen.client_timeout, "listen.client_timeout")
     _validate_access(cfg.access)

@@ -6,6 +6,8 @@
     ├── ClientTimeout             408 client_timeout
     ├── BodyTooLarge              413 body_too_large
     ├── HeadersTooLarge           431 headers_too_large
+    ├── TransferCodingNotSupported 501 transfer_coding_not_supported
+    ├── HttpVersionNotSupported   505 http_version_not_supported
     ├── Unavailable               503, with Retry-After
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
@@ -14,6 +16,7 @@
     │   └── TooManyConnections    503 too_many_connections
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
+        ├── UpstreamBadResponse   502 upstream_bad_response
         ├── UpstreamTimeout       504 upstream_timeout
         └── UpstreamAuthFailed    502 upstream_auth_failed
 
@@ -70,6 +73,20 @@ class HeadersTooLarge(ProxyError):
     reason = "headers_too_large"
 
 
+class TransferCodingNotSupported(ProxyError):
+    """A request body in a transfer coding other than chunked alone (RFC 9112 6.1)."""
+
+    status = 501
+    reason = "transfer_coding_not_supported"
+
+
+class HttpVersionNotSupported(ProxyError):
+    """A request line with an HTTP version other than 1.0 or 1.1 (RFC 9110 15.6.6)."""
+
+    status = 505
+    reason = "http_version_not_supported"
+
+
 class Unavailable(ProxyError):
     """The request cannot be served in time; `retry_after` says when to try again."""
 
@@ -113,6 +130,15 @@ class UpstreamError(ProxyError):
 class UpstreamUnreachable(UpstreamError):
     status = 502
     reason = "upstream_unreachable"
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered, but not with HTTP/1.1 the proxy can relay (unparseable,
+    a head or trailers over their cap, a framing it cannot pass on). Not retried: the
+    request reached the API, and the same server is likely to answer the same way."""
+
+    status = 502
+    reason = "upstream_bad_response"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -416,6 +416,7 @@ upstream:
   connect_timeout: 3
   read_timeout: 40
   pool_size: 10
+  max_header_bytes: 32768
 auth:
   scheme: luxsci
   token: ${{LUXSCI_API_TOKEN}}

@@ -59,6 +59,7 @@ def test_env_values_are_not_parsed_as_yaml() -> None:
         ("upstream: {url: 'http://127.0.0.1:1'}", r"^upstream\.url: plain http://"),
         ("upstream: {url: 'https://h/perl'}", r"^upstream\.url: give only scheme"),
         ("upstream: {ca_file: /nope.pem}", r"^upstream\.ca_file: no such file"),
+        ("upstream: {max_header_bytes: 512}", r"^upstream\.max_header_bytes: must be at least"),
         ("auth: {scheme: basic}", r"^auth\.scheme: must be one of luxsci, bearer"),
         ("auth: {user: joe@example.com}", r"^auth\.password: auth\.user and auth\.password"),
         ("auth: {refresh_margin: 1000}", r"^auth\.refresh_margin"),

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.cli import _secrets_of
 from proxy.config import AccessConfig, ClientConfig, ConfigError, Secret, masked, parse
 from proxy.errors import BadRequest, Forbidden
 from proxy.limits import Lane
 from proxy.pipeline.admission import AccessPolicy, priority
+from proxy.service import secrets_of
 
 ENV = {
     "LUXSCI_API_TOKEN": "tok-123",
@@ -107,7 +107,7 @@ def test_client_tokens_are_masked_warned_about_and_redacted_from_logs() -> None:
     dumped = yaml.safe_dump(masked(cfg))
     assert "literal-token-0123456789" not in dumped
     assert masked(cfg)["access"]["clients"][0]["token"] == "********"
-    assert "literal-token-0123456789" in _secrets_of(cfg)
+    assert "literal-token-0123456789" in secrets_of(cfg)
     assert not parse(MINIMAL + CLIENTS, ENV).warnings  # from the environment: no warning
 
 

@@ -87,6 +87,11 @@ class AccessPolicy:
         self.protected = {u.strip().lower() for u in cfg.protected_users}
 
     @property
+    def clients(self) -> list[Client]:
+        """Every client a request may be (the proxy's own logins aside)."""
+        return [client for _, client in self._tokens] or [ANONYMOUS]
+
+    @property
     def open_to_anyone(self) -> bool:
         """No allow-list and no token: anyone who can connect may use the proxy."""
         return not self.networks and not self._tokens
