@@ -57,6 +57,10 @@ class Secret:
         return hash(self._value)
 
 
+# A key whose empty string means something ("" = off), rather than "not set".
+KEEP_EMPTY: Mapping[str, bool] = types.MappingProxyType({"keep_empty": True})
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     host: str = "127.0.0.1"
@@ -152,7 +156,7 @@ class LimitsConfig:
     # Share of each limit one process may use alone while Redis is unreachable.
     fallback_share: float = 0.25
     # Where the memory backend keeps today's count across restarts ("" = do not keep it).
-    state_file: str | None = None
+    state_file: str | None = field(default=None, metadata=KEEP_EMPTY)
     # Requests in flight upstream at once, whatever the rate.
     max_inflight: int = 64
     # The API's fixed windows; shorter only for tests.
@@ -266,8 +270,9 @@ def _read_secret_files(section: dict[str, Any], name: str) -> None:
             raise ConfigError(f"{name}.{file_key}: cannot read {path}: {e.strerror}") from None
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value (or an env-expanded string) to the field's declared type."""
+def _coerce(value: Any, tp: Any, key: str, keep_empty: bool = False) -> Any:
+    """Convert a YAML value (or an env-expanded string) to the field's declared type.
+    An empty string is "not set" (`${VAR:-}`), unless `keep_empty` (see KEEP_EMPTY)."""
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
@@ -280,7 +285,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
-        if value is None or value == "":
+        if value is None or (value == "" and not keep_empty):
             if type(None) in args:
                 return None
             raise ConfigError(f"{key}: a value is required")
@@ -335,7 +340,8 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
         raise ConfigError(f"{where}: unknown key (expected one of: {expected})")
     kwargs = {}
-    for name in names:
+    for f in dataclasses.fields(cls):
+        name = f.name
         if name not in data:
             continue
         sub = f"{key}.{name}" if key else name
@@ -343,7 +349,7 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], sub)  # type: ignore[arg-type]
         else:
-            kwargs[name] = _coerce(data[name], tp, sub)
+            kwargs[name] = _coerce(data[name], tp, sub, bool(f.metadata.get("keep_empty")))
     return cls(**kwargs)
 
 

@@ -207,3 +207,12 @@ def test_limits_queue_and_retry_are_validated() -> None:
         parse(MINIMAL + "queue: {max_wait: 0}", ENV)
     with pytest.raises(ConfigError, match=r"^retry\.backoff_max"):
         parse(MINIMAL + "retry: {backoff_base: 2, backoff_max: 1}", ENV)
+
+
+def test_an_empty_state_file_in_the_file_turns_it_off_rather_than_meaning_the_default() -> None:
+    # "" is documented as "off"; it once read as unset, and the default file was written.
+    assert parse(MINIMAL + 'limits: {state_file: ""}\n', ENV).limits.state_file == ""
+    assert parse(MINIMAL + "limits: {state_file: '${NONE:-}'}\n", ENV).limits.state_file == ""
+    assert parse(MINIMAL + "limits: {state_file: null}\n", ENV).limits.state_file is None
+    # Other optional strings still read "" as not set (`${VAR:-}`).
+    assert parse(MINIMAL + "upstream: {ca_file: ''}\n", ENV).upstream.ca_file is None
