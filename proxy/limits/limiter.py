@@ -41,6 +41,9 @@ from proxy.limits.windows import Windows
 log = structlog.get_logger("proxy.limits")
 
 SCOPES = ("user", "account")
+# How far an API's reset may lie from our window's end and still name the same window:
+# Date headers have whole seconds, and a reset in seconds from now is rounded up.
+_ALIGNED = 2.0
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
@@ -225,15 +228,20 @@ class RateLimiter:
         cap = view.cap_per(self.windows.length)
         bucket.server_limit = cap if cap else None
         bucket.remaining = view.remaining
-        window = self.windows.index_ending_at(view.reset_at)
         current = self.windows.index(now)
-        if window == current and (view.window is None or view.window == self.windows.length):
+        # The API's window is this one of ours when it resets where ours ends (LuxSci's
+        # resets are exactly our window ends; a reset given in whole seconds from now
+        # may be a second or two off).
+        aligned = abs(view.reset_at - self.windows.end(current)) <= min(
+            _ALIGNED, self.windows.length / 2
+        )
+        if aligned and (view.window is None or view.window == self.windows.length):
             # Whatever others spent, at most `remaining` more fit in this window. Only
             # news is worth a call: usually the count already says as much.
             used = bucket.effective_limit - view.remaining
-            if used > self.backend.known_used(scope, window):
-                await self.backend.raise_used(scope, window, used)
-        elif view.remaining == 0 and window > current and view.reset_at > bucket.held_until:
+            if used > self.backend.known_used(scope, current):
+                await self.backend.raise_used(scope, current, used)
+        elif view.remaining == 0 and view.reset_at > max(now, bucket.held_until):
             # The API's window is not ours (longer, or not aligned with ours): nothing
             # fits in it until its reset, whatever our count says, so none is sent to
             # be refused. Capped at a day: a misread reset must not close a scope for good.

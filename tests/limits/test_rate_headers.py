@@ -10,7 +10,7 @@ from proxy.config import LimitsConfig, QueueConfig
 from proxy.limits import MemoryBackend, RateLimiter
 from proxy.limits.headers import RateView, read, reset_time
 
-NOW = 1_700_000_030.0  # server time, 30 s into a minute
+NOW = 1_700_000_010.0  # server time, 30 s into a minute
 
 
 @pytest.mark.parametrize(
@@ -193,3 +193,14 @@ async def test_luxsci_headers_correct_the_count_as_before() -> None:
     )
     assert limiter.backend.known_used("user", limiter.windows.index(NOW)) == 60
     assert limiter.buckets["user"].held_until == 0.0  # the count alone makes permits wait
+
+
+async def test_a_window_of_our_length_that_resets_elsewhere_is_held_not_counted() -> None:
+    # A 60 s window of the API's that renews in 1 s, while ours has 30 s to go.
+    limiter = _limiter(NOW)
+    await limiter.observe(
+        "account",
+        CIMultiDict({"RateLimit": "limit=5, remaining=0, reset=1", "RateLimit-Policy": "5;w=60"}),
+    )
+    assert limiter.backend.known_used("account", limiter.windows.index(NOW)) == 0
+    assert limiter.buckets["account"].held_until == pytest.approx(NOW + 1)
