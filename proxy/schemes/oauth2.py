@@ -46,6 +46,7 @@ from proxy.config import AuthConfig, UpstreamConfig, state_dir
 from proxy.errors import ProxyError, UpstreamAuthFailed
 from proxy.http.client import Upstream
 from proxy.http.headers import header_line, header_lines
+from proxy.jsonbounds import PARSE_LIMIT
 from proxy.observe.metrics import Metrics
 from proxy.schemes.base import Action, AnswerWatch, Credential, Decision, Outbound
 from proxy.schemes.bearer import judge_rate_limit
@@ -62,8 +63,9 @@ from proxy.target import Target
 log = structlog.get_logger("proxy.oauth2")
 
 REAUTH = Decision(Action.REAUTH, "auth_401")
-# A token answer is a few hundred bytes; more than this is not a token endpoint talking.
-MAX_TOKEN_ANSWER = 64 * 1024
+# A token answer is a few hundred bytes; more than this is not a token endpoint talking
+# (and is more than the proxy parses on its event loop).
+MAX_TOKEN_ANSWER = PARSE_LIMIT
 # The token endpoint's pool: one call at a time (single flight), one spare.
 _POOL_SIZE = 2
 

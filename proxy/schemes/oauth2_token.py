@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote_plus
 
+from proxy.jsonbounds import PARSE_LIMIT, nesting_within
+
 GRANTS = ("client_credentials", "refresh_token")
 CLIENT_AUTH = ("client_secret_basic", "client_secret_post")
 # RFC 6749 §5.2: the errors a token endpoint answers with.
@@ -204,6 +206,9 @@ def _seconds(value: object) -> float | None:
 
 
 def _json_object(body: bytes) -> dict[str, object] | None:
+    # A hostile or broken endpoint's nesting must not make the decoder recurse away.
+    if len(body) > PARSE_LIMIT or not nesting_within(body):
+        return None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):

@@ -202,3 +202,10 @@ def test_other_statuses_are_errors_without_an_rfc_code(status: int) -> None:
 def test_long_words_stay_in_a_description_random_strings_do_not() -> None:
     assert safe_description("authorization_code_expired, ask again") is not None
     assert safe_description("key sk_live_51HxQ2eKz9Ab3 leaked") is None
+
+
+def test_an_answer_nested_too_deep_is_unreadable_not_a_crash() -> None:
+    with pytest.raises(TokenError, match="without a JSON token"):
+        parse_token_response(200, b"[" * 60000)
+    with pytest.raises(TokenError, match="answered HTTP 400"):
+        parse_token_response(400, b'{"error": ' + b"[" * 60000)
