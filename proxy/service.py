@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
 import time
 from collections.abc import Coroutine, Mapping
-from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from proxy.clock import ServerClock
-from proxy.config import Config, url_passwords
+from proxy.config import Config, state_dir, url_passwords
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, MemoryBackend, RateLimiter
@@ -34,7 +32,16 @@ T = TypeVar("T")
 
 def secrets_of(cfg: Config) -> list[str]:
     """Every secret value in the config: the logs mask them wherever they appear."""
-    values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
+    auth = cfg.auth
+    values = [
+        auth.secret,
+        auth.password,
+        auth.api_key,
+        auth.token,
+        auth.client_secret,
+        auth.refresh_token,
+        auth.state_key,
+    ]
     found = [v.get() for v in values if v is not None]
     if cfg.access.client_token is not None:
         found.append(cfg.access.client_token.get())
@@ -60,8 +67,7 @@ def state_file(cfg: Config, key: str) -> str | None:
     """Where the memory backend keeps today's count; "" in the config turns it off."""
     if cfg.limits.state_file is not None:
         return cfg.limits.state_file or None
-    base = os.environ.get("LUXSCI_PROXY_STATE_DIR") or Path.home() / ".local/state/luxsci-proxy"
-    return str(Path(base) / f"limits-{key}.json")
+    return str(state_dir() / f"limits-{key}.json")
 
 
 def make_backend(cfg: Config, key: str) -> Backend:
@@ -125,7 +131,13 @@ class ProxyService:
         )
         # The scheme is fixed for the life of the process (a reload cannot switch it).
         deps = SchemeDeps(
-            cfg.auth, self.upstream, self.clock, self.limiter, self.metrics, cfg.queue.max_wait
+            cfg.auth,
+            self.upstream,
+            self.clock,
+            self.limiter,
+            self.metrics,
+            cfg.queue.max_wait,
+            redact=self.logs.redactor.remember,
         )
         self.scheme = schemes[cfg.auth.scheme].build(deps)
         self.forwarder = self._pipeline(cfg)
