@@ -101,6 +101,15 @@ class UpstreamConfig:
     # The most an answer's head may take: status line and header lines, 1xx interim heads
     # included; also the cap on its trailer section. Past it: 502 upstream_bad_response.
     max_header_bytes: int = 64 * 1024
+    # An HTTP proxy every connection goes through, as a CONNECT tunnel (the OAuth token
+    # endpoint's too): http://[user:password@]host:port. null: the environment's
+    # https_proxy / HTTPS_PROXY (http_proxy for an http:// url); "" or none: no proxy.
+    proxy: str | None = field(default=None, metadata=KEEP_EMPTY)
+    # Credentials for the proxy (Proxy-Authorization: Basic), instead of in the URL.
+    proxy_user: str | None = None
+    proxy_password: Secret | None = None
+    # Hosts reached without the proxy, in NO_PROXY's syntax; null: $no_proxy / $NO_PROXY.
+    no_proxy: str | None = field(default=None, metadata=KEEP_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ _FILE_KEYS = {
         "state_key",
     ),
     "access": ("client_token",),
+    "upstream": ("proxy_password",),
 }
 # Values that belong in the environment or a file, never written in the config itself.
 _SECRET_KEYS = (
@@ -252,6 +262,7 @@ _SECRET_KEYS = (
     "auth.refresh_token",
     "auth.state_key",
     "access.client_token",
+    "upstream.proxy_password",
 )
 # auth.state_key when the config gives none (nor a state_key_file).
 STATE_KEY_ENV = "LUXSCI_PROXY_STATE_KEY"
@@ -431,6 +442,10 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
         )
     if cfg.upstream.ca_file is not None and not Path(cfg.upstream.ca_file).is_file():
         raise ConfigError(f"upstream.ca_file: no such file {cfg.upstream.ca_file!r}")
+    # Imported here, not at the top: it is built on this module.
+    from proxy import egress
+
+    egress.check(cfg.upstream)
 
     auth = cfg.auth
     # The scheme's own rules live with the scheme (imported here, not at the top: the
@@ -568,7 +583,18 @@ def parse(
         # The state key may live in the environment without being named in the file.
         auth["state_key"] = env[STATE_KEY_ENV]
     cfg = validate(_build(Config, expanded, ""), schemes)
+    _check_egress_env(cfg, env)
     return dataclasses.replace(cfg, warnings=tuple(_literal_secrets(raw)))
+
+
+def _check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
+    """The egress proxy of each origin the proxy calls, as its pool will choose it: a bad
+    HTTPS_PROXY (read when upstream.proxy is not set) stops start-up like a bad key."""
+    from proxy import egress
+
+    origins = [cfg.upstream.url] + ([cfg.auth.token_url] if cfg.auth.token_url else [])
+    for url in origins:
+        egress.choose(dataclasses.replace(cfg.upstream, url=url), env)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

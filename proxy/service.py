@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import time
 from collections.abc import Coroutine, Mapping
 from typing import IO, Any, TypeVar
@@ -12,6 +13,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy import egress
 from proxy.clock import ServerClock
 from proxy.config import Config, state_dir, url_passwords
 from proxy.http.client import Upstream
@@ -47,7 +49,8 @@ def secrets_of(cfg: Config) -> list[str]:
         found.append(cfg.access.client_token.get())
     for password in url_passwords(cfg.limits.redis_url):
         found += [password, unquote(password)]
-    return found
+    # The egress proxy's credentials, the environment's (HTTPS_PROXY...) included.
+    return found + egress.secrets(cfg.upstream, os.environ)
 
 
 def make_logs(cfg: Config, stream: IO[str] | None = None) -> Logs:
@@ -280,6 +283,8 @@ class ProxyService:
             listen=f"{self.cfg.listen.host}:{self.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
             upstream=self.cfg.upstream.url,
+            # host:port only: the proxy's credentials are never logged.
+            egress=self.upstream.egress.where if self.upstream.egress else None,
             scheme=self.scheme.name,
             ready=self.readiness()[0],
         )

@@ -387,6 +387,7 @@ CLIENT_TOKEN = "client-token-Vb6Yn3Wd0"
 OAUTH_CLIENT_SECRET = "oauth-client-secret-Qw7Er"
 OAUTH_REFRESH_TOKEN = "oauth-refresh-token-Ty8Ui"
 STATE_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+PROXY_PASSWORD = "egress-proxy-Pw-5Gh2"
 ALL_SECRETS = (
     SECRET,
     TOKEN,
@@ -397,6 +398,7 @@ ALL_SECRETS = (
     OAUTH_CLIENT_SECRET,
     OAUTH_REFRESH_TOKEN,
     STATE_KEY,
+    PROXY_PASSWORD,
 )
 FULL_CONFIG_ENV = {
     "TEST_API_KEY": API_KEY,
@@ -415,6 +417,8 @@ def write_full_config(tmp_path: Path) -> Path:
     refresh_file.write_text(OAUTH_REFRESH_TOKEN + "\n")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # check reads no further than its name
+    proxy_password_file = tmp_path / "proxy-password"
+    proxy_password_file.write_text(PROXY_PASSWORD + "\n")
     path = tmp_path / "full.yaml"
     path.write_text(
         f"""
@@ -435,6 +439,10 @@ upstream:
   read_timeout: 40
   pool_size: 10
   max_header_bytes: 32768
+  proxy: http://proxy.internal:3128
+  proxy_user: svc-egress
+  proxy_password_file: {proxy_password_file}
+  no_proxy: .internal, 10.0.0.0/8
 auth:
   scheme: luxsci
   token: ${{LUXSCI_API_TOKEN}}
@@ -569,6 +577,10 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["shutdown_timeout"] == 15
     assert printed["event_loop"] == "asyncio"
     assert printed["upstream"]["ca_file"] == str(tmp_path / "ca.pem")
+    assert printed["upstream"]["proxy"] == "http://proxy.internal:3128"
+    assert printed["upstream"]["proxy_user"] == "svc-egress"
+    assert printed["upstream"]["proxy_password"] == "********"
+    assert printed["upstream"]["no_proxy"] == ".internal, 10.0.0.0/8"
 
 
 def _closed_pipe() -> int:
