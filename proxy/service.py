@@ -8,14 +8,14 @@ import hashlib
 import os
 import time
 from collections.abc import Coroutine, Mapping
-from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy import egress
 from proxy.clock import ServerClock
-from proxy.config import Config, url_passwords
+from proxy.config import Config, state_dir, url_passwords
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, Lane, MemoryBackend, RateLimiter
@@ -34,14 +34,24 @@ T = TypeVar("T")
 
 def secrets_of(cfg: Config) -> list[str]:
     """Every secret value in the config: the logs mask them wherever they appear."""
-    values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
+    auth = cfg.auth
+    values = [
+        auth.secret,
+        auth.password,
+        auth.api_key,
+        auth.token,
+        auth.client_secret,
+        auth.refresh_token,
+        auth.state_key,
+    ]
     found = [v.get() for v in values if v is not None]
     if cfg.access.client_token is not None:
         found.append(cfg.access.client_token.get())
     found += [c.token.get() for c in cfg.access.clients if c.token is not None]
     for password in url_passwords(cfg.limits.redis_url):
         found += [password, unquote(password)]
-    return found
+    # The egress proxy's credentials, the environment's (HTTPS_PROXY...) included.
+    return found + egress.secrets(cfg.upstream, os.environ)
 
 
 def make_logs(cfg: Config, stream: IO[str] | None = None) -> Logs:
@@ -61,8 +71,7 @@ def state_file(cfg: Config, key: str) -> str | None:
     """Where the memory backend keeps today's count; "" in the config turns it off."""
     if cfg.limits.state_file is not None:
         return cfg.limits.state_file or None
-    base = os.environ.get("LUXSCI_PROXY_STATE_DIR") or Path.home() / ".local/state/luxsci-proxy"
-    return str(Path(base) / f"limits-{key}.json")
+    return str(state_dir() / f"limits-{key}.json")
 
 
 def make_backend(cfg: Config, key: str) -> Backend:
@@ -126,7 +135,13 @@ class ProxyService:
         )
         # The scheme is fixed for the life of the process (a reload cannot switch it).
         deps = SchemeDeps(
-            cfg.auth, self.upstream, self.clock, self.limiter, self.metrics, cfg.queue.max_wait
+            cfg.auth,
+            self.upstream,
+            self.clock,
+            self.limiter,
+            self.metrics,
+            cfg.queue.max_wait,
+            redact=self.logs.redactor.remember,
         )
         self.scheme = schemes[cfg.auth.scheme].build(deps)
         self.forwarder = self._pipeline(cfg)
@@ -286,6 +301,8 @@ class ProxyService:
             listen=f"{self.cfg.listen.host}:{self.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
             upstream=self.cfg.upstream.url,
+            # host:port only: the proxy's credentials are never logged.
+            egress=self.upstream.egress.where if self.upstream.egress else None,
             scheme=self.scheme.name,
             ready=self.readiness()[0],
         )

@@ -385,7 +385,29 @@ USER_PASSWORD = "user-Pw-4Hx7"
 API_KEY = "api-key-Lm2Tq8Zr"
 CLIENT_TOKEN = "client-token-Vb6Yn3Wd0"
 PORTAL_TOKEN = "portal-token-Qe5Rt1Xs"
-ALL_SECRETS = (SECRET, TOKEN, REDIS_PASSWORD, USER_PASSWORD, API_KEY, CLIENT_TOKEN, PORTAL_TOKEN)
+OAUTH_CLIENT_SECRET = "oauth-client-secret-Qw7Er"
+OAUTH_REFRESH_TOKEN = "oauth-refresh-token-Ty8Ui"
+STATE_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+PROXY_PASSWORD = "egress-proxy-Pw-5Gh2"
+ALL_SECRETS = (
+    SECRET,
+    TOKEN,
+    REDIS_PASSWORD,
+    USER_PASSWORD,
+    API_KEY,
+    CLIENT_TOKEN,
+    OAUTH_CLIENT_SECRET,
+    OAUTH_REFRESH_TOKEN,
+    STATE_KEY,
+    PROXY_PASSWORD,
+    PORTAL_TOKEN,
+)
+FULL_CONFIG_ENV = {
+    "TEST_API_KEY": API_KEY,
+    "TEST_CLIENT_TOKEN": CLIENT_TOKEN,
+    "TEST_CLIENT_SECRET": OAUTH_CLIENT_SECRET,
+    "TEST_STATE_KEY": STATE_KEY,
+}
 
 
 def write_full_config(tmp_path: Path) -> Path:
@@ -393,10 +415,14 @@ def write_full_config(tmp_path: Path) -> Path:
     file, as they should come; a URL password and a query password in the Redis URL)."""
     password_file = tmp_path / "password"
     password_file.write_text(USER_PASSWORD + "\n")
+    refresh_file = tmp_path / "refresh-token"
+    refresh_file.write_text(OAUTH_REFRESH_TOKEN + "\n")
     portal_file = tmp_path / "portal-token"
     portal_file.write_text(PORTAL_TOKEN + "\n")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # check reads no further than its name
+    proxy_password_file = tmp_path / "proxy-password"
+    proxy_password_file.write_text(PROXY_PASSWORD + "\n")
     path = tmp_path / "full.yaml"
     path.write_text(
         f"""
@@ -417,6 +443,10 @@ upstream:
   read_timeout: 40
   pool_size: 10
   max_header_bytes: 32768
+  proxy: http://proxy.internal:3128
+  proxy_user: svc-egress
+  proxy_password_file: {proxy_password_file}
+  no_proxy: .internal, 10.0.0.0/8
 auth:
   scheme: luxsci
   token: ${{LUXSCI_API_TOKEN}}
@@ -429,6 +459,16 @@ auth:
   refresh_margin: 30
   retry_min: 2
   retry_max: 20
+  token_url: https://auth.example.com/oauth/token
+  client_id: luxsci-proxy
+  client_secret: ${{TEST_CLIENT_SECRET}}
+  scope: read write
+  audience: https://api.example.com/
+  grant: refresh_token
+  refresh_token_file: {refresh_file}
+  client_auth: client_secret_post
+  state_key: ${{TEST_STATE_KEY}}
+  state_file: {tmp_path}/oauth2.state
 access:
   allow_clients: [127.0.0.1/32, 10.1.2.0/24]
   client_token: ${{TEST_CLIENT_TOKEN}}
@@ -501,8 +541,7 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
         env=env_with(
             LUXSCI_API_TOKEN=TOKEN,
             LUXSCI_API_SECRET=SECRET,
-            TEST_API_KEY=API_KEY,
-            TEST_CLIENT_TOKEN=CLIENT_TOKEN,
+            **FULL_CONFIG_ENV,
         ),
     )
     assert result.returncode == 0, result.stderr
@@ -515,8 +554,18 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     for section, names in expected.items():
         if section:
             assert set(printed[section]) == names, section
-    for key in ("token", "secret", "password", "api_key"):
+    for key in (
+        "token",
+        "secret",
+        "password",
+        "api_key",
+        "client_secret",
+        "refresh_token",
+        "state_key",
+    ):
         assert printed["auth"][key] == "********"
+    assert printed["auth"]["client_id"] == "luxsci-proxy"
+    assert printed["auth"]["grant"] == "refresh_token"
     assert printed["auth"]["user"] == USER
     assert printed["auth"]["auth_cookie"] is True
     assert printed["access"]["client_token"] == "********"
@@ -537,6 +586,10 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["shutdown_timeout"] == 15
     assert printed["event_loop"] == "asyncio"
     assert printed["upstream"]["ca_file"] == str(tmp_path / "ca.pem")
+    assert printed["upstream"]["proxy"] == "http://proxy.internal:3128"
+    assert printed["upstream"]["proxy_user"] == "svc-egress"
+    assert printed["upstream"]["proxy_password"] == "********"
+    assert printed["upstream"]["no_proxy"] == ".internal, 10.0.0.0/8"
 
 
 def _closed_pipe() -> int:
@@ -588,8 +641,7 @@ def test_check_piped_into_head_prints_the_verdict_and_exits_0(tmp_path: Path) ->
         env=env_with(
             LUXSCI_API_TOKEN=TOKEN,
             LUXSCI_API_SECRET=SECRET,
-            TEST_API_KEY=API_KEY,
-            TEST_CLIENT_TOKEN=CLIENT_TOKEN,
+            **FULL_CONFIG_ENV,
         ),
     )
     first, exit_line = result.stdout.splitlines()

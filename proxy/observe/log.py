@@ -43,6 +43,7 @@ whether a line needs the pattern pass at all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import io
@@ -75,6 +76,13 @@ _PATTERNS = (
     # Whatever shape a code takes, it travels as the JSON key "auth" (logged bodies),
     # possibly JSON-escaped inside the rendered line.
     (re.compile(r'(\\*"auth\\*"\s*:\s*\\*")[^"\\]*'), r"\1" + MASK),
+    # OAuth 2.0 token requests and answers (RFC 6749 §4.4, §5.1), form-encoded or JSON.
+    (
+        re.compile(
+            r'((?:access_token|refresh_token|client_secret)(?:\\*"\s*:\s*\\*"|=))[^"\\&\s]+'
+        ),
+        r"\1" + MASK,
+    ),
 )
 # Does a line need the pattern pass at all? Most access events do not, and this check is
 # literal-led (about 1 µs on an access line, where one combined case-insensitive regex
@@ -89,6 +97,8 @@ def _needs_patterns(text: str) -> bool:
         or "earer" in text
         or "EARER" in text
         or '"auth' in text
+        or "_token" in text
+        or "client_secret" in text
         or _CODE_HINT.search(text) is not None
     )
 
@@ -114,21 +124,44 @@ def body_text(body: bytes) -> str:
 class Redactor:
     """`secrets` are exact strings to mask wherever they appear."""
 
+    # Credentials issued while running (OAuth tokens) are remembered this many at a time:
+    # each refresh brings new ones, and the list is scanned for every line.
+    REMEMBERED = 16
+
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets: list[str] = []
+        self._configured: set[str] = set()
+        self._remembered: collections.deque[str] = collections.deque(maxlen=self.REMEMBERED)
         self._key_cache: dict[str, bool] = {}
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
+        """Secrets of the config: masked for the life of the process."""
+        self._configured.update(self._forms(secrets))
+        self._rebuild()
+
+    def remember(self, secrets: Iterable[str]) -> None:
+        """Credentials issued at run time (access and refresh tokens): the newest are
+        masked; the oldest are forgotten once they are long replaced."""
+        for form in self._forms(secrets):
+            if form not in self._remembered:
+                self._remembered.append(form)
+        self._rebuild()
+
+    @staticmethod
+    def _forms(secrets: Iterable[str]) -> set[str]:
         # Very short "secrets" would mask random text; real ones are long. Each is also
         # looked for as it appears inside a JSON string (escaped).
-        found = set(self.secrets)
+        found = set()
         for secret in secrets:
             if secret and len(secret) >= 4:
                 found.add(secret)
                 found.add(json.dumps(secret)[1:-1])
+        return found
+
+    def _rebuild(self) -> None:
         # Longest first, so a secret that contains another is masked whole.
-        self.secrets = sorted(found, key=len, reverse=True)
+        self.secrets = sorted(self._configured | set(self._remembered), key=len, reverse=True)
 
     def sensitive(self, key: str) -> bool:
         known = self._key_cache.get(key)
