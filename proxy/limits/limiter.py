@@ -33,6 +33,7 @@ import structlog
 
 from proxy.clock import ServerClock
 from proxy.config import LimitsConfig, QueueConfig
+from proxy.debugflag import DebugFlag
 from proxy.errors import DailyLimit, QueueFull, QueueTimeout
 from proxy.limits import headers as rate_headers
 from proxy.limits.backend import CARRY_SHARE, Backend, Verdict
@@ -83,11 +84,14 @@ class RateLimiter:
         queue: QueueConfig,
         backend: Backend,
         clock: ServerClock,
+        debug: DebugFlag | None = None,
     ) -> None:
         self.cfg = limits
         self.queue = queue
         self.backend = backend
         self.clock = clock
+        # On: each wait is explained (which budget, why, how long) at debug.
+        self.debug = debug if debug is not None else DebugFlag()
         self.windows = Windows.of(limits.window_seconds, limits.day_seconds)
         self.buckets = {
             "user": _Bucket("user", limits.user_per_minute),
@@ -116,6 +120,9 @@ class RateLimiter:
         `front`: a request that already waited (a retry) goes to the head of its line.
         """
         bucket = self.buckets[scope]
+        # Why this request is about to wait (for the debug event): a spent window, the
+        # next window's reserve, the API's word, or the line already ahead of it.
+        why = "behind"
         if not bucket.waiters:
             now = self.clock.now()
             if now >= bucket.held_until:
@@ -124,6 +131,9 @@ class RateLimiter:
                     return 0.0
                 if verdict is Verdict.DAY_FULL:
                     raise self._daily_limit()
+                why = "window_full" if verdict is Verdict.WINDOW_FULL else "reserve_full"
+            else:
+                why = "held"
         if self.waiting >= self.queue.max_size:
             raise QueueFull(
                 f"{self.waiting} requests are already waiting for the API's rate limit "
@@ -140,6 +150,8 @@ class RateLimiter:
             bucket.waiters.append(future)
         self.waiting += 1
         self._ensure_pump(bucket)
+        if self.debug.on:
+            self._explain_wait(bucket, why, front)
         try:
             async with asyncio.timeout_at(self._loop_time(deadline)):
                 await future
@@ -148,7 +160,29 @@ class RateLimiter:
         finally:
             self.waiting -= 1
             # A waiter that left stays in the deque, cancelled; the pump skips it.
-        return time.monotonic() - started
+        waited = time.monotonic() - started
+        if self.debug.on:
+            log.debug("rate_limit_waited", scope=bucket.scope, why=why, waited_s=round(waited, 3))
+        return waited
+
+    def _explain_wait(self, bucket: _Bucket, why: str, front: bool) -> None:
+        """Debug: which budget makes a request wait, and for about how long."""
+        now = self.clock.now()
+        fields: dict[str, Any] = {
+            "scope": bucket.scope,
+            "why": why,
+            "budget": f"limits.{bucket.scope}_per_minute",
+            "limit": bucket.effective_limit,
+            "ahead": 0 if front else self.queue_depth(bucket.scope) - 1,
+        }
+        if bucket.server_limit is not None and bucket.server_limit < bucket.limit:
+            fields["budget"] = "the API's own limit (rate-limit headers)"
+        if why == "held":
+            fields["budget"] = "the API's reset (a rate-limit refusal or a spent API window)"
+            fields["held_for_s"] = round(bucket.held_until - now, 3)
+        else:
+            fields["window_ends_in_s"] = round(self.windows.until_next(now), 3)
+        log.debug("rate_limit_wait", **fields)
 
     async def _try(self, bucket: _Bucket, now: float) -> Verdict:
         """Take a permit at server time `now` (the scope is not held) if the limits allow.
