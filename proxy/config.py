@@ -607,6 +607,8 @@ def read_yaml(text: str, source: str) -> dict[str, Any]:
 def _relative_to(node: Any, base: Path) -> Any:
     """Every `*_file` path in the file relative to the file's own folder, as a config file's
     neighbours are named (the working directory of a service is rarely the config's)."""
+    if isinstance(node, list):  # entries of a list of sections (their own *_file keys)
+        return [_relative_to(item, base) for item in node]
     if not isinstance(node, dict):
         return node
     out = {}

@@ -123,7 +123,17 @@ def keys(cls: type[Any] = Config, prefix: tuple[str, ...] = ()) -> Iterator[Key]
 
 
 def _is_secret(tp: Any) -> bool:
-    return tp is Secret or Secret in typing.get_args(tp)
+    """A Secret, or a list of sections holding one (a client's token): never a flag value."""
+    if tp is Secret:
+        return True
+    for arg in typing.get_args(tp):
+        if arg is Secret or _is_secret(arg):
+            return True
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+            hints = typing.get_type_hints(arg)
+            if any(_is_secret(hints[f.name]) for f in key_fields(arg)):
+                return True
+    return False
 
 
 def env_names() -> dict[str, Key]:

@@ -349,3 +349,29 @@ def test_keys_walk_nested_sections_too() -> None:
         "LUXSCI_PROXY_QUEUE_AGING_AFTER": "queue.aging.after",
         "LUXSCI_PROXY_QUEUE_SIZE": "queue.size",
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Client:
+    name: str = ""
+    token: Secret | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Access:
+    clients: tuple[_Client, ...] = ()
+    rules: tuple[str, ...] = ()
+
+
+def test_a_list_of_sections_holding_a_secret_is_a_secret_for_the_command_line() -> None:
+    secret = {key.dotted: key.secret for key in keys(_Access, ("access",))}
+    assert secret == {"access.clients": True, "access.rules": False}
+
+
+def test_file_paths_inside_list_entries_are_relative_to_the_file_too(tmp_path: Path) -> None:
+    from proxy.config import file_values
+
+    raw = {"access": {"clients": [{"name": "a", "token_file": "a.token"}], "rules": ["x"]}}
+    data = file_values(raw, {}, tmp_path)
+    assert data["access"]["clients"][0]["token_file"] == str(tmp_path / "a.token")
+    assert data["access"]["rules"] == ["x"]
