@@ -25,7 +25,8 @@ ENV LUXSCI_PROXY_CONFIG=/etc/luxsci-proxy/config.yaml \
     LUXSCI_PROXY_ADMIN_PORT=9100 \
     PYTHONUNBUFFERED=1
 EXPOSE 8080 9100
-# /healthz on the admin listener; set LUXSCI_PROXY_ADMIN_PORT if admin.port differs.
+# /healthz on the admin listener. LUXSCI_PROXY_ADMIN_PORT is admin.port itself (the
+# environment beats the config file), so the check and the listener always agree.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['LUXSCI_PROXY_ADMIN_PORT'], timeout=2)"]
 STOPSIGNAL SIGTERM

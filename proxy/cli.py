@@ -13,9 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import yaml
-
-from proxy import __version__, console
+from proxy import __version__, console, preflight
 from proxy.config import (
     AdminConfig,
     AuthConfig,
@@ -26,38 +24,44 @@ from proxy.config import (
     LoggingConfig,
     Secret,
     UpstreamConfig,
-    load,
-    masked,
+    differences,
     validate,
 )
 from proxy.observe.log import Logs, route_stdlib
 from proxy.service import ProxyService, make_logs
+from proxy.sources import Inputs, Resolved, annotated_yaml, inputs_from, resolve
+from proxy.sources import add_arguments as add_config_arguments
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
 
-def _config_path(args: argparse.Namespace) -> str:
-    path: str | None = args.config or os.environ.get("LUXSCI_PROXY_CONFIG")
-    if not path:
-        raise ConfigError(
-            "--config: no config file given (use --config FILE or LUXSCI_PROXY_CONFIG)"
-        )
-    return path
+def _resolve(args: argparse.Namespace) -> tuple[Inputs, Resolved]:
+    """The config from every source the command line and the environment name."""
+    inputs = inputs_from(args, os.environ)
+    return inputs, resolve(inputs, os.environ)
 
 
 class Signals:
-    """SIGINT/SIGTERM ask to stop; SIGHUP calls `on_hangup` once set. Installed before
-    start-up, so a stop requested during a slow first login is not lost."""
+    """SIGINT/SIGTERM ask to stop, a second one during the drain to stop at once (`hurry`);
+    SIGHUP calls `on_hangup` once set. Installed before start-up, so a stop requested
+    during a slow first login is not lost."""
 
     def __init__(self, logs: Logs) -> None:
         self.log = logs.logger()
         self.stop = asyncio.Event()
+        # Set by the second stop signal: whoever is draining gives up waiting.
+        self.hurry = asyncio.Event()
         self.on_hangup: Callable[[], None] | None = None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(sig, self._stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
+
+    def _stop(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            self.hurry.set()  # the service says what it cuts off
+        self.stop.set()
 
     def _hangup(self) -> None:
         if self.on_hangup is not None:
@@ -72,11 +76,17 @@ class Signals:
 
 
 class Reloader:
-    """SIGHUP: read the config file again; a bad file is refused and the old config stays."""
+    """SIGHUP: read every source again (the file, `*_file` secrets, the flags given at
+    start); a config that does not validate is refused and the old one stays."""
 
-    def __init__(self, service: ProxyService, path: str) -> None:
+    def __init__(
+        self, service: ProxyService, source: str, load: Callable[[], Config] | None = None
+    ) -> None:
+        """`source` names the config in the events; `load` reads it again (default: the
+        file `source` names, under the environment's LUXSCI_PROXY_* keys)."""
         self.service = service
-        self.path = path
+        self.source = source
+        self.load = load if load is not None else (lambda: resolve(Inputs(source)).config)
         self.log = service.logs.logger()
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,22 +99,28 @@ class Reloader:
     async def reload(self) -> None:
         async with self._lock:  # one reload at a time, in signal order
             try:
-                new = load(self.path)
+                new = self.load()
             except ConfigError as e:
-                self.log.error("config_reload_rejected", error=str(e), path=self.path)
+                self.log.error("config_reload_rejected", error=str(e), path=self.source)
                 self.service.reload_refused()  # luxsci_proxy_config_last_reload_successful 0
                 return
+            # Key names only: what changed to what is a debug event of the service's.
+            changed = differences(self.service.cfg, new)
             restart = await self.service.reload(new)  # logging settings included
-            self.log.info("config_reloaded", path=self.path, needs_restart=restart)
+            self.log.info(
+                "config_reloaded", path=self.source, changed=changed, needs_restart=restart
+            )
 
 
 async def serve(
     cfg: Config,
     logs: Logs,
     announce: Callable[[ProxyService], None] | None = None,
-    config_path: str | None = None,
+    reload: Callable[[], Config] | None = None,
+    source: str = "",
 ) -> int:
-    """Run until SIGINT/SIGTERM (SIGHUP reloads `config_path`); `announce` runs once listening."""
+    """Run until SIGINT/SIGTERM (SIGHUP: `reload`, naming `source` in its events);
+    `announce` runs once listening. A second SIGINT/SIGTERM cuts the drain short."""
     signals = Signals(logs)
     service = ProxyService(cfg, logs=logs)
     try:
@@ -115,7 +131,7 @@ async def serve(
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await starting
-            await service.stop()
+            await _stop(service, signals)
             return 0
         stopping.cancel()
         try:
@@ -127,14 +143,27 @@ async def serve(
             return EXIT_RUNTIME
         if announce is not None:
             announce(service)
-        if config_path:
-            signals.on_hangup = Reloader(service, config_path)
+        if reload is not None:
+            signals.on_hangup = Reloader(service, source, reload)
         await signals.stop.wait()
-        await service.stop()
+        await _stop(service, signals)
         return 0
     finally:
         signals.remove()
         logs.flush()
+
+
+async def _stop(service: ProxyService, signals: Signals) -> None:
+    """The drain, cut short by a second stop signal (at once if one came already)."""
+    stopping = asyncio.create_task(service.stop())
+    hurried = asyncio.create_task(signals.hurry.wait())
+    try:
+        await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            service.hurry()
+        await stopping
+    finally:
+        hurried.cancel()
 
 
 def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
@@ -163,25 +192,38 @@ def in_logs_context(logs: Logs, run: Callable[[], int]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    path = _config_path(args)
-    cfg = load(path)
+    inputs, resolved = _resolve(args)
+    cfg = resolved.config
     logs = make_logs(cfg)
+    source = resolved.source or "flags and environment"
+
+    def reload() -> Config:
+        return resolve(inputs, os.environ).config
+
     return in_logs_context(
-        logs, lambda: run_loop(serve(cfg, logs, config_path=path), cfg.event_loop)
+        logs,
+        lambda: run_loop(serve(cfg, logs, reload=reload, source=source), cfg.event_loop),
     )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate, then print the config as YAML with every secret masked. The verdict is a
-    YAML comment, so the whole of stdout stays YAML (`check | yq`); warnings go to stderr."""
-    path = _config_path(args)
-    cfg = load(path)
-    for warning in cfg.warnings:
-        console.say(f"warning: {warning}", sys.stderr)
+    """Validate, then print the config as YAML with every secret masked and, after each
+    key, where its value came from. The verdict and the sources are YAML comments, so
+    the whole of stdout stays YAML (`check | yq`); warnings go to stderr, the same ones
+    `run` logs at start-up (proxy/preflight.py)."""
+    _, resolved = _resolve(args)
+    for finding in preflight.findings(resolved.config):
+        console.say(f"warning: {finding.message}", sys.stderr)
+    source = resolved.source or "flags and environment (no config file)"
     # A reader that stops early (`check | head -1`) is not an error: the config is valid.
-    if console.say(f"# {path}: OK"):
-        console.say(yaml.safe_dump(masked(cfg), sort_keys=False).rstrip())
+    if console.say(f"# {source}: OK") and console.say(_SOURCES_NOTE):
+        console.say(annotated_yaml(resolved))
     return 0
+
+
+_SOURCES_NOTE = (
+    "# after each key, where its value came from: flag:--option > env:VARIABLE > file > default"
+)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -259,12 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    run = verbs.add_parser("run", help="run the proxy")
-    run.add_argument("--config", help="YAML config file (default: $LUXSCI_PROXY_CONFIG)")
+    sources_help = (
+        "Each key from the highest source that sets it: flags > LUXSCI_PROXY_<SECTION>_<KEY> "
+        "variables > the config file > defaults."
+    )
+    run = verbs.add_parser("run", help="run the proxy", description=sources_help)
+    add_config_arguments(run)
     run.set_defaults(func=cmd_run)
 
-    check = verbs.add_parser("check", help="validate a config file and print it, secrets masked")
-    check.add_argument("--config", help="YAML config file (default: $LUXSCI_PROXY_CONFIG)")
+    check = verbs.add_parser(
+        "check",
+        help="validate the config and print it, secrets masked, with where each value came from",
+        description=sources_help,
+    )
+    add_config_arguments(check)
     check.set_defaults(func=cmd_check)
 
     sandbox = verbs.add_parser("sandbox", help="run the built-in LuxSci API simulator")

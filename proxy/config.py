@@ -1,5 +1,7 @@
-"""One validated configuration, loaded from one YAML file.
+"""One validated configuration: the YAML file's format, and its checks.
 
+Values may also come from the environment and the command line (proxy/sources.py
+layers them over the file); this module reads the file and validates the whole.
 Everything is checked before any socket opens; a problem raises ConfigError
 whose message starts with the dotted key (``auth.secret: ...``) and says the fix.
 ``${VAR}`` and ``${VAR:-default}`` are expanded from the environment in every
@@ -11,8 +13,10 @@ repr never shows them, so a config object can be logged or printed safely.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import stat
@@ -59,6 +63,19 @@ class Secret:
 
 # A key whose empty string means something ("" = off), rather than "not set".
 KEEP_EMPTY: Mapping[str, bool] = types.MappingProxyType({"keep_empty": True})
+# A field the loader fills in, not a key of the file (Config.warnings).
+DERIVED: Mapping[str, bool] = types.MappingProxyType({"derived": True})
+
+
+def key_fields(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    """The fields of a config dataclass that are keys of the file, in declaration order:
+    what the file, the environment and the command line may set, and `check` prints."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+
+
+def file_keys(section: str) -> tuple[str, ...]:
+    """The keys of `section` that may be given as `<key>_file` (a path to the value)."""
+    return _FILE_KEYS.get(section, ())
 
 
 @dataclass(frozen=True)
@@ -255,7 +272,7 @@ class Config:
     # auto: uvloop when installed (the `speed` extra), else asyncio's own loop.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     # Things worth a warning at start-up (literal secrets, a world-readable file).
-    warnings: tuple[str, ...] = field(default=(), compare=False)
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata=DERIVED)
 
 
 # Keys that may be given as `<key>_file` instead (a path whose content is the value); the
@@ -289,6 +306,8 @@ _INDEX = re.compile(r"\[\d+\]")
 # auth.state_key when the config gives none (nor a state_key_file).
 STATE_KEY_ENV = "LUXSCI_PROXY_STATE_KEY"
 STATE_DIR_ENV = "LUXSCI_PROXY_STATE_DIR"
+# The config file, when --config does not name one.
+CONFIG_ENV = "LUXSCI_PROXY_CONFIG"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -364,9 +383,11 @@ def _coerce(value: Any, tp: Any, key: str, keep_empty: bool = False) -> Any:
         return _coerce(value, inner, key)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
-        return value
+        # Any case (`level: INFO`, as other tools write levels); the canonical spelling kept.
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and str(choice).lower() == value.lower()):
+                return choice
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
     if tp is Secret:
         if not isinstance(value, str | int):
             raise ConfigError(f"{key}: must be a string")
@@ -404,14 +425,14 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
     data = dict(data)
     _read_secret_files(data, key)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in key_fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
         expected = ", ".join(names)
         where = f"{key}.{unknown[0]}" if key else unknown[0]
         raise ConfigError(f"{where}: unknown key (expected one of: {expected})")
     kwargs = {}
-    for f in dataclasses.fields(cls):
+    for f in key_fields(cls):
         name = f.name
         if name not in data:
             continue
@@ -597,7 +618,7 @@ def _validate_clients(access: AccessConfig) -> None:
             raise ConfigError(f"{key}.max_queued: must be at least 1 (got {client.max_queued})")
 
 
-def _literal_secrets(raw: dict[str, Any]) -> list[str]:
+def literal_secrets(raw: dict[str, Any]) -> list[str]:
     """Secret keys written into the file itself rather than taken from ${VAR} or a file."""
     found = []
     given: list[tuple[str, str, Any]] = []
@@ -619,42 +640,115 @@ def _literal_secrets(raw: dict[str, Any]) -> list[str]:
     return found
 
 
-def parse(
-    text: str,
-    env: Mapping[str, str] | None = None,
-    source: str = "config",
-    schemes: Mapping[str, SchemeKind] | None = None,
-) -> Config:
-    """Parse and validate YAML text (`schemes`: the auth schemes known; default built-in)."""
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load's loader, but a key given twice in one mapping is an error: PyYAML keeps
+    the last one silently, so `port: 8080` further down a long file would undo an edit."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the constructor below says so
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given at line {first.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, source: str) -> dict[str, Any]:
+    """The file's mapping of sections, as written (before `${VAR}` expansion)."""
     try:
-        raw = yaml.safe_load(text)
+        # A SafeLoader subclass: only plain data, never Python objects.
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        # The parser's own words: "mapping values are not allowed here", "found duplicate...".
+        reason = e.problem or e.context or "unreadable"
+        raise ConfigError(f"{source}: not valid YAML{where}: {reason}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: not valid YAML{where}") from None
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     if "warnings" in raw:
         raise ConfigError("warnings: unknown key")
+    return raw
+
+
+def _relative_to(node: Any, base: Path) -> Any:
+    """Every `*_file` path in the file relative to the file's own folder, as a config file's
+    neighbours are named (the working directory of a service is rarely the config's)."""
+    if isinstance(node, list):  # entries of a list of sections (their own *_file keys)
+        return [_relative_to(item, base) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if isinstance(k, str) and k.endswith("_file") and isinstance(v, str) and v:
+            out[k] = str(base / Path(v).expanduser())  # an absolute v stays as it is
+        else:
+            out[k] = _relative_to(v, base)
+    return out
+
+
+def file_values(
+    raw: dict[str, Any], env: Mapping[str, str], base_dir: Path | None = None
+) -> dict[str, Any]:
+    """The file's values as `_build` takes them: `${VAR}` expanded, `*_file` paths resolved
+    against `base_dir` (the file's folder; None: the working directory, as for stdin)."""
+    expanded: dict[str, Any] = _expand_all(raw, env, "")
+    return expanded if base_dir is None else _relative_to(expanded, base_dir)
+
+
+def state_key_from_env(data: dict[str, Any], env: Mapping[str, str]) -> bool:
+    """auth.state_key from LUXSCI_PROXY_STATE_KEY when none is given; True when it was."""
+    if STATE_KEY_ENV not in env:
+        return False
+    auth = data.setdefault("auth", {})
+    if not isinstance(auth, dict):
+        return False  # `auth: 5`: _build names the key
+    if auth.get("state_key") not in (None, "") or auth.get("state_key_file") is not None:
+        return False
+    # The state key may live in the environment without being named in the file.
+    auth["state_key"] = env[STATE_KEY_ENV]
+    return True
+
+
+def build(data: dict[str, Any], schemes: Mapping[str, SchemeKind] | None = None) -> Config:
+    """A validated Config from sections of plain values (whatever their source)."""
+    return validate(_build(Config, data, ""), schemes)
+
+
+def parse(
+    text: str,
+    env: Mapping[str, str] | None = None,
+    source: str = "config",
+    schemes: Mapping[str, SchemeKind] | None = None,
+    base_dir: Path | None = None,
+) -> Config:
+    """Parse and validate YAML text (`schemes`: the auth schemes known; default built-in;
+    `base_dir`: the folder `*_file` paths are relative to, default the working directory)."""
+    raw = read_yaml(text, source)
     env = os.environ if env is None else env
-    expanded = _expand_all(raw, env, "")
-    auth = expanded.get("auth")
-    if (
-        STATE_KEY_ENV in env
-        and isinstance(auth, dict)
-        and auth.get("state_key") in (None, "")
-        and auth.get("state_key_file") is None
-    ):
-        # The state key may live in the environment without being named in the file.
-        auth["state_key"] = env[STATE_KEY_ENV]
-    cfg = validate(_build(Config, expanded, ""), schemes)
-    _check_egress_env(cfg, env)
-    return dataclasses.replace(cfg, warnings=tuple(_literal_secrets(raw)))
+    data = file_values(raw, env, base_dir)
+    state_key_from_env(data, env)
+    cfg = build(data, schemes)
+    check_egress_env(cfg, env)
+    return dataclasses.replace(cfg, warnings=tuple(literal_secrets(raw)))
 
 
-def _check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
+def check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
     """The egress proxy of each origin the proxy calls, as its pool will choose it: a bad
     HTTPS_PROXY (read when upstream.proxy is not set) stops start-up like a bad key."""
     from proxy import egress
@@ -664,22 +758,37 @@ def _check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
         egress.choose(dataclasses.replace(cfg.upstream, url=url), env)
 
 
-def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+def read_text(path: str | os.PathLike[str]) -> str:
+    """The config file's text; ConfigError naming the file when it cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
-    cfg = parse(text, env, source=str(path))
-    mode = Path(path).stat().st_mode
-    if mode & stat.S_IROTH:
-        readable = (
-            f"{path}: readable by every user of this machine (mode {stat.filemode(mode)}); "
-            "chmod o-r it"
-        )
-        cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, readable))
+
+
+def readable_warning(path: str | os.PathLike[str], cfg: Config) -> Config:
+    """Warn that others can read the file, when that matters: it holds a literal secret
+    (a file of `${VAR}`s and `*_file`s gives away nothing; chmod advice on it is noise)."""
+    if not any(": a literal secret" in w for w in cfg.warnings):
+        return cfg
+    with contextlib.suppress(OSError):
+        mode = Path(path).stat().st_mode
+        if mode & stat.S_IROTH:
+            readable = (
+                f"{path}: readable by every user of this machine (mode {stat.filemode(mode)}) "
+                "and holds a literal secret; chmod o-r it"
+            )
+            return dataclasses.replace(cfg, warnings=(*cfg.warnings, readable))
     return cfg
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """The config file alone (plus its `${VAR}`s); proxy/sources.py adds the environment's
+    LUXSCI_PROXY_* keys and the command line's."""
+    cfg = parse(read_text(path), env, source=str(path), base_dir=Path(path).parent)
+    return readable_warning(path, cfg)
 
 
 # Query parameters redis-py (and most URL-configured clients) read as a password.
@@ -737,11 +846,7 @@ def masked(cfg: Config) -> dict[str, Any]:
         if isinstance(obj, str) and "://" in obj:
             return mask_url_password(obj)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return {
-                f.name: walk(getattr(obj, f.name))
-                for f in dataclasses.fields(obj)
-                if f.name != "warnings"
-            }
+            return {f.name: walk(getattr(obj, f.name)) for f in key_fields(type(obj))}
         if isinstance(obj, tuple | list):
             return [walk(item) for item in obj]
         if obj is None or isinstance(obj, str | int | float | bool):
@@ -751,3 +856,36 @@ def masked(cfg: Config) -> dict[str, Any]:
 
     result: dict[str, Any] = walk(cfg)
     return result
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (or sections)."""
+    found = []
+    for f in key_fields(type(old)):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(a) and not isinstance(a, type) and type(a) is type(b):
+            found += differences(a, b, key + ".")
+        elif a != b:
+            found.append(key)
+    return found
+
+
+def described_changes(old: Config, new: Config) -> list[str]:
+    """Each changed key as `key: old -> new`, secrets (and URL passwords) never shown:
+    a change that the masked forms cannot show is said to be one, and no more."""
+    shown_old, shown_new = masked(old), masked(new)
+    described = []
+    for key in differences(old, new):
+        before, after = _at(shown_old, key), _at(shown_new, key)
+        if before == after:
+            described.append(f"{key}: changed (a secret: not shown)")
+        else:
+            described.append(f"{key}: {json.dumps(before)} -> {json.dumps(after)}")
+    return described
+
+
+def _at(plain: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        plain = plain[name]
+    return plain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -13,9 +14,9 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from proxy import egress
+from proxy import egress, preflight
 from proxy.clock import ServerClock
-from proxy.config import Config, state_dir, url_passwords
+from proxy.config import Config, described_changes, differences, state_dir, url_passwords
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, Lane, MemoryBackend, RateLimiter
@@ -100,6 +101,58 @@ _RESTART_LIMITS = (
 )
 
 
+class StateCheck:
+    """/readyz's view of the folders the proxy keeps state in (proxy/preflight.py).
+
+    Judged at start-up, where `run` warns once, and again while a problem lasts, at
+    most every RECHECK seconds (a fixed permission clears it without a restart; a
+    readiness probe every second costs no more than one look in that time). A change
+    either way is logged once.
+    """
+
+    RECHECK = 10.0
+
+    def __init__(self, uses: list[preflight.StateUse], log: Any) -> None:
+        self.uses = uses
+        self.log = log
+        self._problems: dict[str, str] = {}
+        self._checked = -self.RECHECK
+
+    def start(self) -> None:
+        """Look once at start-up; run's warnings already said what is wrong."""
+        self._problems = self._look()
+
+    def _look(self) -> dict[str, str]:
+        self._checked = time.monotonic()
+        found = {}
+        for use in self.uses:
+            problem = preflight.state_problem(use.folder)
+            if problem is not None:
+                found[use.key] = problem
+        return found
+
+    def status(self) -> dict[str, Any]:
+        if self._problems and time.monotonic() - self._checked >= self.RECHECK:
+            before = self._problems
+            self._problems = self._look()
+            for use in self.uses:
+                if use.key in before and use.key not in self._problems:
+                    self.log.info("state_dir_writable", key=use.key, dir=str(use.folder))
+                elif use.key in self._problems and use.key not in before:
+                    finding = preflight.state_finding(use, self._problems[use.key])
+                    self.log.warning(finding.event, **finding.fields)
+        failing = [use for use in self.uses if use.key in self._problems]
+        if not failing:
+            return {"ok": True, "dirs": sorted({str(use.folder) for use in self.uses})}
+        return {
+            "ok": False,
+            "error": "; ".join(f"{use.key}: {self._problems[use.key]}" for use in failing),
+            "dirs": sorted({str(use.folder) for use in failing}),
+            # Does /readyz fail for it (see preflight.StateUse.required)?
+            "required": any(use.required for use in failing),
+        }
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
@@ -130,8 +183,11 @@ class ProxyService:
         self.upstream = Upstream(cfg.upstream)
         self.metrics = Metrics()
         self.limits_key = limits_key(cfg)
+        # Follows logging.level (the Logs sets it): the components that explain their
+        # decisions at debug read it once per decision.
+        debug = self.logs.debug_flag
         self.limiter = RateLimiter(
-            cfg.limits, cfg.queue, make_backend(cfg, self.limits_key), self.clock
+            cfg.limits, cfg.queue, make_backend(cfg, self.limits_key), self.clock, debug=debug
         )
         # The scheme is fixed for the life of the process (a reload cannot switch it).
         deps = SchemeDeps(
@@ -142,7 +198,9 @@ class ProxyService:
             self.metrics,
             cfg.queue.max_wait,
             redact=self.logs.redactor.remember,
+            debug=debug,
         )
+        self.schemes = schemes
         self.scheme = schemes[cfg.auth.scheme].build(deps)
         self.forwarder = self._pipeline(cfg)
         self.metrics.describe(self.scheme.name, cfg.limits.backend)
@@ -178,6 +236,8 @@ class ProxyService:
         )
         self.port = 0
         self.admin_port = 0
+        self.state = StateCheck(preflight.state_uses(cfg, schemes), self.log)
+        self._hurried = asyncio.Event()
         # Which checks /readyz requires (limits: the shared Redis, when used).
         self._ready_needs = {"auth", "shutdown"} | (
             {"limits"}
@@ -196,8 +256,14 @@ class ProxyService:
 
     def _pipeline(self, cfg: Config) -> Forwarder:
         """The forwarding steps, each with its few collaborators."""
+        debug = self.logs.debug_flag
         sender = Sender(
-            self.upstream, Gate(cfg.limits.max_inflight), self.clock, self.limiter, self.metrics
+            self.upstream,
+            Gate(cfg.limits.max_inflight),
+            self.clock,
+            self.limiter,
+            self.metrics,
+            debug,
         )
         return Forwarder(
             Admission(
@@ -206,7 +272,7 @@ class ProxyService:
                 cfg.queue,
                 cfg.listen.encoded_slashes,
             ),
-            Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry),
+            Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry, debug),
             Relay(self.scheme, cfg.logging.log_bodies),
             self.metrics,
             self.logs,
@@ -242,33 +308,17 @@ class ProxyService:
             "auth": self.scheme.status(),
             "limits": self.limiter.status(),
         }
+        if self.state.uses:
+            # Shown always; failing readiness only for state the operator asked to keep
+            # (preflight.StateUse.required): the proxy serves either way.
+            checks["state"] = self.state.status()
         if self.forwarder.draining:
             checks["shutdown"] = {"ok": False, "error": "draining: shutting down"}
         ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
+        state = checks.get("state")
+        if state is not None and not state["ok"] and state["required"]:
+            ready = False
         return ready, checks
-
-    def _warn_about_exposure(self) -> None:
-        cfg = self.cfg
-        for warning in cfg.warnings:
-            self.log.warning("config_warning", warning=warning)
-        loopback = cfg.listen.host in (
-            "127.0.0.1",
-            "::1",
-            "localhost",
-        ) or cfg.listen.host.startswith("127.")
-        if not loopback and AccessPolicy(cfg.access).open_to_anyone:
-            self.log.warning(
-                "proxy_open_to_the_network",
-                listen=cfg.listen.host,
-                note="anyone who can reach this port acts with the integration's full rights: "
-                "set access.allow_clients and/or access.client_token, or listen on 127.0.0.1",
-            )
-        if cfg.upstream.url.startswith("http://"):
-            self.log.warning(
-                "upstream_not_encrypted",
-                upstream=cfg.upstream.url,
-                note="upstream.allow_insecure: credentials and data travel in the clear",
-            )
 
     def _in_context(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """`coro` as a task of this service's log context (see the class docstring)."""
@@ -278,13 +328,10 @@ class ProxyService:
         await self._in_context(self._start())
 
     async def _start(self) -> None:
-        self._warn_about_exposure()
-        if self.cfg.logging.log_bodies:
-            self.log.warning(
-                "log_bodies_enabled",
-                note="request and response bodies go to the log; they may hold protected "
-                "health information: turn logging.log_bodies off outside debugging",
-            )
+        # The warnings `check` prints too: one list for both (proxy/preflight.py).
+        for finding in preflight.findings(self.cfg, self.schemes):
+            self.log.warning(finding.event, **finding.fields)
+        self.state.start()
         await self.upstream.start()
         await self.limiter.start()
         await self._admin_runner.setup()
@@ -326,6 +373,9 @@ class ProxyService:
         # Logging first, so the reload's own events follow the new settings.
         self.logs.configure(new.logging.level, new.logging.format, secrets_of(new))
         old = self.cfg
+        if differences(old, new):
+            # Debug: old and new values, every secret (and URL password) masked.
+            self.log.debug("config_changes", changes=described_changes(old, new))
         restart = [
             name
             for name in ("listen", "admin", "upstream")
@@ -352,6 +402,9 @@ class ProxyService:
         self.forwarder.reconfigure(applied)
         self._expect_lane_waits()
         self.cfg = applied
+        # auth.state_file may move with a reload (oauth2); /readyz looks at the new folder.
+        self.state = StateCheck(preflight.state_uses(applied, self.schemes), self.log)
+        self.state.start()
         await self.scheme.reconfigure(auth)
         return restart
 
@@ -360,16 +413,53 @@ class ProxyService:
         answer the rest 503; revoke the session; close everything; flush the log."""
         await self._in_context(self._stop())
 
+    def hurry(self) -> None:
+        """A second stop signal: end the drain now, cutting off whatever is still in the
+        pipeline (each request answered 503 shutting_down), and give up the session's
+        revocation if it has to wait for the API (the code expires on its own)."""
+        if self._hurried.is_set():
+            return
+        self._hurried.set()
+        self.forwarder.drain.hurry()
+        self.log.warning(
+            "shutdown_hurried",
+            count=len(self.forwarder.drain),
+            queued=self.limiter.waiting,
+            inflight=self.forwarder.inflight_count,
+        )
+
     async def _stop(self) -> None:
         self.log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
         self.listener.stop_accepting()  # no new connections; idle ones closed
         cut_off = await self.forwarder.drain.drain(self.cfg.shutdown_timeout)
         if cut_off:
-            self.log.warning("shutdown_cut_off_requests", count=cut_off)
+            self.log.warning(
+                "shutdown_cut_off_requests", count=cut_off, hurried=self._hurried.is_set()
+            )
         await self.listener.close()
-        await self.scheme.stop()
+        await self._unless_hurried(self.scheme.stop())
         await self._admin_runner.cleanup()
         await self.limiter.close()
         await self.upstream.close()
         self.log.info("shutdown_complete")
         self.logs.flush()
+
+    # After a second stop signal, what the session's revocation still gets: a moment (it
+    # is one small call, worth making), not the 10 s it may take when the API is slow.
+    HURRIED_REVOKE = 0.5
+
+    async def _unless_hurried(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro`; after a second stop signal, for HURRIED_REVOKE seconds at most."""
+        task = asyncio.ensure_future(coro)
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        try:
+            await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=self.HURRIED_REVOKE)
+        finally:
+            hurried.cancel()
+        task.cancel()  # no-op when done
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if task.cancelled():
+            self.log.warning("auth_not_revoked", reason="shutdown hurried by a second signal")

@@ -322,7 +322,10 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_is_bad(
         status, body = curl(account)
         assert json.loads(body)["error_message"].startswith("the day's budget of 2")
 
-        config.write_text(original + "limits: {per_dya: 5}\n")  # a typo: refused
+        # A typo: refused. (In the one limits section: a second would be a duplicate key.)
+        config.write_text(
+            original.replace('limits: {state_file: ""}', 'limits: {state_file: "", per_dya: 5}')
+        )
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         status, body = curl(account)  # still serving, on the last good config

@@ -117,9 +117,8 @@ def test_invalid_yaml_is_a_config_error_with_line(tmp_path: Path) -> None:
 
 
 def test_secrets_never_show_in_repr_or_masked_dump() -> None:
-    cfg = parse(
-        MINIMAL + "auth: {token: t, secret: s3cr3t-value, user: u, password: pw-value}", ENV
-    )
+    # One auth section: a second one would be a duplicate key, an error of its own.
+    cfg = parse("auth: {token: t, secret: s3cr3t-value, user: u, password: pw-value}", ENV)
     assert "s3cr3t-value" not in repr(cfg)
     assert "pw-value" not in repr(cfg)
     dump = masked(cfg)
@@ -322,3 +321,114 @@ auth:
     literal = parse(OAUTH.replace("${CLIENT_SECRET}", "literal-secret"), {})
     assert any(w.startswith("auth.client_secret: a literal secret") for w in literal.warnings)
     assert "literal-secret" not in repr(literal)
+
+
+# -- the file itself: YAML errors, duplicate keys, relative paths, warnings --------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "listen:\n  port: 1\n  host: [\n",
+            r"^c\.yaml: not valid YAML at line 4, column 1: expected the node content",
+        ),
+        (
+            "listen:\n  port: 1\nhost: x: y\n",
+            r"^c\.yaml: not valid YAML at line 3, column 8: mapping values are not allowed here$",
+        ),
+        (
+            "listen:\n  port: 1\n\tmax_connections: 2\n",
+            r"^c\.yaml: not valid YAML at line 3, column 1: found character '\\t'",
+        ),
+    ],
+)
+def test_yaml_errors_quote_the_parsers_reason_with_line_and_column(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        ConfigError, match=message.replace("c\\.yaml", f"{path}".replace(".", r"\."))
+    ):
+        load(path, ENV)
+    with pytest.raises(ConfigError, match=message):
+        parse(text, ENV, source="c.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "key", "first"),
+    [
+        (MINIMAL + "listen: {port: 1}\nlisten: {port: 2}\n", 6, 1, "listen", 5),
+        ("listen:\n  port: 1\n  host: h\n  port: 2\n" + MINIMAL, 4, 3, "port", 2),
+        ("listen: {port: 1, port: 2}\n" + MINIMAL, 1, 19, "port", 1),
+        (MINIMAL + "access:\n  rules:\n    - {path: /a, path: /b}\n", 7, 18, "path", 7),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_both_lines(
+    text: str, line: int, column: int, key: str, first: int
+) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=rf"^c\.yaml: not valid YAML at line {line}, column {column}: "
+        rf"duplicate key '{key}' \(first given at line {first}\)$",
+    ):
+        parse(text, ENV, source="c.yaml")
+
+
+def test_a_merge_key_may_be_overridden_it_is_no_duplicate() -> None:
+    text = MINIMAL + "listen: &base {port: 1, host: 127.0.0.2}\nadmin:\n  <<: *base\n  port: 2\n"
+    cfg = parse(text, ENV)
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.2", 2)
+
+
+def test_levels_and_choices_are_accepted_in_any_case() -> None:
+    cfg = parse(
+        MINIMAL + "logging: {level: INFO, format: Console}\nlimits: {backend: MEMORY}\n", ENV
+    )
+    assert (cfg.logging.level, cfg.logging.format, cfg.limits.backend) == (
+        "info",
+        "console",
+        "memory",
+    )
+    with pytest.raises(ConfigError, match=r"^logging\.level: must be one of debug, info"):
+        parse(MINIMAL + "logging: {level: verbose}\n", ENV)
+
+
+def test_file_paths_are_relative_to_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    (folder / "secrets").mkdir(parents=True)
+    (folder / "secrets" / "api").write_text("sec-next-to-the-config\n")
+    (folder / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    path = folder / "proxy.yaml"
+    path.write_text(
+        "auth: {token: t, secret_file: secrets/api}\n"
+        "upstream: {ca_file: ca.pem}\n"
+        "limits: {state_file: state/limits.json}\n"
+    )
+    monkeypatch.chdir(tmp_path)  # elsewhere: the old reading would look in tmp_path
+    cfg = load(Path("etc/proxy.yaml"), {})
+    assert cfg.auth.secret == Secret("sec-next-to-the-config")
+    assert cfg.upstream.ca_file == "etc/ca.pem"
+    assert cfg.limits.state_file == "etc/state/limits.json"
+    # Absolute paths, and "" (off), stay as written.
+    path.write_text(
+        f"auth: {{token: t, secret_file: {folder / 'secrets/api'}}}\nlimits: {{state_file: ''}}\n"
+    )
+    cfg = load(path, {})
+    assert cfg.auth.secret == Secret("sec-next-to-the-config")
+    assert cfg.limits.state_file == ""
+
+
+def test_world_readable_warning_only_when_the_file_holds_a_literal_secret(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL)
+    path.chmod(0o644)
+    assert load(path, ENV).warnings == ()  # ${VAR}s give nothing away
+    path.write_text("auth: {token: t, secret: written-in-the-file}\n")
+    warnings = load(path, ENV).warnings
+    assert any("readable by every user" in w and "literal secret" in w for w in warnings)
+    path.chmod(0o600)
+    assert not any("readable" in w for w in load(path, ENV).warnings)

@@ -42,6 +42,7 @@ import structlog
 
 from proxy.clock import ServerClock
 from proxy.config import LimitsConfig, QueueConfig
+from proxy.debugflag import DebugFlag
 from proxy.errors import DailyLimit, QueueFull, QueueTimeout
 from proxy.limits import headers as rate_headers
 from proxy.limits.backend import CARRY_SHARE, Backend, Verdict
@@ -101,6 +102,7 @@ class RateLimiter:
         backend: Backend,
         clock: ServerClock,
         ticks: Callable[[], float] = time.monotonic,
+        debug: DebugFlag | None = None,
     ) -> None:
         self.cfg = limits
         self.queue = queue
@@ -108,6 +110,8 @@ class RateLimiter:
         self.clock = clock
         # What aging is measured on: monotonic, unlike the server clock (tests move it).
         self._ticks = ticks
+        # On: each wait is explained (which budget, why, how long) at debug.
+        self.debug = debug if debug is not None else DebugFlag()
         self.windows = Windows.of(limits.window_seconds, limits.day_seconds)
         self.buckets = {
             "user": _Bucket("user", limits.user_per_minute),
@@ -148,6 +152,9 @@ class RateLimiter:
         None for the proxy's own requests (its logins), which no client's cap bounds.
         """
         bucket = self.buckets[scope]
+        # Why this request is about to wait (for the debug event): a spent window, the
+        # next window's reserve, the API's word, or the line already ahead of it.
+        why = "behind"
         if not bucket.queued:
             now = self.clock.now()
             if now >= bucket.held_until and (
@@ -158,10 +165,19 @@ class RateLimiter:
                     return 0.0
                 if verdict is Verdict.DAY_FULL:
                     raise self._daily_limit()
-        return await self._wait(bucket, deadline, front, lane, client)
+                why = "window_full" if verdict is Verdict.WINDOW_FULL else "reserve_full"
+            else:
+                why = "held" if now < bucket.held_until else "paced"
+        return await self._wait(bucket, deadline, front, lane, client, why)
 
     async def _wait(
-        self, bucket: _Bucket, deadline: float, front: bool, lane: Lane, client: Client | None
+        self,
+        bucket: _Bucket,
+        deadline: float,
+        front: bool,
+        lane: Lane,
+        client: Client | None,
+        why: str,
     ) -> float:
         """The slow path: wait in line for the pump to hand over a permit."""
         if self.waiting >= self.queue.max_size:
@@ -192,6 +208,8 @@ class RateLimiter:
         if bucket.pacing and lane is not Lane.BACKGROUND:
             bucket.wake.set()  # the pump paces background work: this request goes first
         self._ensure_pump(bucket)
+        if self.debug.on:
+            self._explain_wait(bucket, why, front)
         try:
             async with asyncio.timeout_at(self._loop_time(deadline)):
                 await future
@@ -204,7 +222,29 @@ class RateLimiter:
                 # It left the line (deadline, client gone); the pump counted it out only
                 # if it handed it a permit or an error. Its entry is skipped when reached.
                 self._left(bucket, waiter.lane)
-        return time.monotonic() - started
+        waited = time.monotonic() - started
+        if self.debug.on:
+            log.debug("rate_limit_waited", scope=bucket.scope, why=why, waited_s=round(waited, 3))
+        return waited
+
+    def _explain_wait(self, bucket: _Bucket, why: str, front: bool) -> None:
+        """Debug: which budget makes a request wait, and for about how long."""
+        now = self.clock.now()
+        fields: dict[str, Any] = {
+            "scope": bucket.scope,
+            "why": why,
+            "budget": f"limits.{bucket.scope}_per_minute",
+            "limit": bucket.effective_limit,
+            "ahead": 0 if front else self.queue_depth(bucket.scope) - 1,
+        }
+        if bucket.server_limit is not None and bucket.server_limit < bucket.limit:
+            fields["budget"] = "the API's own limit (rate-limit headers)"
+        if why == "held":
+            fields["budget"] = "the API's reset (a rate-limit refusal or a spent API window)"
+            fields["held_for_s"] = round(bucket.held_until - now, 3)
+        else:
+            fields["window_ends_in_s"] = round(self.windows.until_next(now), 3)
+        log.debug("rate_limit_wait", **fields)
 
     @staticmethod
     def _left(bucket: _Bucket, lane: Lane) -> None:

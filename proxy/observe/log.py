@@ -58,6 +58,7 @@ from typing import IO, Any
 import structlog
 from structlog.typing import EventDict, Processor
 
+from proxy.debugflag import DebugFlag
 from proxy.observe.access_record import AccessRecord
 
 MASK = "[REDACTED]"
@@ -296,6 +297,9 @@ class Logs:
     ) -> None:
         """`stream` defaults to stderr, block-buffered (call `flush` at shutdown)."""
         self.redactor = Redactor()
+        # Read by the components that explain their decisions at debug (see DebugFlag);
+        # not `debug`, which is the method structlog calls with a rendered line.
+        self.debug_flag = DebugFlag()
         self._writer = LineWriter(stream if stream is not None else _stderr_buffered())
         self._timestamp = _Timestamp()
         self._threshold = _LEVELS["info"]
@@ -327,6 +331,7 @@ class Logs:
         """Set level and format, add secrets (old ones stay masked); a reload calls it again."""
         self.redactor.add(secrets)
         self._threshold = _LEVELS[level]
+        self.debug_flag.on = self._threshold <= _LEVELS["debug"]
         self._json = fmt == "json"
         self._renderer = _json if self._json else structlog.dev.ConsoleRenderer(colors=False)
 

@@ -18,6 +18,7 @@ import structlog
 
 from proxy.clock import ServerClock
 from proxy.config import RetryConfig
+from proxy.debugflag import DebugFlag
 from proxy.errors import ProxyError
 from proxy.http.client import Upstream, UpstreamResponse
 from proxy.limits import Client, Lane, RateLimiter
@@ -56,18 +57,30 @@ class Sender:
         clock: ServerClock,
         limiter: RateLimiter,
         metrics: Metrics,
+        debug: DebugFlag | None = None,
     ) -> None:
         self.upstream = upstream
         self.inflight = inflight
         self.clock = clock
         self.limiter = limiter
         self.metrics = metrics
+        self.debug = debug if debug is not None else DebugFlag()
 
     async def send(
         self, out: Outbound, scope: str, deadline: float, fresh: bool
     ) -> tuple[UpstreamResponse, float]:
         """The answer's head and when the request went out; the slot stays held."""
-        await self.inflight.acquire(deadline)
+        if self.debug.on and self.inflight.would_wait():
+            waiting = time.monotonic()
+            await self.inflight.acquire(deadline)
+            log.debug(
+                "inflight_waited",
+                budget="limits.max_inflight",
+                limit=self.inflight.limit,
+                waited_s=round(time.monotonic() - waiting, 3),
+            )
+        else:
+            await self.inflight.acquire(deadline)
         sent_at = time.monotonic()
         try:
             resp = await self.upstream.request(
@@ -111,6 +124,7 @@ class Attempts:
         clock: ServerClock,
         metrics: Metrics,
         retries: RetryConfig,
+        debug: DebugFlag | None = None,
     ) -> None:
         self.sender = sender
         self.scheme = scheme
@@ -119,6 +133,8 @@ class Attempts:
         self.metrics = metrics
         # Replaced whole on reload (SIGHUP), never mutated.
         self.retries = retries
+        # On: an answer that is not retried says why not (the `retry` event says why).
+        self.debug = debug if debug is not None else DebugFlag()
 
     async def run(
         self,
@@ -154,6 +170,8 @@ class Attempts:
                 decision = retry.after_error(out.method, e)
                 delay = self._backoff(decision, progress)
                 if delay is None:
+                    if self.debug.on:
+                        self._explain(event, decision, progress, out.method, e.reason, deadline)
                     raise
                 await self._pause(event, decision, progress, delay, None)
                 continue
@@ -165,6 +183,8 @@ class Attempts:
             )
             delay = await self._next(decision, progress, resp, scope, deadline, used)
             if delay is None:
+                if self.debug.on:
+                    self._explain(event, decision, progress, out.method, resp.status, deadline)
                 return Exchange(resp, used, sent_at, self.sender.inflight)
             resp.release()
             self.sender.inflight.release()
@@ -220,6 +240,46 @@ class Attempts:
             return None
         progress.fresh = decision.fresh_connection
         return delay
+
+    def _explain(
+        self,
+        event: AccessRecord,
+        decision: retry.Decision,
+        progress: _Progress,
+        method: str,
+        outcome: int | str,
+        deadline: float,
+    ) -> None:
+        """Debug: why a failed attempt's outcome goes to the client without another try."""
+        cfg = self.retries
+        action = decision.action
+        if action is retry.Action.DONE:
+            # Lost connections, timeouts and gateway statuses: retried for idempotent methods.
+            gateway = isinstance(outcome, str) or outcome in (408, 502, 503, 504)
+            if gateway and method not in retry.IDEMPOTENT:
+                why = (
+                    f"no retry rule sends {method} again after this outcome "
+                    "(it is not idempotent: the API may have carried it out)"
+                )
+            else:
+                why = "no retry rule covers this outcome"
+        elif action is retry.Action.REAUTH:
+            why = "a second 401, after a fresh login, is the API's answer"
+        elif progress.counted >= cfg.max_attempts:
+            why = f"retry.max_attempts ({cfg.max_attempts}) reached"
+        elif action is retry.Action.RATE_WAIT:
+            why = "the API's reset comes after the request's deadline (queue.max_wait)"
+        else:
+            why = f"another try would end past retry.max_time ({cfg.max_time} s)"
+        log.debug(
+            "retry_not_taken",
+            request_id=event.request_id,
+            attempt=progress.attempts,
+            outcome=outcome,
+            rule=decision.reason,
+            why=why,
+            deadline_in_s=round(deadline - time.monotonic(), 3),
+        )
 
     async def _pause(
         self,

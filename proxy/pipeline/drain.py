@@ -15,7 +15,6 @@ per request, a fiftieth of the whole proxy's CPU: bench/ANALYSIS.md.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from proxy.http.server import Request
 
@@ -27,6 +26,8 @@ class Drain:
         self.draining = False
         # Set when the pipeline empties during a drain.
         self._empty: asyncio.Event | None = None
+        # Set by `hurry`: the grace period ends now.
+        self._hurry = asyncio.Event()
 
     def add(self, request: Request) -> None:
         self._active.add(request)
@@ -45,10 +46,15 @@ class Drain:
     def __len__(self) -> int:
         return len(self._active)
 
+    def hurry(self) -> None:
+        """End the grace period now (a second stop signal): cut off what is left."""
+        self._hurry.set()
+
     async def drain(self, grace: float) -> int:
-        """Let requests finish for `grace` seconds, then cut off the rest; returns how many."""
+        """Let requests finish for `grace` seconds (or until `hurry`), then cut off the
+        rest; returns how many."""
         self.draining = True
-        await self._until_empty(grace)
+        await self._until_empty(grace, self._hurry)
         pending = list(self._active)
         for request in pending:
             task = request.task
@@ -56,12 +62,19 @@ class Drain:
                 self._cut.add(request)
                 task.cancel()
         if pending:
-            await self._until_empty(5)
+            # Each cut-off handler only writes its 503: moments, unless a client stalls.
+            await self._until_empty(1 if self._hurry.is_set() else 5)
         return len(pending)
 
-    async def _until_empty(self, seconds: float) -> None:
+    async def _until_empty(self, seconds: float, hurry: asyncio.Event | None = None) -> None:
         if not self._active:
             return
         self._empty = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._empty.wait(), seconds)
+        waits = {asyncio.ensure_future(self._empty.wait())}
+        if hurry is not None:
+            waits.add(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()

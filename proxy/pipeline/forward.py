@@ -80,6 +80,12 @@ class Forwarder:
         started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
         event = AccessRecord(rid, request.method)
+        # At debug, every event made while serving this request (a wait for a permit,
+        # the code that signed it) carries its id; the connection's task serves one
+        # request at a time, so its context holds one id at a time.
+        explained = self.logs.debug_flag.on
+        if explained:
+            structlog.contextvars.bind_contextvars(request_id=rid)
         drain = self.drain
         drain.add(request)
         admitted: Admitted | None = None
@@ -98,6 +104,8 @@ class Forwarder:
                 event.error = "client_disconnected"
                 event.total_time = time.monotonic() - started
                 self.logs.access(event)
+                if explained:
+                    structlog.contextvars.unbind_contextvars("request_id")
                 raise
             # The drain's grace ran out before this request was served: say so.
             request.task.uncancel()
@@ -113,6 +121,8 @@ class Forwarder:
         elapsed = event.total_time = time.monotonic() - started
         self.metrics.request(request.method, event.scope or "account", status, elapsed)
         self.logs.access(event)
+        if explained:
+            structlog.contextvars.unbind_contextvars("request_id")
 
     async def _forward(
         self, request: Request, admitted: Admitted, rid: str, event: AccessRecord

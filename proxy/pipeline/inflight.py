@@ -44,6 +44,10 @@ class Gate:
                 ) from None
             raise
 
+    def would_wait(self) -> bool:
+        """Would `acquire` wait now (every slot held, or others already waiting)?"""
+        return self.held >= self.limit or bool(self._waiters)
+
     def release(self) -> None:
         self.held -= 1
         self._wake()

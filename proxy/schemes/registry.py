@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 from proxy.clock import ServerClock
 from proxy.config import AuthConfig, ConfigError
+from proxy.debugflag import DebugFlag
 from proxy.http.client import Upstream
 from proxy.limits import RateLimiter
 from proxy.observe.metrics import Metrics
@@ -44,6 +46,12 @@ class SchemeDeps:
     permit_wait: float
     # Credentials issued while running (OAuth tokens): the logs mask them from then on.
     redact: Callable[[Iterable[str]], None] = _ignore
+    # On while logging.level is debug: the scheme explains which credential signed what.
+    debug: DebugFlag = field(default_factory=DebugFlag)
+
+
+def _no_state(auth: AuthConfig) -> Path | None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,9 @@ class SchemeKind:
     # Raises ConfigError naming the auth.* key and the fix.
     check: Callable[[AuthConfig], None]
     build: Callable[[SchemeDeps], AuthScheme]
+    # The file the scheme keeps across restarts, if any: `check` and /readyz say whether
+    # its folder can be written (proxy/preflight.py).
+    state_file: Callable[[AuthConfig], Path | None] = _no_state
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,7 +94,7 @@ def _build_luxsci(deps: SchemeDeps) -> AuthScheme:
         permit_wait=deps.permit_wait,
         metrics=deps.metrics,
     )
-    return LuxSciScheme(session)
+    return LuxSciScheme(session, deps.debug)
 
 
 def check_header_value(auth: AuthConfig, key: str) -> str:
@@ -177,9 +188,14 @@ def _build_oauth2(deps: SchemeDeps) -> AuthScheme:
     return OAuth2Scheme(session, deps.upstream.cfg)
 
 
+def _oauth2_state(auth: AuthConfig) -> Path | None:
+    # Only the refresh-token grant keeps anything: the newest rotated refresh token.
+    return state_path(auth) if auth.grant == "refresh_token" else None
+
+
 LUXSCI = SchemeKind("luxsci", _check_luxsci, _build_luxsci)
 BEARER = SchemeKind("bearer", _check_bearer, _build_bearer)
-OAUTH2 = SchemeKind("oauth2", _check_oauth2, _build_oauth2)
+OAUTH2 = SchemeKind("oauth2", _check_oauth2, _build_oauth2, _oauth2_state)
 
 BUILT_IN: Mapping[str, SchemeKind] = MappingProxyType({k.name: k for k in (LUXSCI, BEARER, OAUTH2)})
 

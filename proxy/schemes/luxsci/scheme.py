@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
+
 from proxy.config import AuthConfig
+from proxy.debugflag import DebugFlag
 from proxy.http.headers import header_line, strip_cookies
 from proxy.schemes.base import AnswerWatch, Credential, Decision, Outbound
 from proxy.schemes.luxsci import rules
 from proxy.schemes.luxsci.harvest import CodeHarvester, code_in_body
 from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
+
+log = structlog.get_logger("proxy.session")
 
 
 class _CodeWatch:
@@ -51,8 +56,10 @@ class _CodeWatch:
 class LuxSciScheme:
     name = "luxsci"
 
-    def __init__(self, session: LuxSciSession) -> None:
+    def __init__(self, session: LuxSciSession, debug: DebugFlag | None = None) -> None:
         self.session = session
+        # On: every signed attempt says which login generation's code signed it.
+        self.debug = debug if debug is not None else DebugFlag()
 
     # The pure rule itself, not a method calling it: one call less per request.
     budget = staticmethod(rules.budget)
@@ -67,6 +74,15 @@ class LuxSciScheme:
             out.cookies = strip_cookies([out.cookies], ("auth",))
         # Replaced on every attempt: a retry is signed afresh with the newest code.
         out.credentials = header_line("Cookie", out.cookie_header(cookie) or cookie)
+        if self.debug.on:
+            # The generation and age say which login's code this is, never the code.
+            age = self.session.age(code)
+            log.debug(
+                "request_signed",
+                generation=code.generation,
+                code_age_s=round(age, 1),
+                usable_for_s=round(self.session.usable_for(code, age), 1),
+            )
         return code
 
     def judge(self, status: int, headers: Mapping[str, str], now: float) -> Decision | None:

@@ -138,6 +138,14 @@ class LuxSciSession:
         """Holds a code it would sign with right now."""
         return self._usable(self._current, self._monotonic())
 
+    def age(self, code: AuthCode) -> float:
+        """Seconds since the request that earned `code` was sent."""
+        return self._monotonic() - code.obtained_at
+
+    def usable_for(self, code: AuthCode, age: float) -> float:
+        """Seconds `code` (this old) will still be signed with, if no newer one comes."""
+        return self.cfg.code_lifetime - self.cfg.refresh_margin - age
+
     # -- the signer's view -------------------------------------------------------
 
     def cookie(self, code: str, method: str, path: str, query: str, body_digest: str) -> str:
