@@ -31,7 +31,8 @@ What is measured, per tree (the proxy pinned to one core, as in run.py):
 - per-request cost: wrk -c32 in interleaved rounds against the nginx proxy and both trees
   (run.py's full-feature config): CPU per request and requests/s, as ratios of nginx.
 
-Figures are printed and written to docs/BENCHMARKS.md between the sidecar markers.
+Figures are printed and written to docs/BENCHMARKS.md between the sidecar markers, followed
+by bench/SIDECAR.md (hand-written: what moved, what is left and why).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ import wrk
 from services import USER_PATH, Cores, Procs
 
 DOC = svc.REPO / "docs" / "BENCHMARKS.md"
+# Hand-written: what moved and what is left; follows the figures in the block.
+ANALYSIS = Path(__file__).with_name("SIDECAR.md")
 # The last commit before the light-sidecar work: main when branch `light` began.
 BASELINE = "5b4d679"
 MIB = 1024.0
@@ -555,6 +558,8 @@ def report(run: Run, took: float) -> str:
     if run.errors:
         lines += ["", "Notes from this run:", ""]
         lines += [f"- {k}: {v}" for k, v in run.errors.items()]
+    if ANALYSIS.exists():
+        lines += ["", ANALYSIS.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
