@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import docblock
 import loadgen
 import report
 import services as svc
@@ -550,7 +551,9 @@ def main() -> int:
         res.notes.append(f"plot failed: {type(e).__name__}: {e}")
         plot_name = None
     text = report.markdown(res, info, plot_name)
-    (args.docs / "BENCHMARKS.md").write_text(text)
+    doc = args.docs / "BENCHMARKS.md"
+    # The blocks soak.py and sidecar.py wrote stay: this run did not measure them.
+    doc.write_text(docblock.keep_blocks(doc.read_text() if doc.exists() else "", text))
     print()
     print(text.split("## How measured")[0].rstrip())
     print(f"\nwrote {args.docs / 'BENCHMARKS.md'} and {args.docs / 'benchmarks.png'}")

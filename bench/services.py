@@ -107,6 +107,7 @@ class Procs:
         log_path: Path,
         port: int,
         env: dict[str, str] | None = None,
+        cwd: Path = REPO,
     ) -> Service:
         # stdout and stderr go to a file, never a pipe nobody reads: a full pipe would stall
         # the process and the benchmark would measure the stall.
@@ -117,7 +118,7 @@ class Procs:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             preexec_fn=_die_with_parent,
         )
@@ -340,26 +341,44 @@ def write_config(path: Path, cfg: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def proxy_env(tree: Path = REPO) -> dict[str, str]:
+    """The environment a proxy runs in: the benchmark's secrets, and `tree`'s code."""
+    env = dict(os.environ, BENCH_TOKEN="bench-token", BENCH_SECRET="bench-secret-key")
+    # The working tree's code, whatever is installed in site-packages. (`-m` also puts the
+    # working directory first on sys.path: the proxy runs in `tree` too.)
+    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def start_proxy(
-    procs: Procs, name: str, tmp: Path, core: int | None, cores: Cores, cfg: dict[str, Any]
+    procs: Procs,
+    name: str,
+    tmp: Path,
+    core: int | None,
+    cores: Cores,
+    cfg: dict[str, Any],
+    *,
+    tree: Path = REPO,
+    python: str = sys.executable,
 ) -> Service:
+    """`tree`'s proxy run by `python` (sidecar.py compares two trees in one environment)."""
     workdir = tmp / name
     workdir.mkdir()
     config_path = workdir / "config.yaml"
     write_config(config_path, cfg)
-    env = dict(os.environ, BENCH_TOKEN="bench-token", BENCH_SECRET="bench-secret-key")
-    # The working tree's code, whatever is installed in site-packages.
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = proxy_env(tree)
     argv = [
         *cores.taskset(core),
-        sys.executable,
+        python,
         "-m",
         "proxy",
         "run",
         "--config",
         str(config_path),
     ]
-    service = procs.spawn(name, argv, workdir, workdir / "proxy.log", cfg["listen"]["port"], env)
+    service = procs.spawn(
+        name, argv, workdir, workdir / "proxy.log", cfg["listen"]["port"], env, cwd=tree
+    )
     service.admin_port = cfg["admin"]["port"]
     service.config_path = config_path
     wait_ready(service)

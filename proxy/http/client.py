@@ -576,7 +576,7 @@ class Upstream:
         self._loop = asyncio.get_running_loop()
         if self.scheme == "https":
             self._ssl = make_ssl_context(self.cfg.ca_file)
-        self._sweeper = self._loop.call_later(IDLE_TIMEOUT, self._sweep)
+        # No sweeper yet: put_back starts it once there is an idle connection to close.
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -599,6 +599,8 @@ class Upstream:
         conn.served += 1
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT, self._sweep)
         self._wake_one()
 
     def forget(self, conn: _Connection) -> None:
@@ -620,7 +622,12 @@ class Upstream:
         while self._idle and self._idle[0].idle_since < limit:
             conn = self._idle.popleft()
             conn.close()
-        self._sweeper = self.loop.call_later(IDLE_TIMEOUT / 3, self._sweep)
+        # Again when the oldest idle connection is due (sweeps at least IDLE_TIMEOUT / 3
+        # apart), and not at all once none is idle: an idle proxy has no timer to wake it.
+        self._sweeper = None
+        if self._idle:
+            due = self._idle[0].idle_since + IDLE_TIMEOUT - self.loop.time()
+            self._sweeper = self.loop.call_later(max(IDLE_TIMEOUT / 3, due), self._sweep)
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -114,6 +114,9 @@ class MemoryBackend:
         self._key = key
         self._saved: tuple[int, int] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # Set when the day count changes: the flusher waits for it, so an idle process
+        # has no timer at all (it used to wake every second to find nothing to write).
+        self._changed = asyncio.Event()
         # A file that cannot be written fails every second: one warning, then a count
         # once a minute, and the last count when it can be written again.
         self.not_saved = Throttled(log.warning, "limits_state_not_saved")
@@ -152,6 +155,7 @@ class MemoryBackend:
     ) -> Verdict:
         if day != self._day:
             self._day, self._day_count = day, self._loaded_count(day)
+            self._changed.set()
         if self._day_count >= day_limit:
             return Verdict.DAY_FULL
         count = self._counts.get(scope)
@@ -165,6 +169,7 @@ class MemoryBackend:
             count.reserved += 1
         count.used += 1
         self._day_count += 1
+        self._changed.set()
         return Verdict.GRANTED
 
     def known_used(self, scope: str, window: int) -> int:
@@ -218,7 +223,8 @@ class MemoryBackend:
             log.warning("limits_state_unreadable", path=str(self._state_file), error=str(e))
 
     def save(self) -> None:
-        """Write the day count to the state file (the flusher does, each second, and close)."""
+        """Write the day count to the state file (the flusher does, a second after a change,
+        and close)."""
         if self._state_file is None or self._day < 0:
             return
         state = (self._day, self._day_count)
@@ -243,6 +249,10 @@ class MemoryBackend:
         self.not_saved.flush()
 
     async def _flush_every_second(self) -> None:
+        """At most one write a second, and only after a change (a write that failed is
+        tried again with the next change, and at close)."""
         while True:
+            await self._changed.wait()
             await asyncio.sleep(1.0)
+            self._changed.clear()
             self.save()

@@ -30,9 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 _MAGIC = b"luxsci-proxy oauth2 state v1\n"
 _NONCE = 12
 KEY_BYTES = 32
@@ -93,6 +90,11 @@ class TokenStore:
     def __init__(self, path: Path, keys: list[bytes], binding: str) -> None:
         if not keys:
             raise ValueError("a token store needs a key")
+        # Imported here: `cryptography` costs ~7 MiB of RSS and ~20 ms at start-up, and
+        # only a refresh-token grant with a state file encrypts anything; parse_keys and
+        # the rest of this module are needed by every oauth2 config check.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self.path = path
         self._keys = [AESGCM(k) for k in keys]
         self._aad = _MAGIC + binding.encode()
@@ -111,6 +113,8 @@ class TokenStore:
             raise StateUnreadable(f"{self.path} is not an oauth2 state file")
         nonce = blob[len(_MAGIC) : len(_MAGIC) + _NONCE]
         sealed = blob[len(_MAGIC) + _NONCE :]
+        from cryptography.exceptions import InvalidTag  # loaded with AESGCM in __init__
+
         for key in self._keys:
             with contextlib.suppress(InvalidTag):
                 plain = key.decrypt(nonce, sealed, self._aad)

@@ -22,11 +22,10 @@ from proxy.http.client import Upstream
 from proxy.limits import RateLimiter
 from proxy.observe.metrics import Metrics
 from proxy.schemes.base import AuthScheme
-from proxy.schemes.bearer import BearerScheme
-from proxy.schemes.luxsci.scheme import LuxSciScheme
-from proxy.schemes.luxsci.session import LuxSciSession
-from proxy.schemes.oauth2 import OAuth2Scheme, OAuth2Session, endpoint_config, state_path
-from proxy.schemes.oauth2_state import parse_keys
+
+# Each scheme's own module is imported by its check and build functions, not here: a
+# process loads the one scheme its config names (oauth2 alone is ~20 ms of imports,
+# and its state store needs `cryptography`; see tests/test_light.py).
 
 
 def _ignore(secrets: Iterable[str]) -> None:
@@ -86,6 +85,9 @@ def _check_luxsci(auth: AuthConfig) -> None:
 
 
 def _build_luxsci(deps: SchemeDeps) -> AuthScheme:
+    from proxy.schemes.luxsci.scheme import LuxSciScheme
+    from proxy.schemes.luxsci.session import LuxSciSession
+
     session = LuxSciSession(
         deps.auth,
         deps.upstream,
@@ -126,10 +128,15 @@ def _check_bearer(auth: AuthConfig) -> None:
 
 
 def _build_bearer(deps: SchemeDeps) -> AuthScheme:
+    from proxy.schemes.bearer import BearerScheme
+
     return BearerScheme(check_header_value(deps.auth, "api_key"))
 
 
 def _check_oauth2(auth: AuthConfig) -> None:
+    from proxy.schemes.oauth2 import state_path
+    from proxy.schemes.oauth2_state import parse_keys
+
     if auth.auth_cookie:
         raise ConfigError(
             f"auth.auth_cookie: applies to scheme luxsci only (scheme is {auth.scheme}); "
@@ -182,6 +189,8 @@ def _check_oauth2(auth: AuthConfig) -> None:
 
 
 def _build_oauth2(deps: SchemeDeps) -> AuthScheme:
+    from proxy.schemes.oauth2 import OAuth2Scheme, OAuth2Session, endpoint_config
+
     assert deps.auth.token_url is not None
     endpoint = Upstream(endpoint_config(deps.upstream.cfg, deps.auth.token_url))
     session = OAuth2Session(deps.auth, endpoint, deps.metrics, deps.redact)
