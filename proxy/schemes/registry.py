@@ -199,7 +199,11 @@ def _build_oauth2(deps: SchemeDeps) -> AuthScheme:
 
 def _oauth2_state(auth: AuthConfig) -> Path | None:
     # Only the refresh-token grant keeps anything: the newest rotated refresh token.
-    return state_path(auth) if auth.grant == "refresh_token" else None
+    if auth.grant != "refresh_token":
+        return None
+    from proxy.schemes.oauth2 import state_path  # imported only for an oauth2 config
+
+    return state_path(auth)
 
 
 LUXSCI = SchemeKind("luxsci", _check_luxsci, _build_luxsci)
