@@ -239,7 +239,7 @@ class ProxyService:
         self.state = StateCheck(preflight.state_uses(cfg, schemes), self.log)
         self._hurried = asyncio.Event()
         # Which checks /readyz requires (limits: the shared Redis, when used).
-        self._ready_needs = {"auth", "shutdown"} | (
+        self._ready_needs = {"auth", "shutdown", "listen"} | (
             {"limits"}
             if cfg.limits.backend == "redis" and cfg.admin.ready_requires_redis
             else set()
@@ -314,6 +314,10 @@ class ProxyService:
             checks["state"] = self.state.status()
         if self.forwarder.draining:
             checks["shutdown"] = {"ok": False, "error": "draining: shutting down"}
+        if not self.port:
+            # The admin port opens first: until the proxy port listens, a scheme with
+            # nothing to log in to (Bearer) must not look ready.
+            checks["listen"] = {"ok": False, "error": "the proxy port is not listening yet"}
         ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
         state = checks.get("state")
         if state is not None and not state["ok"] and state["required"]:
