@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -28,6 +30,22 @@ from proxy.pipeline.inflight import Gate
 from proxy.schemes.base import AuthScheme, Credential, Outbound
 
 log = structlog.get_logger("proxy.access")
+
+
+class PermitSource(Protocol):
+    """What attempts need of the rate limiter: RateLimiter itself, or a lane of it (the
+    durable jobs' background lane, proxy/jobs/lane.py)."""
+
+    async def acquire(self, scope: str, deadline: float, front: bool = False) -> float: ...
+
+    async def hold(self, scope: str, headers: Mapping[str, str]) -> float: ...
+
+    def hold_for(self, scope: str, seconds: float) -> float: ...
+
+
+# Called right before an attempt goes out (after its permit and credentials); raising
+# stops the attempt unsent.
+BeforeSend = Callable[[], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -106,7 +124,7 @@ class Attempts:
         self,
         sender: Sender,
         scheme: AuthScheme,
-        limiter: RateLimiter,
+        limiter: PermitSource,
         clock: ServerClock,
         metrics: Metrics,
         retries: RetryConfig,
@@ -120,9 +138,17 @@ class Attempts:
         self.retries = retries
 
     async def run(
-        self, out: Outbound, scope: str, deadline: float, event: AccessRecord
+        self,
+        out: Outbound,
+        scope: str,
+        deadline: float,
+        event: AccessRecord,
+        before_send: BeforeSend | None = None,
     ) -> Exchange:
-        """Attempt until an answer is final; the Exchange holds an in-flight slot."""
+        """Attempt until an answer is final; the Exchange holds an in-flight slot.
+
+        `before_send`: awaited before each attempt goes out (a durable job is marked
+        `running` there, so a crash can never leave it sent but looking unsent)."""
         progress = _Progress(time.monotonic())
         while True:
             # Once a request has waited its turn, a retry keeps its place at the head.
@@ -133,6 +159,8 @@ class Attempts:
             event.attempts = progress.attempts
             event.queue_wait = progress.queue_wait
             used = await self.scheme.apply(out)
+            if before_send is not None:
+                await before_send()
             fresh, progress.fresh = progress.fresh, False
             try:
                 resp, sent_at = await self.sender.send(out, scope, deadline, fresh)
