@@ -17,6 +17,7 @@ from proxy.clock import ServerClock
 from proxy.config import Config
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
+from proxy.jobs.durable import DurableJobs, store_path
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.observe.admin import create_admin_app
 from proxy.observe.metrics import Metrics, ScopeState, StateSources
@@ -38,12 +39,22 @@ def limits_key(cfg: Config) -> str:
     return hashlib.sha256(basis.encode()).hexdigest()[:16]
 
 
+def state_dir() -> Path:
+    """Where the proxy keeps what must outlive it (the day's count, the jobs)."""
+    base = os.environ.get("LUXSCI_PROXY_STATE_DIR") or Path.home() / ".local/state/luxsci-proxy"
+    return Path(base)
+
+
 def state_file(cfg: Config, key: str) -> str | None:
     """Where the memory backend keeps today's count; "" in the config turns it off."""
     if cfg.limits.state_file is not None:
         return cfg.limits.state_file or None
-    base = os.environ.get("LUXSCI_PROXY_STATE_DIR") or Path.home() / ".local/state/luxsci-proxy"
-    return str(Path(base) / f"limits-{key}.json")
+    return str(state_dir() / f"limits-{key}.json")
+
+
+def jobs_store(cfg: Config) -> Path:
+    """The jobs' SQLite file (the CLI's `jobs` verb opens the same one)."""
+    return store_path(cfg.jobs, state_dir(), limits_key(cfg))
 
 
 def make_backend(cfg: Config, key: str) -> Backend:
@@ -95,6 +106,7 @@ class ProxyService:
         )
         self.scheme = schemes[cfg.auth.scheme].build(deps)
         self.forwarder = self._pipeline(cfg)
+        self.jobs = self._jobs(cfg) if cfg.jobs.enabled else None
         self.metrics.describe(self.scheme.name, cfg.limits.backend)
         self.metrics.watch(
             StateSources(
@@ -139,6 +151,23 @@ class ProxyService:
             cfg,
         )
 
+    def _jobs(self, cfg: Config) -> DurableJobs:
+        """Durable jobs: beside the pipeline, sharing its admission, sender and limiter."""
+        forwarder = self.forwarder
+        jobs = DurableJobs(
+            cfg,
+            jobs_store(cfg),
+            forwarder.admission,
+            forwarder.attempts.sender,
+            self.scheme,
+            self.limiter,
+            self.clock,
+            self.metrics,
+        )
+        forwarder.jobs = jobs.gateway
+        self.metrics.watch_jobs(jobs.state)
+        return jobs
+
     def _scope_states(self) -> dict[str, ScopeState]:
         return {
             scope: ScopeState(
@@ -157,6 +186,9 @@ class ProxyService:
             "auth": self.scheme.status(),
             "limits": self.limiter.status(),
         }
+        if self.jobs is not None:
+            # Reported, not required: without the store the proxy still serves requests.
+            checks["jobs"] = self.jobs.status()
         if self.forwarder.draining:
             checks["shutdown"] = {"ok": False, "error": "draining: shutting down"}
         ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
@@ -195,6 +227,10 @@ class ProxyService:
             )
         await self.upstream.start()
         await self.limiter.start()
+        if self.jobs is not None:
+            # Before the listener: no job is acknowledged before the store is open, and
+            # what a previous process left running is settled before anything runs.
+            await self.jobs.start()
         await self._admin_runner.setup()
         admin = web.TCPSite(self._admin_runner, self.cfg.admin.host, self.cfg.admin.port)
         await admin.start()
@@ -223,7 +259,7 @@ class ProxyService:
         old = self.cfg
         restart = [
             name
-            for name in ("listen", "admin", "upstream")
+            for name in ("listen", "admin", "upstream", "jobs")
             if getattr(new, name) != getattr(old, name)
         ]
         fixed_limits = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
@@ -240,11 +276,14 @@ class ProxyService:
             listen=old.listen,
             admin=old.admin,
             upstream=old.upstream,
+            jobs=old.jobs,
             limits=dataclasses.replace(new.limits, **fixed_limits),
             auth=auth,
         )
         self.limiter.reconfigure(applied.limits, applied.queue)
         self.forwarder.reconfigure(applied)
+        if self.jobs is not None:
+            self.jobs.attempts.retries = applied.retry
         self.cfg = applied
         await self.scheme.reconfigure(auth)
         return restart
@@ -254,7 +293,14 @@ class ProxyService:
         answer the rest 503; revoke the session; close everything."""
         log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
         self.listener.stop_accepting()  # no new connections; idle ones closed
-        cut_off = await self.forwarder.drain.drain(self.cfg.shutdown_timeout)
+        grace = self.cfg.shutdown_timeout
+        if self.jobs is not None:
+            # Jobs under way get the same grace as requests; the rest stay stored.
+            cut_off, _ = await asyncio.gather(
+                self.forwarder.drain.drain(grace), self.jobs.stop(grace)
+            )
+        else:
+            cut_off = await self.forwarder.drain.drain(grace)
         if cut_off:
             log.warning("shutdown_cut_off_requests", count=cut_off)
         await self.listener.close()

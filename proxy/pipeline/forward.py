@@ -6,12 +6,18 @@ credentials, send, judge (attempts.py) → answer (relay.py). This module runs
 them in order, turns every ProxyError into the proxy's own answer, and writes
 one access line and the request metrics per request. Shutdown (drain.py)
 tracks the requests in the pipeline.
+
+Durable jobs (proxy/jobs), when enabled, hook in at two points through `Jobs`:
+requests to the job endpoints are theirs before admission (they check the
+client themselves), and a request that prefers `respond-async` is admitted and
+read like any other, then stored as a job instead of being sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import structlog
 
@@ -22,16 +28,39 @@ from proxy.observe.access_record import AccessRecord
 from proxy.observe.log import access as access_log
 from proxy.observe.log import body_text
 from proxy.observe.metrics import Metrics
-from proxy.pipeline.admission import AccessPolicy, Admission
+from proxy.pipeline.admission import AccessPolicy, Admission, Admitted
 from proxy.pipeline.attempts import Attempts
 from proxy.pipeline.drain import Drain
 from proxy.pipeline.outbound import read_request
 from proxy.pipeline.relay import Relay
+from proxy.schemes.base import Outbound
 
 log = structlog.get_logger("proxy.access")
 
 _SHUTTING_DOWN = "the proxy is shutting down; send the request again"
 _CUT_OFF = "the proxy shut down before this request could be served; send it again"
+
+
+class Jobs(Protocol):
+    """Durable jobs as the pipeline sees them (implemented in proxy/jobs/gateway.py)."""
+
+    def owns(self, raw_path: str) -> bool:
+        """The target is a job endpoint (the proxy's own, never forwarded)."""
+        ...
+
+    def wants(self, request: Request) -> bool:
+        """The request asks to become a job (Prefer: respond-async)."""
+        ...
+
+    async def serve(self, request: Request, rid: str, event: AccessRecord) -> tuple[int, int]:
+        """Answer a job endpoint request; returns (status, body bytes sent)."""
+        ...
+
+    async def submit(
+        self, request: Request, admitted: Admitted, out: Outbound, rid: str, event: AccessRecord
+    ) -> tuple[int, int]:
+        """Store an admitted, read request as a job and answer 202."""
+        ...
 
 
 class Forwarder:
@@ -42,12 +71,14 @@ class Forwarder:
         relay: Relay,
         metrics: Metrics,
         cfg: Config,
+        jobs: Jobs | None = None,
     ) -> None:
         self.admission = admission
         self.attempts = attempts
         self.relay = relay
         self.metrics = metrics
         self.drain = Drain()
+        self.jobs = jobs
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
@@ -111,6 +142,9 @@ class Forwarder:
         if self.drain.draining:
             # Stopping: a request on a kept-alive connection goes to another replica.
             raise ShuttingDown(_SHUTTING_DOWN, 1)
+        jobs = self.jobs
+        if jobs is not None and jobs.owns(request.raw_path):
+            return await jobs.serve(request, rid, event)
         admitted = self.admission.admit(request, started)
         target = admitted.target
         out = await read_request(
@@ -123,6 +157,8 @@ class Forwarder:
         if logging.log_bodies:
             event.request_body = body_text(out.body)
         out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
+        if jobs is not None and jobs.wants(request):
+            return await jobs.submit(request, admitted, out, rid, event)
         exchange = await self.attempts.run(out, admitted.scope, admitted.deadline, event)
         event.upstream_status = exchange.resp.status
         try:
