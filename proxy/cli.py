@@ -1,4 +1,4 @@
-"""Command line: `luxsci-proxy run | check | sandbox | demo`. No logic beyond wiring."""
+"""Command line: `luxsci-proxy run | check | jobs | sandbox | demo`. No logic beyond wiring."""
 
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ from proxy.config import (
     url_passwords,
     validate,
 )
+from proxy.jobs import operator as jobs_operator
+from proxy.jobs.errors import StoreError
 from proxy.observe import log as proxy_log
-from proxy.service import ProxyService
+from proxy.service import ProxyService, jobs_store
 
 log = structlog.get_logger("proxy.cli")
 
@@ -57,6 +59,10 @@ def _secrets_of(cfg: Config) -> list[str]:
         found.append(cfg.access.client_token.get())
     for password in url_passwords(cfg.limits.redis_url):
         found += [password, unquote(password)]
+    jobs = cfg.jobs
+    found += [key.get() for key in jobs.keys if key.get()]
+    if jobs.callback_secret is not None:
+        found.append(jobs.callback_secret.get())
     return found
 
 
@@ -136,6 +142,11 @@ async def serve(
             console.say(f"error: cannot start listeners: {e.strerror or e}", sys.stderr)
             await service.stop()
             return EXIT_RUNTIME
+        except StoreError as e:
+            # The jobs store cannot be opened (unwritable, in use by another process).
+            console.say(f"error: {e}", sys.stderr)
+            await service.stop()
+            return EXIT_RUNTIME
         if announce is not None:
             announce(service)
         if config_path:
@@ -183,6 +194,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     if console.say(f"# {path}: OK"):
         console.say(yaml.safe_dump(masked(cfg), sort_keys=False).rstrip())
     return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.action == "keygen":
+        return jobs_operator.keygen()
+    cfg = load(_config_path(args))
+    for warning in cfg.warnings:
+        console.say(f"warning: {warning}", sys.stderr)
+    path = jobs_store(cfg)
+    if not jobs_operator.exists(path):
+        return EXIT_RUNTIME
+    code: int = asyncio.run(jobs_operator.run(args, path, cfg.jobs.max_age, cfg.jobs.keep_results))
+    return code
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -258,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check", help="validate a config file and print it, secrets masked")
     check.add_argument("--config", help="YAML config file (default: $LUXSCI_PROXY_CONFIG)")
     check.set_defaults(func=cmd_check)
+
+    jobs = verbs.add_parser("jobs", help="list, show, cancel, retry or purge durable jobs")
+    jobs_operator.add_arguments(jobs)
+    jobs.set_defaults(func=cmd_jobs)
 
     sandbox = verbs.add_parser("sandbox", help="run the built-in LuxSci API simulator")
     sandbox_cli.add_arguments(sandbox)
