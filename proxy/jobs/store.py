@@ -157,6 +157,9 @@ class SqliteStore:
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        # Transactions committed, and operations they carried (group commit at work).
+        self.commits = 0
+        self.committed_ops = 0
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -249,6 +252,8 @@ class SqliteStore:
                 if not isinstance(e, Exception):
                     raise
                 continue
+            self.commits += 1
+            self.committed_ops += len(batch)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
