@@ -125,7 +125,9 @@ class Runner:
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._workers: list[asyncio.Task[None]] = []
-        self._busy: set[asyncio.Task[None]] = set()
+        # Workers whose job has gone out at least once in this run: only these are worth
+        # waiting for at shutdown (the others have sent nothing and just stay queued).
+        self._sending: set[asyncio.Task[None]] = set()
         self._stats = JobsState({}, None)
         self._store_ok = True
 
@@ -162,17 +164,18 @@ class Runner:
         return {"ok": self._store_ok, "queued": self._stats.by_state.get("queued", 0)}
 
     async def stop(self, grace: float) -> None:
-        """Take no new job; let jobs under way finish for `grace` seconds, then cut them
-        off (a cut-off job stays `running` and is settled at the next start)."""
+        """Take no new job; let jobs already sent finish for `grace` seconds, then cut them
+        off (a cut-off job stays `running` and is settled at the next start). Jobs that
+        have sent nothing yet (waiting for a permit) stop at once and stay queued."""
         self._stopping = True
         for task in self._loops:
             task.cancel()
         for task in self._workers:
-            if task not in self._busy:
+            if task not in self._sending:
                 task.cancel()
-        busy = [t for t in self._workers if not t.done()]
-        if busy:
-            _, pending = await asyncio.wait(busy, timeout=grace)
+        sending = [t for t in self._workers if not t.done() and t in self._sending]
+        if sending:
+            _, pending = await asyncio.wait(sending, timeout=grace)
             for task in pending:
                 task.cancel()
         for task in [*self._loops, *self._workers]:
@@ -184,8 +187,11 @@ class Runner:
     # -- the dispatcher ---------------------------------------------------------------------
 
     async def _sleep(self, event: asyncio.Event, seconds: float) -> None:
+        """Until `event` is set or `seconds` pass. Not `asyncio.wait_for`: on Python 3.11 it
+        loses a cancellation that arrives as the event is set, and the loop never ends."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, seconds))
+            async with asyncio.timeout(max(0.0, seconds)):
+                await event.wait()
         event.clear()
 
     async def _dispatch(self) -> None:
@@ -226,7 +232,6 @@ class Runner:
         assert me is not None
         while not self._stopping:
             job = await self._queue.get()
-            self._busy.add(me)
             try:
                 await self._run(job)
             except Exception:
@@ -234,7 +239,7 @@ class Runner:
                 # settled at the next start); the worker carries on.
                 log.exception("job_runner_error", job_id=job.id)
             finally:
-                self._busy.discard(me)
+                self._sending.discard(me)
                 self._claimed.discard(job.id)
                 self._nudge.set()
 
@@ -265,9 +270,14 @@ class Runner:
 
         async def before_send() -> None:
             nonlocal sent
+            if self._stopping:
+                raise _Withdrawn  # shutting down: nothing new goes out
             if not await self.store.mark_running(job.id, time.time()):
                 raise _Withdrawn
             sent = True
+            task = asyncio.current_task()
+            if task is not None:
+                self._sending.add(task)
 
         try:
             exchange = await self.attempts.run(
