@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import time
@@ -562,6 +563,18 @@ async def test_a_spent_day_budget_makes_jobs_wait_for_the_next_day_not_fail(
     waiting = await job(http, proxy.url, body["id"])
     assert waiting["state"] == "queued"
     assert "budget" in waiting["last_error"]
+    text = ""
+    for _ in range(40):  # the counts behind the gauges are taken every 2 s
+        text = await metrics(proxy)
+        if 'luxsci_proxy_jobs{state="queued"} 1.0' in text:
+            break
+        await asyncio.sleep(0.1)
+    assert 'luxsci_proxy_jobs{state="queued"} 1.0' in text
+    age = [ln for ln in text.splitlines() if ln.startswith("luxsci_proxy_jobs_oldest_queued")]
+    assert float(age[0].split()[-1]) > 0
+    ready, checks = proxy.service.readiness()
+    assert ready  # the jobs are reported, never required
+    assert checks["jobs"] == {"ok": True, "queued": 1}
     done = await until_done(http, proxy.url, body["id"], within=3 * day)
     assert done["state"] == "succeeded"
     assert time.time() - submitted > 1.0  # it waited for the day to turn
@@ -718,3 +731,19 @@ async def test_bodies_paths_and_keys_never_reach_the_disk_or_the_log_in_clear(
     logged = repr(logs)
     assert marker not in logged
     assert KEY not in logged and secret not in logged
+
+
+async def test_a_reload_keeps_the_jobs_section_and_says_it_needs_a_restart(
+    sandbox: SandboxServer, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
+    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path)
+    service = proxy.service
+    changed = dataclasses.replace(
+        service.cfg,
+        jobs=dataclasses.replace(service.cfg.jobs, max_age=5.0),
+        retry=dataclasses.replace(service.cfg.retry, max_attempts=2),
+    )
+    assert "jobs" in await service.reload(changed)
+    assert service.cfg.jobs.max_age == 7 * 86400
+    assert service.jobs is not None
+    assert service.jobs.attempts.retries.max_attempts == 2  # retry settings apply to jobs too
