@@ -5,14 +5,19 @@ limiter has lanes of its own, `BackgroundPermits` builds the background lane on
 today's `RateLimiter`:
 
 - it waits while the foreground line of the scope holds anyone;
-- it leaves the last tenth of each window's budget (at least one permit, when the
-  budget has two or more) to synchronous requests, so one that arrives while jobs
-  are draining a window still finds a permit at once instead of waiting for the
-  next window;
+- it paces jobs through the window: by a moment `t` into a window of `W` seconds
+  and `L` permits, jobs take a permit only while the window's count (everyone's)
+  is under `L * t / W`. Alone, jobs use the whole budget, one permit every `W / L`
+  seconds; with synchronous traffic they take only what it left unused so far.
+  So a window is never spent ahead of time by jobs: a synchronous request always
+  finds a permit, except in the window's last permit interval (then it waits for
+  the next window, at most that one interval). Taking every permit at the window's
+  start, as a waiting request does, would make a synchronous request that arrives
+  mid-window wait for the next window;
 - one job at a time per scope takes a permit, like any request.
 
 A synchronous request that arrives meanwhile lines up behind at most that one job:
-never delayed by more than one permit by queued jobs.
+never delayed by more than one permit interval by queued jobs.
 
 When the limiter gains lanes (`acquire(scope, deadline, front, lane)`), the body
 of `BackgroundPermits.acquire` becomes one call with `lane="background"`; nothing
@@ -32,8 +37,6 @@ from proxy.limits import RateLimiter
 # How often a job waiting behind synchronous requests looks again. Short against a
 # permit interval (a second at 60/minute); the cost is one length check per look.
 POLL_SECONDS = 0.05
-# The share of each window's budget jobs leave to synchronous requests.
-RESERVE_SHARE = 10
 
 
 class Permits(Protocol):
@@ -57,7 +60,7 @@ class BackgroundPermits:
                 if self.limiter.queue_depth(scope):
                     pause = self.poll
                 else:
-                    pause = self._reserved(scope)
+                    pause = self._paced(scope)
                     if pause <= 0:
                         break
                 if time.monotonic() + pause > deadline:
@@ -69,19 +72,20 @@ class BackgroundPermits:
             await self.limiter.acquire(scope, deadline)
         return time.monotonic() - started
 
-    def _reserved(self, scope: str) -> float:
-        """0 when jobs may take a permit of this window; else seconds until they may
-        look again (what is left of the window is the synchronous requests' reserve)."""
+    def _paced(self, scope: str) -> float:
+        """0 when a job may take a permit now; else seconds until the pace allows one."""
         limiter = self.limiter
         limit = limiter.buckets[scope].effective_limit
-        if limit < 2:
-            return 0.0  # nothing to share: a reserve would starve the jobs
+        windows = limiter.windows
         now = limiter.clock.now()
-        window = limiter.windows.index(now)
-        left = limit - limiter.backend.known_used(scope, window)
-        if left > max(1, limit // RESERVE_SHARE):
+        window = windows.index(now)
+        start = windows.end(window) - windows.length
+        used = limiter.backend.known_used(scope, window)
+        if used < limit * (now - start) / windows.length:
             return 0.0
-        return min(1.0, max(self.poll, limiter.windows.until_next(now)))
+        # When the pace line passes the count (or the next window begins).
+        due = min(start + used * windows.length / limit, windows.end(window))
+        return min(1.0, max(self.poll, due - now))
 
 
 class LanePermits:
