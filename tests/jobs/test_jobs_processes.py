@@ -212,7 +212,7 @@ async def test_the_jobs_cli_lists_shows_cancels_retries_and_purges(
 ) -> None:
     sandbox = await make_sandbox()
     # The proxy sends nothing (the sandbox delays its first POST for long): its jobs stay queued.
-    config, port, _ = write_config(tmp_path, sandbox.url, "  keep_results: 1\n", concurrency=1)
+    config, port, _ = write_config(tmp_path, sandbox.url, "  keep_results: 3\n", concurrency=1)
     log = tmp_path / "proxy.log"
     sandbox.sandbox.add_fault(method="POST", delay=30, times=1, path_prefix="/perl/api/v2/account/")
     proc = start(config, log)
@@ -244,12 +244,14 @@ async def test_the_jobs_cli_lists_shows_cancels_retries_and_purges(
             cancelled = cli("cancel", queued[0], "--config", str(config))
             assert cancelled.returncode == 0
             assert json.loads(cancelled.stdout)["state"] == "cancelled"
+            # The proxy sees it at once (before keep_results, 3 s here, purges it).
+            async with http.get(f"{base}{PREFIX}/{queued[0]}") as resp:
+                got = await resp.json()
+                assert got.get("state") == "cancelled", got
             refused = cli("cancel", running[0], "--config", str(config))
             assert refused.returncode == 1 and "running" in refused.stderr
             assert cli("retry", queued[1], "--config", str(config)).returncode == 1
 
-            async with http.get(f"{base}{PREFIX}/{queued[0]}") as resp:
-                assert (await resp.json())["state"] == "cancelled"
     finally:
         proc.send_signal(signal.SIGKILL)  # the POST in flight: outcome unknown
         proc.wait(timeout=10)
@@ -269,7 +271,7 @@ async def test_the_jobs_cli_lists_shows_cancels_retries_and_purges(
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the retried job did not run")
-        await asyncio.sleep(1.1)  # past keep_results
+        await asyncio.sleep(3.1)  # past keep_results
         purged = cli("purge", "--config", str(config))
         assert purged.returncode == 0
         assert "purged" in purged.stdout
