@@ -422,18 +422,27 @@ class SqliteStore:
         return await self._write(op)
 
     async def purge(self, before: float, states: frozenset[State] = TERMINAL) -> int:
-        """Delete jobs in `states` finished before `before`; returns how many."""
+        """Delete jobs in `states` finished before `before`; returns how many. In slices of
+        PURGE_SLICE rows, one transaction each: a day's worth of results must not hold
+        the writer (and every submission behind it) for seconds."""
         names = ", ".join(f"'{s.value}'" for s in sorted(states))
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                f"DELETE FROM jobs WHERE state IN ({names}) AND finished_at < ?", (before,)
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs "
+                f"WHERE state IN ({names}) AND finished_at < ? LIMIT {PURGE_SLICE})",
+                (before,),
             )
             # Recounted here: the operator's CLI may have deleted rows meanwhile too.
             self._rows = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
             return cur.rowcount
 
-        return await self._write(op)
+        total = 0
+        while (deleted := await self._write(op)) > 0:
+            total += deleted
+            if deleted < PURGE_SLICE:
+                break
+        return total
 
     # -- clients and operators ------------------------------------------------------------
 
@@ -570,6 +579,8 @@ class SqliteStore:
 
         await asyncio.get_running_loop().run_in_executor(self._writer_pool, run)
 
+
+PURGE_SLICE = 1000
 
 _UNKNOWN_AFTER_CRASH = (
     "the proxy stopped while this request was in flight; it may or may not have been "
