@@ -46,7 +46,7 @@ from proxy.jobs.errors import (
 from proxy.jobs.model import TERMINAL, Job, State, StoredAnswer, StoredRequest, aad
 from proxy.jobs.prefer import RESPOND_ASYNC, wants_async, without_async
 from proxy.jobs.seal import Sealer
-from proxy.jobs.store import NewJob, SqliteStore
+from proxy.jobs.store import JobStore, NewJob
 from proxy.observe.access_record import AccessRecord
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.admission import Admission, Admitted
@@ -96,7 +96,7 @@ class JobGateway:
     def __init__(
         self,
         cfg: JobsConfig,
-        store: SqliteStore,
+        store: JobStore,
         sealer: Sealer,
         admission: Admission,
         metrics: Metrics,

@@ -20,7 +20,7 @@ from typing import Any
 from proxy import console
 from proxy.jobs.errors import StoreError
 from proxy.jobs.model import TERMINAL, Job, State, iso
-from proxy.jobs.store import SqliteStore
+from proxy.jobs.store import JobStore, SqliteStore
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -94,7 +94,7 @@ async def run(args: argparse.Namespace, path: Path, max_age: float, keep_results
         await store.close()
 
 
-async def _act(store: SqliteStore, args: argparse.Namespace, max_age: float, keep: float) -> int:
+async def _act(store: JobStore, args: argparse.Namespace, max_age: float, keep: float) -> int:
     action = args.action
     now = time.time()
     if action == "list":

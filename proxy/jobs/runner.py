@@ -46,7 +46,7 @@ from proxy.jobs.callbacks import Deliverer, check_callback
 from proxy.jobs.errors import StoreError, UnreadableRecord
 from proxy.jobs.model import Job, State, StoredAnswer, StoredRequest, aad
 from proxy.jobs.seal import Sealer
-from proxy.jobs.store import SqliteStore
+from proxy.jobs.store import JobStore
 from proxy.observe.access_record import AccessRecord
 from proxy.observe.metrics import JobsState, Metrics
 from proxy.pipeline import retry
@@ -100,7 +100,7 @@ class Runner:
     def __init__(
         self,
         cfg: JobsConfig,
-        store: SqliteStore,
+        store: JobStore,
         sealer: Sealer,
         attempts: Attempts,
         scheme: AuthScheme,
