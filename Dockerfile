@@ -6,7 +6,8 @@
 
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# LICENSE: pyproject.toml names it in license-files, so the wheel cannot build without it.
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[speed]"
 

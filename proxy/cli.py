@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import os
 import secrets
@@ -11,9 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
-from urllib.parse import unquote
 
-import structlog
 import yaml
 
 from proxy import __version__, console
@@ -29,15 +28,12 @@ from proxy.config import (
     UpstreamConfig,
     load,
     masked,
-    url_passwords,
     validate,
 )
 from proxy.jobs import operator as jobs_operator
 from proxy.jobs.errors import StoreError
-from proxy.observe import log as proxy_log
-from proxy.service import ProxyService, jobs_store
-
-log = structlog.get_logger("proxy.cli")
+from proxy.observe.log import Logs, route_stdlib
+from proxy.service import ProxyService, jobs_store, make_logs
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -52,25 +48,12 @@ def _config_path(args: argparse.Namespace) -> str:
     return path
 
 
-def _secrets_of(cfg: Config) -> list[str]:
-    values = [cfg.auth.secret, cfg.auth.password, cfg.auth.api_key, cfg.auth.token]
-    found = [v.get() for v in values if v is not None]
-    if cfg.access.client_token is not None:
-        found.append(cfg.access.client_token.get())
-    for password in url_passwords(cfg.limits.redis_url):
-        found += [password, unquote(password)]
-    jobs = cfg.jobs
-    found += [key.get() for key in jobs.keys if key.get()]
-    if jobs.callback_secret is not None:
-        found.append(jobs.callback_secret.get())
-    return found
-
-
 class Signals:
     """SIGINT/SIGTERM ask to stop; SIGHUP calls `on_hangup` once set. Installed before
     start-up, so a stop requested during a slow first login is not lost."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: Logs) -> None:
+        self.log = logs.logger()
         self.stop = asyncio.Event()
         self.on_hangup: Callable[[], None] | None = None
         loop = asyncio.get_running_loop()
@@ -82,7 +65,7 @@ class Signals:
         if self.on_hangup is not None:
             self.on_hangup()
         else:
-            log.warning("config_reload_ignored", reason="still starting")
+            self.log.warning("config_reload_ignored", reason="still starting")
 
     def remove(self) -> None:
         loop = asyncio.get_running_loop()
@@ -96,6 +79,7 @@ class Reloader:
     def __init__(self, service: ProxyService, path: str) -> None:
         self.service = service
         self.path = path
+        self.log = service.logs.logger()
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -109,21 +93,22 @@ class Reloader:
             try:
                 new = load(self.path)
             except ConfigError as e:
-                log.error("config_reload_rejected", error=str(e), path=self.path)
+                self.log.error("config_reload_rejected", error=str(e), path=self.path)
+                self.service.reload_refused()  # luxsci_proxy_config_last_reload_successful 0
                 return
-            proxy_log.configure(new.logging.level, new.logging.format, _secrets_of(new))
-            restart = await self.service.reload(new)
-            log.info("config_reloaded", path=self.path, needs_restart=restart)
+            restart = await self.service.reload(new)  # logging settings included
+            self.log.info("config_reloaded", path=self.path, needs_restart=restart)
 
 
 async def serve(
     cfg: Config,
+    logs: Logs,
     announce: Callable[[ProxyService], None] | None = None,
     config_path: str | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (SIGHUP reloads `config_path`); `announce` runs once listening."""
-    signals = Signals()
-    service = ProxyService(cfg)
+    signals = Signals(logs)
+    service = ProxyService(cfg, logs=logs)
     try:
         starting = asyncio.create_task(service.start())
         stopping = asyncio.create_task(signals.stop.wait())
@@ -156,7 +141,7 @@ async def serve(
         return 0
     finally:
         signals.remove()
-        proxy_log.flush()
+        logs.flush()
 
 
 def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
@@ -176,11 +161,21 @@ def run_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
     return asyncio.run(main)
 
 
+def in_logs_context(logs: Logs, run: Callable[[], int]) -> int:
+    """Run the process (its event loop) in the service's log context: every event of the
+    process, third-party ones included, is rendered and redacted by `logs`."""
+    route_stdlib()
+    atexit.register(logs.flush)
+    return logs.context().run(run)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
     cfg = load(path)
-    proxy_log.configure(cfg.logging.level, cfg.logging.format, _secrets_of(cfg))
-    return run_loop(serve(cfg, config_path=path), cfg.event_loop)
+    logs = make_logs(cfg)
+    return in_logs_context(
+        logs, lambda: run_loop(serve(cfg, logs, config_path=path), cfg.event_loop)
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -216,10 +211,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _demo(port: int, admin_port: int) -> int:
+# The demo's logging: for people, at info.
+_DEMO_LOGGING = LoggingConfig(format="console")
+
+
+async def _demo(port: int, admin_port: int, token: str, secret: str, logs: Logs) -> int:
     from proxy.sandbox import SandboxConfig, start_sandbox
 
-    token, secret = "demo-" + secrets.token_hex(8), secrets.token_hex(24)
     sandbox = await start_sandbox(
         SandboxConfig(token=token, secret=secret), host="127.0.0.1", port=0
     )
@@ -227,14 +225,14 @@ async def _demo(port: int, admin_port: int) -> int:
         Config(
             listen=ListenConfig(port=port),
             admin=AdminConfig(port=admin_port),
-            upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True),
+            # The sandbox is on this machine: never sent through an HTTPS_PROXY of the shell's.
+            upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True, proxy=""),
             auth=AuthConfig(scheme="luxsci", token=Secret(token), secret=Secret(secret)),
             # A throw-away integration: no day count worth keeping on disk.
             limits=LimitsConfig(state_file=""),
-            logging=LoggingConfig(format="console"),
+            logging=_DEMO_LOGGING,
         )
     )
-    proxy_log.configure("info", "console", [secret])
 
     def banner(service: ProxyService) -> None:
         base = f"http://127.0.0.1:{service.port}"
@@ -256,13 +254,19 @@ Press Ctrl-C to stop.
         )
 
     try:
-        return await serve(cfg, announce=banner)
+        return await serve(cfg, logs, announce=banner)
     finally:
         await sandbox.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return asyncio.run(_demo(args.port, args.admin_port))
+    token, secret = "demo-" + secrets.token_hex(8), secrets.token_hex(24)
+    # Made before the sandbox's address is known (the config needs it), so the sandbox
+    # runs in the log context too.
+    logs = Logs(_DEMO_LOGGING.level, _DEMO_LOGGING.format, [secret])
+    return in_logs_context(
+        logs, lambda: asyncio.run(_demo(args.port, args.admin_port, token, secret, logs))
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import SplitResult, unquote_plus, urlsplit
 
 import yaml
 
@@ -57,6 +57,10 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+# A key whose empty string means something ("" = off), rather than "not set".
+KEEP_EMPTY: Mapping[str, bool] = types.MappingProxyType({"keep_empty": True})
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,23 @@ class UpstreamConfig:
     # Longest silence from the upstream (waiting for the response head or the next body bytes).
     read_timeout: float = 60.0
     pool_size: int = 100
+    # The most an answer's head may take: status line and header lines, 1xx interim heads
+    # included; also the cap on its trailer section. Past it: 502 upstream_bad_response.
+    max_header_bytes: int = 64 * 1024
+    # An HTTP proxy every connection goes through, as a CONNECT tunnel (the OAuth token
+    # endpoint's too): http://[user:password@]host:port. null: the environment's
+    # https_proxy / HTTPS_PROXY (http_proxy for an http:// url); "" or none: no proxy.
+    proxy: str | None = field(default=None, metadata=KEEP_EMPTY)
+    # Credentials for the proxy (Proxy-Authorization: Basic), instead of in the URL.
+    proxy_user: str | None = None
+    proxy_password: Secret | None = None
+    # Hosts reached without the proxy, in NO_PROXY's syntax; null: $no_proxy / $NO_PROXY.
+    no_proxy: str | None = field(default=None, metadata=KEEP_EMPTY)
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    # A name in proxy/schemes/registry.py (luxsci, bearer).
+    # A name in proxy/schemes/registry.py (luxsci, bearer, oauth2).
     scheme: str = "luxsci"
     token: Secret | None = None
     secret: Secret | None = None
@@ -111,12 +127,28 @@ class AuthConfig:
     # API document speaks of two cookies; its example and the public PHP client send only
     # the signature one (see PROTOCOL.md), so that stays the default.
     auth_cookie: bool = False
-    # How long the API honours an auth code, and how long before that we stop using one.
+    # How long the API honours an auth code, and how long before that we stop using one
+    # (oauth2: how long before an access token expires a new one is fetched).
     code_lifetime: float = 900.0
     refresh_margin: float = 60.0
     # Backoff between authentication attempts after a failure (seconds, doubling to the max).
     retry_min: float = 1.0
     retry_max: float = 60.0
+    # Scheme oauth2 (RFC 6749): the authorization server's token endpoint and our client.
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    scope: str | None = None
+    # Sent with token requests when set (an extension some servers need, e.g. Auth0).
+    audience: str | None = None
+    grant: Literal["client_credentials", "refresh_token"] = "client_credentials"
+    # grant refresh_token: the one to start from (a rotated one replaces it, see state_file).
+    refresh_token: Secret | None = None
+    client_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    # AES-256-GCM key(s) for the rotated refresh token on disk (LUXSCI_PROXY_STATE_KEY).
+    state_key: Secret | None = None
+    # Where the rotated refresh token is kept; default in the state directory; "" = memory only.
+    state_file: str | None = field(default=None, metadata=KEEP_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -151,7 +183,7 @@ class LimitsConfig:
     # Share of each limit one process may use alone while Redis is unreachable.
     fallback_share: float = 0.25
     # Where the memory backend keeps today's count across restarts ("" = do not keep it).
-    state_file: str | None = None
+    state_file: str | None = field(default=None, metadata=KEEP_EMPTY)
     # Requests in flight upstream at once, whatever the rate.
     max_inflight: int = 64
     # The API's fixed windows; shorter only for tests.
@@ -246,8 +278,17 @@ class Config:
 
 # Keys that may be given as `<key>_file` instead (a path whose content is the value).
 _FILE_KEYS = {
-    "auth": ("token", "secret", "password", "api_key"),
+    "auth": (
+        "token",
+        "secret",
+        "password",
+        "api_key",
+        "client_secret",
+        "refresh_token",
+        "state_key",
+    ),
     "access": ("client_token",),
+    "upstream": ("proxy_password",),
     "jobs": ("callback_secret", "keys"),
 }
 # Of those, the lists: their file holds one value per line (blank lines ignored).
@@ -257,10 +298,17 @@ _SECRET_KEYS = (
     "auth.secret",
     "auth.password",
     "auth.api_key",
+    "auth.client_secret",
+    "auth.refresh_token",
+    "auth.state_key",
     "access.client_token",
+    "upstream.proxy_password",
     "jobs.callback_secret",
     "jobs.keys",
 )
+# auth.state_key when the config gives none (nor a state_key_file).
+STATE_KEY_ENV = "LUXSCI_PROXY_STATE_KEY"
+STATE_DIR_ENV = "LUXSCI_PROXY_STATE_DIR"
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -317,8 +365,9 @@ def _read_secret_files(section: dict[str, Any], name: str) -> None:
             section[key] = text.rstrip("\r\n")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value (or an env-expanded string) to the field's declared type."""
+def _coerce(value: Any, tp: Any, key: str, keep_empty: bool = False) -> Any:
+    """Convert a YAML value (or an env-expanded string) to the field's declared type.
+    An empty string is "not set" (`${VAR:-}`), unless `keep_empty` (see KEEP_EMPTY)."""
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
@@ -331,7 +380,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
-        if value is None or value == "":
+        if value is None or (value == "" and not keep_empty):
             if type(None) in args:
                 return None
             raise ConfigError(f"{key}: a value is required")
@@ -386,7 +435,8 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
         raise ConfigError(f"{where}: unknown key (expected one of: {expected})")
     kwargs = {}
-    for name in names:
+    for f in dataclasses.fields(cls):
+        name = f.name
         if name not in data:
             continue
         sub = f"{key}.{name}" if key else name
@@ -394,7 +444,7 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], sub)  # type: ignore[arg-type]
         else:
-            kwargs[name] = _coerce(data[name], tp, sub)
+            kwargs[name] = _coerce(data[name], tp, sub, bool(f.metadata.get("keep_empty")))
     return cls(**kwargs)
 
 
@@ -419,32 +469,29 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
     _check_positive(cfg.shutdown_timeout, "shutdown_timeout")
     if cfg.listen.max_header_bytes < 1024:
         raise ConfigError("listen.max_header_bytes: must be at least 1024")
+    if cfg.upstream.max_header_bytes < 1024:
+        raise ConfigError("upstream.max_header_bytes: must be at least 1024")
     _check_positive(cfg.listen.max_connections, "listen.max_connections")
     _check_positive(cfg.listen.client_timeout, "listen.client_timeout")
     _validate_access(cfg.access)
 
-    up = urlsplit(cfg.upstream.url)
-    if up.scheme not in ("https", "http") or not up.hostname:
-        raise ConfigError(
-            f"upstream.url: must be an https:// URL such as https://rest.luxsci.com "
-            f"(got {cfg.upstream.url!r})"
-        )
-    if up.scheme == "http" and not cfg.upstream.allow_insecure:
-        raise ConfigError(
-            "upstream.url: plain http:// sends credentials in the clear; use https:// "
-            "or set upstream.allow_insecure: true (sandbox and tests only)"
-        )
-    if up.path not in ("", "/") or up.query or up.fragment or up.username or up.password:
+    up = _check_url(
+        cfg.upstream.url,
+        "upstream.url",
+        cfg.upstream.allow_insecure,
+        " such as https://rest.luxsci.com",
+    )
+    if up.path not in ("", "/") or up.query:
         raise ConfigError(
             "upstream.url: give only scheme, host and port (no path, query or credentials); "
             "request paths come from the client"
         )
-    try:
-        up.port  # noqa: B018 - urlsplit validates the port lazily
-    except ValueError:
-        raise ConfigError(f"upstream.url: invalid port in {cfg.upstream.url!r}") from None
     if cfg.upstream.ca_file is not None and not Path(cfg.upstream.ca_file).is_file():
         raise ConfigError(f"upstream.ca_file: no such file {cfg.upstream.ca_file!r}")
+    # Imported here, not at the top: it is built on this module.
+    from proxy import egress
+
+    egress.check(cfg.upstream)
 
     auth = cfg.auth
     # The scheme's own rules live with the scheme (imported here, not at the top: the
@@ -452,6 +499,9 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
     from proxy.schemes import registry
 
     registry.check(auth, registry.BUILT_IN if schemes is None else schemes)
+    if auth.token_url is not None:
+        # Another host than the API's, maybe, but the same rules: it is sent our secret.
+        _check_url(auth.token_url, "auth.token_url", cfg.upstream.allow_insecure)
     lim = cfg.limits
     for name in ("account_per_minute", "user_per_minute", "per_day", "max_inflight"):
         _check_positive(getattr(lim, name), f"limits.{name}")
@@ -549,6 +599,33 @@ def _validate_jobs(jobs: JobsConfig) -> None:
         raise ConfigError("jobs.callback_secret: use at least 16 characters")
 
 
+def _check_url(url: str, key: str, allow_insecure: bool, example: str = "") -> SplitResult:
+    """An http(s) URL credentials may be sent to: https unless allowed, no credentials of
+    its own (they would sit in the config unmasked), no fragment, a valid port."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"{key}: must be an https:// URL{example} (got {url!r})")
+    if parts.scheme == "http" and not allow_insecure:
+        raise ConfigError(
+            f"{key}: plain http:// sends credentials in the clear; use https:// "
+            "or set upstream.allow_insecure: true (sandbox and tests only)"
+        )
+    if parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{key}: no credentials or #fragment in the URL")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise ConfigError(f"{key}: invalid port in {url!r}") from None
+    return parts
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where state that outlives the process is kept: $LUXSCI_PROXY_STATE_DIR, else
+    ~/.local/state/luxsci-proxy (the XDG state directory's habit)."""
+    base = (os.environ if env is None else env).get(STATE_DIR_ENV)
+    return Path(base) if base else Path.home() / ".local/state/luxsci-proxy"
+
+
 def _validate_access(access: AccessConfig) -> None:
     for i, net in enumerate(access.allow_clients):
         try:
@@ -612,9 +689,30 @@ def parse(
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     if "warnings" in raw:
         raise ConfigError("warnings: unknown key")
-    expanded = _expand_all(raw, os.environ if env is None else env, "")
+    env = os.environ if env is None else env
+    expanded = _expand_all(raw, env, "")
+    auth = expanded.get("auth")
+    if (
+        STATE_KEY_ENV in env
+        and isinstance(auth, dict)
+        and auth.get("state_key") in (None, "")
+        and auth.get("state_key_file") is None
+    ):
+        # The state key may live in the environment without being named in the file.
+        auth["state_key"] = env[STATE_KEY_ENV]
     cfg = validate(_build(Config, expanded, ""), schemes)
+    _check_egress_env(cfg, env)
     return dataclasses.replace(cfg, warnings=tuple(_literal_secrets(raw)))
+
+
+def _check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
+    """The egress proxy of each origin the proxy calls, as its pool will choose it: a bad
+    HTTPS_PROXY (read when upstream.proxy is not set) stops start-up like a bad key."""
+    from proxy import egress
+
+    origins = [cfg.upstream.url] + ([cfg.auth.token_url] if cfg.auth.token_url else [])
+    for url in origins:
+        egress.choose(dataclasses.replace(cfg.upstream, url=url), env)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

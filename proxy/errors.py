@@ -6,14 +6,25 @@
     ├── ClientTimeout             408 client_timeout
     ├── BodyTooLarge              413 body_too_large
     ├── HeadersTooLarge           431 headers_too_large
+    ├── TransferCodingNotSupported 501 transfer_coding_not_supported
+    ├── HttpVersionNotSupported   505 http_version_not_supported
+    ├── JobNotFound               404 job_not_found           (durable jobs, proxy/jobs)
+    ├── JobNoResponse             404 job_no_response
+    ├── JobMethodNotAllowed       405 method_not_allowed
+    ├── JobNotDone                409 job_not_done
+    ├── JobNotCancellable         409 job_not_cancellable
+    ├── IdempotencyKeyReused      422 idempotency_key_reused
     ├── Unavailable               503, with Retry-After
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
     │   ├── DailyLimit            503 daily_limit
     │   ├── ShuttingDown          503 shutting_down
-    │   └── TooManyConnections    503 too_many_connections
+    │   ├── TooManyConnections    503 too_many_connections
+    │   ├── JobsFull              503 jobs_full
+    │   └── JobsUnavailable       503 jobs_unavailable
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
+        ├── UpstreamBadResponse   502 upstream_bad_response
         ├── UpstreamTimeout       504 upstream_timeout
         └── UpstreamAuthFailed    502 upstream_auth_failed
 
@@ -70,6 +81,20 @@ class HeadersTooLarge(ProxyError):
     reason = "headers_too_large"
 
 
+class TransferCodingNotSupported(ProxyError):
+    """A request body in a transfer coding other than chunked alone (RFC 9112 6.1)."""
+
+    status = 501
+    reason = "transfer_coding_not_supported"
+
+
+class HttpVersionNotSupported(ProxyError):
+    """A request line with an HTTP version other than 1.0 or 1.1 (RFC 9110 15.6.6)."""
+
+    status = 505
+    reason = "http_version_not_supported"
+
+
 class Unavailable(ProxyError):
     """The request cannot be served in time; `retry_after` says when to try again."""
 
@@ -105,6 +130,53 @@ class TooManyConnections(Unavailable):
     reason = "too_many_connections"
 
 
+class JobsFull(Unavailable):
+    """jobs.max_jobs jobs are stored: a new one is refused before anything is kept."""
+
+    reason = "jobs_full"
+
+
+class JobsUnavailable(Unavailable):
+    """The job store cannot take or give jobs (disk full, unwritable, unreadable)."""
+
+    reason = "jobs_unavailable"
+
+
+# -- the job endpoints (proxy/jobs/gateway.py) ------------------------------------------------
+
+
+class JobNotFound(ProxyError):
+    status = 404
+    reason = "job_not_found"
+
+
+class JobNoResponse(ProxyError):
+    """The job ended without an answer from the API (cancelled, expired, unknown, ...)."""
+
+    status = 404
+    reason = "job_no_response"
+
+
+class JobMethodNotAllowed(ProxyError):
+    status = 405
+    reason = "method_not_allowed"
+
+
+class JobNotDone(ProxyError):
+    status = 409
+    reason = "job_not_done"
+
+
+class JobNotCancellable(ProxyError):
+    status = 409
+    reason = "job_not_cancellable"
+
+
+class IdempotencyKeyReused(ProxyError):
+    status = 422
+    reason = "idempotency_key_reused"
+
+
 class UpstreamError(ProxyError):
     status = 502
     reason = "upstream_error"
@@ -113,6 +185,15 @@ class UpstreamError(ProxyError):
 class UpstreamUnreachable(UpstreamError):
     status = 502
     reason = "upstream_unreachable"
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered, but not with HTTP/1.1 the proxy can relay (unparseable,
+    a head or trailers over their cap, a framing it cannot pass on). Not retried: the
+    request reached the API, and the same server is likely to answer the same way."""
+
+    status = 502
+    reason = "upstream_bad_response"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -6,21 +6,24 @@ import asyncio
 import dataclasses
 import hashlib
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
+from urllib.parse import unquote
 
-import structlog
 from aiohttp import web
 
+from proxy import egress
 from proxy.clock import ServerClock
-from proxy.config import Config
+from proxy.config import Config, state_dir, url_passwords
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.jobs.durable import DurableJobs, store_path
 from proxy.limits import Backend, MemoryBackend, RateLimiter
 from proxy.observe.admin import create_admin_app
-from proxy.observe.metrics import Metrics, ScopeState, StateSources
+from proxy.observe.log import Logs
+from proxy.observe.metrics import Metrics, ReloadState, ScopeState, StateSources
 from proxy.pipeline.admission import AccessPolicy, Admission
 from proxy.pipeline.attempts import Attempts, Sender
 from proxy.pipeline.forward import Forwarder
@@ -28,7 +31,37 @@ from proxy.pipeline.inflight import Gate
 from proxy.pipeline.relay import Relay
 from proxy.schemes.registry import BUILT_IN, SchemeDeps, SchemeKind
 
-log = structlog.get_logger("proxy.app")
+T = TypeVar("T")
+
+
+def secrets_of(cfg: Config) -> list[str]:
+    """Every secret value in the config: the logs mask them wherever they appear."""
+    auth = cfg.auth
+    values = [
+        auth.secret,
+        auth.password,
+        auth.api_key,
+        auth.token,
+        auth.client_secret,
+        auth.refresh_token,
+        auth.state_key,
+    ]
+    found = [v.get() for v in values if v is not None]
+    if cfg.access.client_token is not None:
+        found.append(cfg.access.client_token.get())
+    for password in url_passwords(cfg.limits.redis_url):
+        found += [password, unquote(password)]
+    # The jobs' sealing keys and the callbacks' signing secret.
+    found += [key.get() for key in cfg.jobs.keys if key.get()]
+    if cfg.jobs.callback_secret is not None:
+        found.append(cfg.jobs.callback_secret.get())
+    # The egress proxy's credentials, the environment's (HTTPS_PROXY...) included.
+    return found + egress.secrets(cfg.upstream, os.environ)
+
+
+def make_logs(cfg: Config, stream: IO[str] | None = None) -> Logs:
+    """The logging of a service with this config (stream: stderr unless given)."""
+    return Logs(cfg.logging.level, cfg.logging.format, secrets_of(cfg), stream)
 
 
 def limits_key(cfg: Config) -> str:
@@ -37,12 +70,6 @@ def limits_key(cfg: Config) -> str:
         return cfg.limits.key
     basis = cfg.auth.token.get() if cfg.auth.token is not None else cfg.upstream.url
     return hashlib.sha256(basis.encode()).hexdigest()[:16]
-
-
-def state_dir() -> Path:
-    """Where the proxy keeps what must outlive it (the day's count, the jobs)."""
-    base = os.environ.get("LUXSCI_PROXY_STATE_DIR") or Path.home() / ".local/state/luxsci-proxy"
-    return Path(base)
 
 
 def state_file(cfg: Config, key: str) -> str | None:
@@ -89,10 +116,26 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 class ProxyService:
-    """The running proxy: listeners, upstream pool and auth session."""
+    """The running proxy: listeners, upstream pool, auth session and its logs.
 
-    def __init__(self, cfg: Config, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> None:
+    Its events go to `logs`, made from the config unless given (the CLI makes it
+    first, to run the whole event loop in its context). start, reload and stop run
+    in `logs.context()`, so what the components log from them, and from every task
+    and connection they start, goes there too.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        logs: Logs | None = None,
+        *,
+        schemes: Mapping[str, SchemeKind] = BUILT_IN,
+    ) -> None:
         self.cfg = cfg
+        self.logs = logs if logs is not None else make_logs(cfg)
+        self.log = self.logs.logger()
+        # The config this process started with is the first load that applied.
+        self.last_reload = ReloadState(successful=True, success_time=time.time())
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
         self.metrics = Metrics()
@@ -102,7 +145,13 @@ class ProxyService:
         )
         # The scheme is fixed for the life of the process (a reload cannot switch it).
         deps = SchemeDeps(
-            cfg.auth, self.upstream, self.clock, self.limiter, self.metrics, cfg.queue.max_wait
+            cfg.auth,
+            self.upstream,
+            self.clock,
+            self.limiter,
+            self.metrics,
+            cfg.queue.max_wait,
+            redact=self.logs.redactor.remember,
         )
         self.scheme = schemes[cfg.auth.scheme].build(deps)
         self.forwarder = self._pipeline(cfg)
@@ -115,6 +164,13 @@ class ProxyService:
                 daily_used=lambda: self.limiter.day_used_known(),
                 code_age=self.scheme.credential_age,
                 session_valid=self.scheme.valid,
+                daily_limit=lambda: self.cfg.limits.per_day,
+                code_lifetime=self._code_lifetime,
+                limits_fallback=lambda: bool(self.limiter.status().get("fallback")),
+                ready=lambda: self.readiness()[0],
+                queue_max_size=lambda: self.cfg.queue.max_size,
+                queue_max_wait=lambda: self.cfg.queue.max_wait,
+                reload=lambda: self.last_reload,
             )
         )
         listen = cfg.listen
@@ -148,6 +204,7 @@ class ProxyService:
             Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry),
             Relay(self.scheme, cfg.logging.log_bodies),
             self.metrics,
+            self.logs,
             cfg,
         )
 
@@ -178,6 +235,16 @@ class ProxyService:
             for scope, bucket in self.limiter.buckets.items()
         }
 
+    def _code_lifetime(self) -> float | None:
+        """auth.code_lifetime, for the schemes whose credential ages (luxsci)."""
+        if self.scheme.credential_age() is None:
+            return None
+        return float(self.cfg.auth.code_lifetime)
+
+    def reload_refused(self) -> None:
+        """A SIGHUP's config did not load: the old config stays, and the metrics say so."""
+        self.last_reload = dataclasses.replace(self.last_reload, successful=False)
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once logged in, while no later login failed and no drain is on; with a
         Redis backend also while Redis answers (admin.ready_requires_redis), though the
@@ -197,30 +264,37 @@ class ProxyService:
     def _warn_about_exposure(self) -> None:
         cfg = self.cfg
         for warning in cfg.warnings:
-            log.warning("config_warning", warning=warning)
+            self.log.warning("config_warning", warning=warning)
         loopback = cfg.listen.host in (
             "127.0.0.1",
             "::1",
             "localhost",
         ) or cfg.listen.host.startswith("127.")
         if not loopback and AccessPolicy(cfg.access).open_to_anyone:
-            log.warning(
+            self.log.warning(
                 "proxy_open_to_the_network",
                 listen=cfg.listen.host,
                 note="anyone who can reach this port acts with the integration's full rights: "
                 "set access.allow_clients and/or access.client_token, or listen on 127.0.0.1",
             )
         if cfg.upstream.url.startswith("http://"):
-            log.warning(
+            self.log.warning(
                 "upstream_not_encrypted",
                 upstream=cfg.upstream.url,
                 note="upstream.allow_insecure: credentials and data travel in the clear",
             )
 
+    def _in_context(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """`coro` as a task of this service's log context (see the class docstring)."""
+        return asyncio.get_running_loop().create_task(coro, context=self.logs.context())
+
     async def start(self) -> None:
+        await self._in_context(self._start())
+
+    async def _start(self) -> None:
         self._warn_about_exposure()
         if self.cfg.logging.log_bodies:
-            log.warning(
+            self.log.warning(
                 "log_bodies_enabled",
                 note="request and response bodies go to the log; they may hold protected "
                 "health information: turn logging.log_bodies off outside debugging",
@@ -239,12 +313,14 @@ class ProxyService:
         # of being refused, and /readyz says 503 until it has succeeded.
         self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port)
         await self.scheme.start()
-        log.info(
+        self.log.info(
             "proxy_started",
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             listen=f"{self.cfg.listen.host}:{self.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
             upstream=self.cfg.upstream.url,
+            # host:port only: the proxy's credentials are never logged.
+            egress=self.upstream.egress.where if self.upstream.egress else None,
             scheme=self.scheme.name,
             ready=self.readiness()[0],
         )
@@ -256,6 +332,17 @@ class ProxyService:
         the old login and start a new one. Listeners, the upstream, the limiter's
         backend and windows, and the auth scheme keep their old values.
         """
+        try:
+            restart = await self._in_context(self._reload(new))
+        except BaseException:
+            self.reload_refused()
+            raise
+        self.last_reload = ReloadState(successful=True, success_time=time.time())
+        return restart
+
+    async def _reload(self, new: Config) -> list[str]:
+        # Logging first, so the reload's own events follow the new settings.
+        self.logs.configure(new.logging.level, new.logging.format, secrets_of(new))
         old = self.cfg
         restart = [
             name
@@ -290,8 +377,11 @@ class ProxyService:
 
     async def stop(self) -> None:
         """Stop accepting; let in-flight and queued requests finish within shutdown_timeout,
-        answer the rest 503; revoke the session; close everything."""
-        log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
+        answer the rest 503; revoke the session; close everything; flush the log."""
+        await self._in_context(self._stop())
+
+    async def _stop(self) -> None:
+        self.log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
         self.listener.stop_accepting()  # no new connections; idle ones closed
         grace = self.cfg.shutdown_timeout
         if self.jobs is not None:
@@ -302,10 +392,11 @@ class ProxyService:
         else:
             cut_off = await self.forwarder.drain.drain(grace)
         if cut_off:
-            log.warning("shutdown_cut_off_requests", count=cut_off)
+            self.log.warning("shutdown_cut_off_requests", count=cut_off)
         await self.listener.close()
         await self.scheme.stop()
         await self._admin_runner.cleanup()
         await self.limiter.close()
         await self.upstream.close()
-        log.info("shutdown_complete")
+        self.log.info("shutdown_complete")
+        self.logs.flush()

@@ -51,7 +51,9 @@ class Kind(enum.Enum):
     OTHER = "other"  # anything else (and every path of a non-LuxSci API)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass pays object.__setattr__ per field, and a target is built
+# for every request. Nothing mutates one after parse().
+@dataclass(slots=True)
 class Target:
     path: str  # raw, up to the first '?', exactly as sent
     query: str  # raw, after the first '?'; "" when there is none
@@ -79,8 +81,17 @@ class Target:
         return "/".join(pieces)
 
 
+_NO_USERS: frozenset[str] = frozenset()
+
+
 def _classify(segments: tuple[str, ...]) -> tuple[Kind, str | None]:
-    if len(segments) <= _ROOT_LEN or tuple(s.lower() for s in segments[:_ROOT_LEN]) != API_ROOT:
+    if len(segments) <= _ROOT_LEN:
+        return Kind.OTHER, None
+    root = segments[:_ROOT_LEN]
+    # The exact spelling first: the common case, one tuple comparison.
+    if root != API_ROOT and (
+        segments[0].lower() != "perl" or segments[1].lower() != "api" or segments[2].lower() != "v2"
+    ):
         return Kind.OTHER, None
     area = segments[_ROOT_LEN].lower()
     if area == "auth" and len(segments) == _ROOT_LEN + 1:
@@ -151,11 +162,11 @@ def parse(raw_target: str, encoded_slashes: str = "keep") -> Target:
     if "%" in query and _BAD_ESCAPE.search(query):
         raise BadRequest("malformed percent-encoding in the query")
     kind, subject = _classify(segments)
-    users = {subject.lower()} if kind is Kind.USER and subject is not None else set()
+    users = frozenset((subject.lower(),)) if kind is Kind.USER and subject else _NO_USERS
     if "%" in path and _ENCODED_SLASH.search(path):
         # What the API would see if it decoded before routing.
         split = tuple(p for s in segments for p in _SLASHES.split(s))
         other_kind, other_subject = _classify(split)
         if other_kind is Kind.USER and other_subject is not None:
-            users.add(other_subject.lower())
-    return Target(path, query, bool(mark), segments, kind, subject, frozenset(users))
+            users = users | {other_subject.lower()}
+    return Target(path, query, bool(mark), segments, kind, subject, users)

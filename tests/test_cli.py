@@ -389,6 +389,10 @@ JOBS_KEYS = (
     "3v1Qy8H2mZ0rN6dW9cB4kT7sL5aP1xE3gJ0uR2oI8yM=",
 )
 CALLBACK_SECRET = "callback-secret-Hq3Zr8Lm"
+OAUTH_CLIENT_SECRET = "oauth-client-secret-Qw7Er"
+OAUTH_REFRESH_TOKEN = "oauth-refresh-token-Ty8Ui"
+STATE_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+PROXY_PASSWORD = "egress-proxy-Pw-5Gh2"
 ALL_SECRETS = (
     SECRET,
     TOKEN,
@@ -398,7 +402,17 @@ ALL_SECRETS = (
     CLIENT_TOKEN,
     *JOBS_KEYS,
     CALLBACK_SECRET,
+    OAUTH_CLIENT_SECRET,
+    OAUTH_REFRESH_TOKEN,
+    STATE_KEY,
+    PROXY_PASSWORD,
 )
+FULL_CONFIG_ENV = {
+    "TEST_API_KEY": API_KEY,
+    "TEST_CLIENT_TOKEN": CLIENT_TOKEN,
+    "TEST_CLIENT_SECRET": OAUTH_CLIENT_SECRET,
+    "TEST_STATE_KEY": STATE_KEY,
+}
 
 
 def write_full_config(tmp_path: Path) -> Path:
@@ -410,8 +424,12 @@ def write_full_config(tmp_path: Path) -> Path:
     keys_file.write_text("\n".join(JOBS_KEYS) + "\n")
     callback_file = tmp_path / "callback-secret"
     callback_file.write_text(CALLBACK_SECRET + "\n")
+    refresh_file = tmp_path / "refresh-token"
+    refresh_file.write_text(OAUTH_REFRESH_TOKEN + "\n")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # check reads no further than its name
+    proxy_password_file = tmp_path / "proxy-password"
+    proxy_password_file.write_text(PROXY_PASSWORD + "\n")
     path = tmp_path / "full.yaml"
     path.write_text(
         f"""
@@ -431,6 +449,11 @@ upstream:
   connect_timeout: 3
   read_timeout: 40
   pool_size: 10
+  max_header_bytes: 32768
+  proxy: http://proxy.internal:3128
+  proxy_user: svc-egress
+  proxy_password_file: {proxy_password_file}
+  no_proxy: .internal, 10.0.0.0/8
 auth:
   scheme: luxsci
   token: ${{LUXSCI_API_TOKEN}}
@@ -443,6 +466,16 @@ auth:
   refresh_margin: 30
   retry_min: 2
   retry_max: 20
+  token_url: https://auth.example.com/oauth/token
+  client_id: luxsci-proxy
+  client_secret: ${{TEST_CLIENT_SECRET}}
+  scope: read write
+  audience: https://api.example.com/
+  grant: refresh_token
+  refresh_token_file: {refresh_file}
+  client_auth: client_secret_post
+  state_key: ${{TEST_STATE_KEY}}
+  state_file: {tmp_path}/oauth2.state
 access:
   allow_clients: [127.0.0.1/32, 10.1.2.0/24]
   client_token: ${{TEST_CLIENT_TOKEN}}
@@ -528,8 +561,7 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
         env=env_with(
             LUXSCI_API_TOKEN=TOKEN,
             LUXSCI_API_SECRET=SECRET,
-            TEST_API_KEY=API_KEY,
-            TEST_CLIENT_TOKEN=CLIENT_TOKEN,
+            **FULL_CONFIG_ENV,
         ),
     )
     assert result.returncode == 0, result.stderr
@@ -542,8 +574,18 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     for section, names in expected.items():
         if section:
             assert set(printed[section]) == names, section
-    for key in ("token", "secret", "password", "api_key"):
+    for key in (
+        "token",
+        "secret",
+        "password",
+        "api_key",
+        "client_secret",
+        "refresh_token",
+        "state_key",
+    ):
         assert printed["auth"][key] == "********"
+    assert printed["auth"]["client_id"] == "luxsci-proxy"
+    assert printed["auth"]["grant"] == "refresh_token"
     assert printed["auth"]["user"] == USER
     assert printed["auth"]["auth_cookie"] is True
     assert printed["access"]["client_token"] == "********"
@@ -564,6 +606,10 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["jobs"]["keys"] == ["********", "********"]
     assert printed["jobs"]["callback_secret"] == "********"
     assert printed["jobs"]["callback_allow"] == ["https://app.internal/hooks/"]
+    assert printed["upstream"]["proxy"] == "http://proxy.internal:3128"
+    assert printed["upstream"]["proxy_user"] == "svc-egress"
+    assert printed["upstream"]["proxy_password"] == "********"
+    assert printed["upstream"]["no_proxy"] == ".internal, 10.0.0.0/8"
 
 
 def _closed_pipe() -> int:
@@ -615,8 +661,7 @@ def test_check_piped_into_head_prints_the_verdict_and_exits_0(tmp_path: Path) ->
         env=env_with(
             LUXSCI_API_TOKEN=TOKEN,
             LUXSCI_API_SECRET=SECRET,
-            TEST_API_KEY=API_KEY,
-            TEST_CLIENT_TOKEN=CLIENT_TOKEN,
+            **FULL_CONFIG_ENV,
         ),
     )
     first, exit_line = result.stdout.splitlines()

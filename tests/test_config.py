@@ -59,6 +59,7 @@ def test_env_values_are_not_parsed_as_yaml() -> None:
         ("upstream: {url: 'http://127.0.0.1:1'}", r"^upstream\.url: plain http://"),
         ("upstream: {url: 'https://h/perl'}", r"^upstream\.url: give only scheme"),
         ("upstream: {ca_file: /nope.pem}", r"^upstream\.ca_file: no such file"),
+        ("upstream: {max_header_bytes: 512}", r"^upstream\.max_header_bytes: must be at least"),
         ("auth: {scheme: basic}", r"^auth\.scheme: must be one of luxsci, bearer"),
         ("auth: {user: joe@example.com}", r"^auth\.password: auth\.user and auth\.password"),
         ("auth: {refresh_margin: 1000}", r"^auth\.refresh_margin"),
@@ -206,3 +207,118 @@ def test_limits_queue_and_retry_are_validated() -> None:
         parse(MINIMAL + "queue: {max_wait: 0}", ENV)
     with pytest.raises(ConfigError, match=r"^retry\.backoff_max"):
         parse(MINIMAL + "retry: {backoff_base: 2, backoff_max: 1}", ENV)
+
+
+def test_an_empty_state_file_in_the_file_turns_it_off_rather_than_meaning_the_default() -> None:
+    # "" is documented as "off"; it once read as unset, and the default file was written.
+    assert parse(MINIMAL + 'limits: {state_file: ""}\n', ENV).limits.state_file == ""
+    assert parse(MINIMAL + "limits: {state_file: '${NONE:-}'}\n", ENV).limits.state_file == ""
+    assert parse(MINIMAL + "limits: {state_file: null}\n", ENV).limits.state_file is None
+    # Other optional strings still read "" as not set (`${VAR:-}`).
+    assert parse(MINIMAL + "upstream: {ca_file: ''}\n", ENV).upstream.ca_file is None
+
+
+# -- scheme oauth2 ------------------------------------------------------------------------
+
+OAUTH = """
+auth:
+  scheme: oauth2
+  token_url: https://auth.example.com/oauth/token
+  client_id: app
+  client_secret: ${CLIENT_SECRET}
+"""
+OAUTH_ENV = {"CLIENT_SECRET": "cs-123456"}
+STATE_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+
+
+def test_oauth2_client_credentials_minimal() -> None:
+    auth = parse(OAUTH, OAUTH_ENV).auth
+    assert (auth.grant, auth.client_auth, auth.refresh_margin) == (
+        "client_credentials",
+        "client_secret_basic",
+        60.0,
+    )
+    assert auth.client_secret == Secret("cs-123456")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("  token_url: https://auth.example.com/oauth/token\n", ""),
+            r"^auth\.token_url: required",
+        ),
+        (("  client_id: app\n", ""), r"^auth\.client_id: required"),
+        (("  client_secret: ${CLIENT_SECRET}\n", ""), r"^auth\.client_secret: required"),
+        (("https://auth", "http://auth"), r"^auth\.token_url: plain http://"),
+        (
+            ("https://auth.example.com", "https://u:p@auth.example.com"),
+            r"^auth\.token_url: no cred",
+        ),
+        (("/oauth/token", "/oauth/token#x"), r"^auth\.token_url: no credentials or #fragment"),
+        (("https://auth", "ftp://auth"), r"^auth\.token_url: must be an https:// URL"),
+        (("client_id: app", "client_id: app\n  auth_cookie: true"), r"^auth\.auth_cookie: applies"),
+        (("client_id: app", "client_id: app\n  grant: password"), r"^auth\.grant: must be one of"),
+        (("client_id: app", "client_id: app\n  client_auth: jwt"), r"^auth\.client_auth: must be"),
+        (("client_id: app", "client_id: app\n  refresh_token: rt"), r"^auth\.refresh_token: only"),
+        (
+            ("client_id: app", "client_id: app\n  refresh_margin: -1"),
+            r"^auth\.refresh_margin: must",
+        ),
+        (
+            ("client_id: app", "client_id: app\n  grant: refresh_token"),
+            r"^auth\.refresh_token: requi",
+        ),
+        (("client_id: app", 'client_id: "a\\nb"'), r"^auth\.client_id: contains a control"),
+    ],
+)
+def test_oauth2_config_errors_name_the_key(change: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(OAUTH.replace(*change), OAUTH_ENV)
+
+
+def test_oauth2_plain_http_token_url_with_allow_insecure() -> None:
+    text = (
+        OAUTH.replace("https://auth", "http://auth")
+        + "upstream: {url: 'http://api', allow_insecure: true}\n"
+    )
+    assert parse(text, OAUTH_ENV).auth.token_url == "http://auth.example.com/oauth/token"
+
+
+def test_oauth2_refresh_grant_needs_a_state_key_unless_kept_in_memory() -> None:
+    refresh = OAUTH + "  grant: refresh_token\n  refresh_token: ${RT}\n"
+    env = {**OAUTH_ENV, "RT": "rt-0001"}
+    with pytest.raises(
+        ConfigError, match=r"^auth\.state_key: required with auth\.grant: refresh_token"
+    ):
+        parse(refresh, env)
+    assert parse(refresh + '  state_file: ""\n', env).auth.state_file == ""
+    cfg = parse(refresh + "  state_key: ${KEY}\n", {**env, "KEY": STATE_KEY})
+    assert cfg.auth.state_key == Secret(STATE_KEY)
+    with pytest.raises(ConfigError, match=r"^auth\.state_key: each key must be 32 random bytes"):
+        parse(refresh + "  state_key: ${KEY}\n", {**env, "KEY": "too-short"})
+    # The key may live in the environment alone.
+    cfg = parse(refresh, {**env, "LUXSCI_PROXY_STATE_KEY": STATE_KEY})
+    assert cfg.auth.state_key == Secret(STATE_KEY)
+
+
+def test_oauth2_secrets_from_files_and_never_literal_without_a_warning(tmp_path: Path) -> None:
+    for name, value in (("cs", "cs-from-file"), ("rt", "rt-from-file"), ("key", STATE_KEY)):
+        (tmp_path / name).write_text(value + "\n")
+    text = f"""
+auth:
+  scheme: oauth2
+  token_url: https://auth.example.com/oauth/token
+  client_id: app
+  client_secret_file: {tmp_path / "cs"}
+  grant: refresh_token
+  refresh_token_file: {tmp_path / "rt"}
+  state_key_file: {tmp_path / "key"}
+"""
+    auth = parse(text, {}).auth
+    assert auth.client_secret == Secret("cs-from-file")
+    assert auth.refresh_token == Secret("rt-from-file")
+    assert auth.state_key == Secret(STATE_KEY)
+    literal = parse(OAUTH.replace("${CLIENT_SECRET}", "literal-secret"), {})
+    assert any(w.startswith("auth.client_secret: a literal secret") for w in literal.warnings)
+    assert "literal-secret" not in repr(literal)

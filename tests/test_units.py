@@ -25,8 +25,8 @@ from proxy.http.headers import (
     upstream_block,
 )
 from proxy.limits import Windows
-from proxy.observe import log as proxy_log
 from proxy.observe.access_record import AccessRecord
+from proxy.observe.log import Logs, route_stdlib
 from proxy.pipeline.outbound import prepare_body
 from proxy.schemes.luxsci.session import AuthCode, LuxSciSession
 from proxy.target import parse as parse_target
@@ -165,36 +165,47 @@ def test_unreadable_date_headers_are_ignored() -> None:
 
 
 @pytest.fixture
-def rendered_log() -> Iterator[io.StringIO]:
-    """Configure the real logging chain, rendering into a buffer."""
+def rendered_log() -> Iterator[tuple[Logs, io.StringIO]]:
+    """The real logging chain, rendering into a buffer, with stdlib records routed to it."""
     stream = io.StringIO()
-    proxy_log.configure(
-        "debug", "json", ["the-secret-key", "pw-123456", 'q"uote\\d'], stream=stream
-    )
-    yield stream
-    proxy_log.reset()
+    logs = Logs("debug", "json", ["the-secret-key", "pw-123456", 'q"uote\\d'], stream=stream)
+    root = logging.getLogger()
+    level = root.level
+    handler = route_stdlib()
+    yield logs, stream
+    root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
-    rendered_log: io.StringIO,
+    rendered_log: tuple[Logs, io.StringIO],
 ) -> None:
-    logger = structlog.get_logger("careless")
-    logger.info(
-        "oops",
-        note="key is the-secret-key",
-        header=f"signature={CODE}:abcdef0123",
-        bearer="Authorization: Bearer abc.def.ghi",
-        password="pw-123456",
-        nested={"auth": CODE, "ok": 1},
-        code_in_text=f"got {CODE} back",
+    logs, stream = rendered_log
+
+    def log_carelessly() -> None:
+        # A module-level logger, as most modules have: it logs to the context's Logs.
+        logger = structlog.get_logger("careless")
+        logger.info(
+            "oops",
+            note="key is the-secret-key",
+            header=f"signature={CODE}:abcdef0123",
+            bearer="Authorization: Bearer abc.def.ghi",
+            password="pw-123456",
+            nested={"auth": CODE, "ok": 1},
+            code_in_text=f"got {CODE} back",
+        )
+        try:
+            raise RuntimeError("failed with the-secret-key")
+        except RuntimeError:
+            logger.exception("boom")
+        logging.getLogger("aiohttp.server").error("stdlib says pw-123456")
+
+    logs.context().run(log_carelessly)
+    # A logger bound to the Logs itself, used outside its context.
+    logs.logger().info(
+        "escaped", value='a q"uote\\d b', body='{"auth":"opaque-code-x","success":1}'
     )
-    try:
-        raise RuntimeError("failed with the-secret-key")
-    except RuntimeError:
-        logger.exception("boom")
-    logging.getLogger("aiohttp.server").error("stdlib says pw-123456")
-    logger.info("escaped", value='a q"uote\\d b', body='{"auth":"opaque-code-x","success":1}')
-    text = rendered_log.getvalue()
+    text = stream.getvalue()
     for leaked in (
         "the-secret-key",
         "pw-123456",
@@ -214,17 +225,22 @@ def test_redaction_masks_secrets_codes_cookies_and_sensitive_keys(
 
 
 def test_an_auth_cookie_in_a_logged_line_is_masked_whatever_the_code_looks_like(
-    rendered_log: io.StringIO,
+    rendered_log: tuple[Logs, io.StringIO],
 ) -> None:
     # auth.auth_cookie sends `auth=<code>`; a code of another shape than the sandbox's
     # (the API does not promise one) must still never reach the log.
+    logs, stream = rendered_log
     opaque = "OpaqueCode_7Kq2"
-    logger = structlog.get_logger("careless")
-    logger.debug("sent", header=f"theme=dark; auth={opaque}; signature={opaque}:ab12")
-    logger.debug("sent", note=f"Cookie: auth={opaque}", path=f"/x?auth={opaque}&oauth=keep")
-    logging.getLogger("aiohttp.client").warning("cookie auth=%s;x=1", opaque)
-    proxy_log.flush()
-    text = rendered_log.getvalue()
+
+    def log_carelessly() -> None:
+        logger = structlog.get_logger("careless")
+        logger.debug("sent", header=f"theme=dark; auth={opaque}; signature={opaque}:ab12")
+        logger.debug("sent", note=f"Cookie: auth={opaque}", path=f"/x?auth={opaque}&oauth=keep")
+        logging.getLogger("aiohttp.client").warning("cookie auth=%s;x=1", opaque)
+
+    logs.context().run(log_carelessly)
+    logs.flush()
+    text = stream.getvalue()
     assert opaque not in text
     events = [json.loads(line) for line in text.splitlines()]
     assert events[0]["header"] == "theme=dark; auth=[REDACTED]; signature=[REDACTED]"
@@ -308,19 +324,53 @@ def test_a_window_end_guard_is_half_a_second_or_the_clock_uncertainty() -> None:
 
 
 def test_the_access_line_masks_secrets_and_codes_in_what_the_client_sent(
-    rendered_log: io.StringIO,
+    rendered_log: tuple[Logs, io.StringIO],
 ) -> None:
+    logs, stream = rendered_log
     code = "7-1700000000-" + "ab" * 16
     record = AccessRecord(
         "r", "GET", path=f"/perl/api/v2/x/the-secret-key/{code}", error_message='q"uote\\d'
     )
-    proxy_log.access(record)
-    proxy_log.flush()
-    text = rendered_log.getvalue()
+    logs.access(record)
+    logs.flush()
+    text = stream.getvalue()
     line = json.loads(text)
     assert "the-secret-key" not in text and code not in text and "uote" not in text
     assert line["path"] == "/perl/api/v2/x/[REDACTED]/[REDACTED]"
     assert line["event"] == "request" and line["level"] == "info"
+
+
+def test_the_access_line_is_written_in_its_fixed_order_and_format() -> None:
+    record = AccessRecord(
+        "r1",
+        "POST",
+        path="/caf\u00e9",
+        scope="user",
+        bytes_in=12,
+        request_body="{}",
+        attempts=2,
+        queue_wait=0.0015,
+        upstream_time=0.25,
+        upstream_status=200,
+        response_body="ok",
+        error="e",
+        error_message="m",
+        status=201,
+        bytes_out=34,
+        total_time=1,
+    )
+    assert record.json("T") == (
+        '{"request_id": "r1", "method": "POST", "path": "/caf\\u00e9", "scope": "user", '
+        '"bytes_in": 12, "request_body": "{}", "attempts": 2, "queue_wait_ms": 1.50, '
+        '"upstream_ms": 250.00, "upstream_status": 200, "response_body": "ok", "error": "e", '
+        '"error_message": "m", "status": 201, "bytes_out": 34, "total_ms": 1000.00, '
+        '"event": "request", "level": "info", "timestamp": "T"}'
+    )
+    assert AccessRecord("r2", "GET", total_time=0.5).fields() == {
+        "request_id": "r2",
+        "method": "GET",
+        "total_ms": 500.0,
+    }
 
 
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=40)

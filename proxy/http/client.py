@@ -6,9 +6,16 @@ A small client on asyncio protocols and httptools' C parser, not aiohttp's
 the hot path that work cost more than everything else the proxy does (bench/
 ANALYSIS.md: ~140 µs of ~230 µs per request for a bare aiohttp proxy).
 
-Only `upstream.url` is ever contacted. Callers pass the raw path and query,
+Only `upstream.url` is ever contacted (through a CONNECT tunnel when an egress proxy
+is configured: tunnel.py). Callers pass the raw path and query,
 which go on the wire byte-for-byte, so what the signer signed is exactly what
 the server sees. Callers only ever see ProxyError subclasses.
+
+One request gets one answer, framed by RFC 9112 and nothing else: 1xx interim
+answers are skipped; the head (1xx heads included) and the trailer section are
+capped at `upstream.max_header_bytes`; trailers are dropped, never merged into
+the head; whatever follows the end of the answer (a second answer, junk, bytes
+after a 204) is never parsed as part of it, and the connection is discarded.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import ssl
+from collections.abc import Mapping
 from types import TracebackType
 from typing import cast
 from urllib.parse import urlsplit
@@ -25,7 +34,9 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import UpstreamConfig
-from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.egress import choose as choose_egress
+from proxy.errors import ProxyError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from proxy.http import tunnel
 from proxy.http.headers import decode_headers
 
 # Request bodies go out in pieces this size, each after the socket buffer has drained.
@@ -37,6 +48,11 @@ _BUFFER_HIGH = 256 * 1024
 IDLE_TIMEOUT = 15.0
 # Requests that carry a body by their nature: these send `Content-Length: 0` when empty.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop httptools mid-buffer: what follows is not this
+    exchange's to parse (a second answer; bytes after the head of a HEAD answer)."""
 
 
 class ConnectFailed(UpstreamUnreachable):
@@ -134,6 +150,11 @@ class _Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # RFC 9112 6.3: Transfer-Encoding overrides Content-Length. llhttp refuses the pair
+        # outright; this lets it frame such an answer by Transfer-Encoding, and the
+        # connection is then not reused (on_headers_complete).
+        self.parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self.max_head = pool.cfg.max_header_bytes
         self.closed = False
         self.idle_since = 0.0
         # Exchanges completed on this connection, and when the current request went out.
@@ -142,6 +163,17 @@ class _Connection(asyncio.Protocol):
         # The request under way.
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._head_only = False
+        # The answer's head is still to come, and what it (with any 1xx heads) has taken.
+        self._in_head = False
+        self._head_bytes = 0
+        # Bytes of reads in a row that carried no body data: the trailer section, or chunk
+        # framing. httptools gathers a trailer field whole before it reports it, so this
+        # bounds one endless field; _trailer_bytes sums the fields it reports.
+        self._quiet = 0
+        self._trailer_bytes = 0
+        # The framing was doubtful (Transfer-Encoding with Content-Length, or in HTTP/1.0):
+        # the answer is read as Transfer-Encoding says, and the connection never reused.
+        self._no_reuse = False
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._body: collections.deque[bytes] = collections.deque()
@@ -168,16 +200,72 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None:
-            self.close()  # bytes nobody asked for: the connection's state is unknown
+        if self._head is None or self._complete:
+            # Bytes nobody asked for, or after the end of the answer (a second answer, junk,
+            # a body after a 204): the connection's state is unknown, so it is never reused.
+            # An answer already complete stands; its body is buffered.
+            self.close()
             return
         self._last_data = self.loop.time()
         try:
+            if self._in_head:
+                if len(data) > self.max_head - self._head_bytes:
+                    self._feed_past_cap(data)
+                    return
+                self._head_bytes += len(data)
+                self.parser.feed_data(data)
+                return
+            buffered = self._buffered
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail(UpstreamUnreachable(f"{self.pool.where} sent an invalid HTTP response"))
+            if self._buffered != buffered:
+                self._quiet = 0
+            else:
+                self._quiet += len(data)
+                if self._quiet > self.max_head:
+                    raise self._trailers_too_large()
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamUnreachable(f"{self.pool.where} switched protocols unasked"))
+            self._fail(UpstreamBadResponse(f"{self.pool.where} switched protocols unasked"))
+        except httptools.HttpParserError as e:
+            self._parse_error(e)
+        except ProxyError as e:
+            self._fail(e)
+
+    def _feed_past_cap(self, data: bytes) -> None:
+        """A read that takes the answer past the head's cap: the head must end within it.
+        Fed in two parts (views, no copies), so the parser never holds more of a head."""
+        room = self.max_head - self._head_bytes
+        view = memoryview(data)
+        self._head_bytes = self.max_head
+        self.parser.feed_data(view[:room])
+        if self._in_head:
+            raise UpstreamBadResponse(
+                f"{self.pool.where} sent an answer head over {self.max_head} bytes "
+                "(upstream.max_header_bytes)"
+            )
+        if self._complete:
+            self.close()  # a whole bodiless answer, then more: see data_received
+            return
+        self.parser.feed_data(view[room:])
+
+    def _trailers_too_large(self) -> UpstreamBadResponse:
+        return UpstreamBadResponse(
+            f"{self.pool.where} sent trailers (or chunk framing) over {self.max_head} bytes "
+            "(upstream.max_header_bytes)"
+        )
+
+    def _parse_error(self, error: httptools.HttpParserError) -> None:
+        if self._complete:
+            # The answer ended before what the parser stopped at (a second answer, junk):
+            # the answer stands, the connection goes.
+            self.close()
+            return
+        cause = error.__context__  # what a callback of ours raised, if one did
+        if isinstance(cause, ProxyError):
+            self._fail(cause)
+        else:
+            self._fail(
+                UpstreamBadResponse(f"{self.pool.where} sent an invalid HTTP response ({error})")
+            )
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -214,28 +302,56 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A second answer to one request, in the same read: never merged into the
+            # first (RFC 9112 9.3: answers arrive in request order, one each).
+            raise _Stop
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        if self._in_head:
+            self._raw_headers.append((name, value))
+        else:
+            # httptools reports trailer fields as headers. They are counted and dropped,
+            # never merged into the head (RFC 9110 6.5.1, RFC 9112 7.1.2; nginx drops them).
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self.max_head:
+                raise self._trailers_too_large()
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if status < 200:
-            # 1xx interim answers (we never ask for them) are skipped.
+        if 100 <= status < 200:
+            # 1xx interim answers (100 Continue, 103 Early Hints; we never ask for them)
+            # are skipped. Their bytes count towards the head's cap, so an endless run of
+            # them is refused like an endless head.
             self._raw_headers = []
             self._reason = b""
             return
+        version = self.parser.get_http_version()
+        if status > 599 or status < 100 or version[:2] != "1.":
+            # RFC 9110 15: three digits, 100-599; llhttp also takes HTTP/0.9 and 2.0 lines.
+            raise UpstreamBadResponse(
+                f"{self.pool.where} sent an invalid status line (HTTP/{version} {status})"
+            )
+        self._in_head = False
         headers = CIMultiDict(decode_headers(self._raw_headers))
         length_text = headers.get("Content-Length")
-        length = int(length_text) if length_text is not None and length_text.isdigit() else None
-        self._eof_body = (
-            length is None
-            and "chunked" not in headers.get("Transfer-Encoding", "").lower()
-            and status not in (204, 304)
-            and not self._head_only
-        )
+        has_body = status not in (204, 304) and not self._head_only
+        coded = "Transfer-Encoding" in headers
+        if coded:
+            codings = headers.getall("Transfer-Encoding")
+            if has_body and (len(codings) != 1 or codings[0].lower() != "chunked"):
+                self._check_transfer_coding(codings)
+            # RFC 9112 6.1, 6.3: Transfer-Encoding wins over Content-Length; the pair, or
+            # Transfer-Encoding in HTTP/1.0, is faulty framing: close after this answer.
+            length = None
+            self._no_reuse = length_text is not None or version == "1.0"
+        else:
+            length = int(length_text) if length_text is not None and length_text.isdigit() else None
+        self._eof_body = length is None and not coded and has_body
         response = UpstreamResponse(
             self,
             status,
@@ -245,7 +361,6 @@ class _Connection(asyncio.Protocol):
             self._raw_headers,
         )
         if self._head_only:
-            # The parser cannot be told a HEAD answer has no body: end here, never reuse.
             self._complete = True
             self._expecting = False
         # An answer before the whole body was sent (say 413) ends the upload.
@@ -253,6 +368,19 @@ class _Connection(asyncio.Protocol):
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
+        if self._head_only:
+            # The parser cannot be told a HEAD answer has no body: it is stopped here, and
+            # the connection is never reused (what follows the head is not a body).
+            raise _Stop
+
+    def _check_transfer_coding(self, values: list[str]) -> None:
+        """Only `chunked` can be relayed: TE is hop-by-hop, and we never offer other codings."""
+        codings = [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
+        if codings != ["chunked"]:
+            raise UpstreamBadResponse(
+                f"{self.pool.where} sent Transfer-Encoding {', '.join(codings)!r}: "
+                "only chunked can be relayed"
+            )
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -267,7 +395,7 @@ class _Connection(asyncio.Protocol):
             return
         self._complete = True
         # Asked now: the parser forgets the answer's framing once the message is over.
-        self._keep_alive = self.parser.should_keep_alive()
+        self._keep_alive = self.parser.should_keep_alive() and not self._no_reuse
         self._expecting = False
         self._wake()
 
@@ -330,6 +458,11 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         self._head = self.loop.create_future()
         self._head_only = head_only
+        self._in_head = True
+        self._head_bytes = 0
+        self._quiet = 0
+        self._trailer_bytes = 0
+        self._no_reuse = False
         self._reason = b""
         self._raw_headers = []
         self._body.clear()
@@ -409,10 +542,16 @@ class _Connection(asyncio.Protocol):
 
 
 class Upstream:
-    """A keep-alive pool to `upstream.url`, at most `upstream.pool_size` connections."""
+    """A keep-alive pool to `upstream.url`, at most `upstream.pool_size` connections.
 
-    def __init__(self, cfg: UpstreamConfig) -> None:
+    `env`: where HTTPS_PROXY and the like are read when the config does not say
+    (default: the process environment)."""
+
+    def __init__(self, cfg: UpstreamConfig, env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
+        # The egress proxy this origin is reached through, or None: directly. A pool has one
+        # origin, so its connections are all tunnels to it, and reusing one reuses a tunnel.
+        self.egress = choose_egress(cfg, os.environ if env is None else env)
         parts = urlsplit(cfg.url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -519,16 +658,32 @@ class Upstream:
         conn = _Connection(self)
         self._open.add(conn)
         try:
-            async with asyncio.timeout(self.cfg.connect_timeout):
-                await self.loop.create_connection(
-                    lambda: conn,
+            if self.egress is not None:
+                await tunnel.dial(
+                    self.loop,
+                    self.egress,
                     self.host,
                     self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
+                    self.where,
+                    self._ssl,
+                    conn,
+                    self.cfg.connect_timeout,
+                    self.cfg.max_header_bytes,
                 )
+            else:
+                async with asyncio.timeout(self.cfg.connect_timeout):
+                    await self.loop.create_connection(
+                        lambda: conn,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl is not None else None,
+                    )
         except BaseException as e:
             self.forget(conn)
+            if isinstance(e, tunnel.TunnelFailed):
+                # The tunnel never carried a byte of the request: a connection never made.
+                raise ConnectFailed(e.message) from e
             if isinstance(e, ssl.SSLCertVerificationError):
                 raise ConnectFailed(
                     f"TLS certificate of {self.where} was not accepted: {e.verify_message}"

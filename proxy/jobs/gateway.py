@@ -28,10 +28,8 @@ from typing import Any
 import structlog
 
 from proxy.config import JobsConfig
-from proxy.errors import BadRequest
-from proxy.http.server import Request, http_date
-from proxy.jobs.callbacks import check_callback
-from proxy.jobs.errors import (
+from proxy.errors import (
+    BadRequest,
     IdempotencyKeyReused,
     JobMethodNotAllowed,
     JobNoResponse,
@@ -40,9 +38,10 @@ from proxy.jobs.errors import (
     JobNotFound,
     JobsFull,
     JobsUnavailable,
-    StoreError,
-    UnreadableRecord,
 )
+from proxy.http.server import Request, http_date
+from proxy.jobs.callbacks import check_callback
+from proxy.jobs.errors import StoreError, UnreadableRecord
 from proxy.jobs.model import TERMINAL, Job, State, StoredAnswer, StoredRequest, aad
 from proxy.jobs.prefer import RESPOND_ASYNC, wants_async, without_async
 from proxy.jobs.seal import Sealer

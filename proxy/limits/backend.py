@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from proxy.throttle import Throttled
+
 log = structlog.get_logger("proxy.limits")
 
 # A window's end may reserve up to 1/CARRY_SHARE of the next window's budget (the limiter
@@ -112,6 +114,9 @@ class MemoryBackend:
         self._key = key
         self._saved: tuple[int, int] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # A file that cannot be written fails every second: one warning, then a count
+        # once a minute, and the last count when it can be written again.
+        self.not_saved = Throttled(log.warning, "limits_state_not_saved")
 
     async def start(self) -> None:
         self._load()
@@ -123,7 +128,7 @@ class MemoryBackend:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        self._save()
+        self.save()
 
     async def acquire(
         self,
@@ -212,13 +217,15 @@ class MemoryBackend:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("limits_state_unreadable", path=str(self._state_file), error=str(e))
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the day count to the state file (the flusher does, each second, and close)."""
         if self._state_file is None or self._day < 0:
             return
         state = (self._day, self._day_count)
         if state == self._saved:
             return
         text = json.dumps({"key": self._key, "day": state[0], "used": state[1]})
+        tmp = None
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename: a crash never leaves a half-written file behind.
@@ -226,11 +233,16 @@ class MemoryBackend:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.replace(tmp, self._state_file)
-            self._saved = state
         except OSError as e:
-            log.warning("limits_state_not_saved", path=str(self._state_file), error=e.strerror)
+            if tmp is not None:  # a full disk: do not leave one more file a second
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            self.not_saved(path=str(self._state_file), error=e.strerror)
+            return
+        self._saved = state
+        self.not_saved.flush()
 
     async def _flush_every_second(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self._save()
+            self.save()

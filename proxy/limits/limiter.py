@@ -13,9 +13,10 @@ the next) a permit is counted in this window and reserved in the next one, up
 to a tenth of the next one's budget; beyond that, permits wait for the next
 window. The backend keeps the reserve, so with Redis all processes share it.
 
-The server's X-RateLimit-* headers correct the local count (another client of
-the same integration may be spending it too); a rate-limit 403 closes the
-scope until the reset it names.
+The server's rate-limit headers (X-RateLimit-* or the IETF RateLimit fields, read
+by limits/headers.py) correct the local count (another client of the same
+integration may be spending it too); a rate-limit 403 closes the scope until the
+reset it names, and so does a spent window of the API's that is not ours.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ import structlog
 from proxy.clock import ServerClock
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import DailyLimit, QueueFull, QueueTimeout
+from proxy.limits import headers as rate_headers
 from proxy.limits.backend import CARRY_SHARE, Backend, Verdict
 from proxy.limits.windows import Windows
 
 log = structlog.get_logger("proxy.limits")
 
 SCOPES = ("user", "account")
+# How far an API's reset may lie from our window's end and still name the same window:
+# Date headers have whole seconds, and a reset in seconds from now is rounded up.
+_ALIGNED = 2.0
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
@@ -211,22 +216,36 @@ class RateLimiter:
     # -- what the server says ----------------------------------------------------------
 
     async def observe(self, scope: str, headers: Mapping[str, str]) -> None:
-        """Correct the local view from a response's X-RateLimit-* headers."""
-        limit = _int_header(headers, "X-RateLimit-Limit")
-        remaining = _int_header(headers, "X-RateLimit-Remaining")
-        reset = _int_header(headers, "X-RateLimit-Reset")
-        if limit is None or remaining is None or reset is None:
+        """Correct the local view from a response's rate-limit headers (limits/headers.py:
+        X-RateLimit-*, or the IETF RateLimit fields)."""
+        now = self.clock.now()
+        view = rate_headers.read(headers, now)
+        if view is None or not view.complete:
             return
+        assert view.limit is not None and view.remaining is not None
+        assert view.reset_at is not None
         bucket = self.buckets[scope]
-        bucket.server_limit = limit if limit > 0 else None
-        bucket.remaining = remaining
-        window = self.windows.index_ending_at(reset)
-        if window == self.windows.index(self.clock.now()):
+        cap = view.cap_per(self.windows.length)
+        bucket.server_limit = cap if cap else None
+        bucket.remaining = view.remaining
+        current = self.windows.index(now)
+        # The API's window is this one of ours when it resets where ours ends (LuxSci's
+        # resets are exactly our window ends; a reset given in whole seconds from now
+        # may be a second or two off).
+        aligned = abs(view.reset_at - self.windows.end(current)) <= min(
+            _ALIGNED, self.windows.length / 2
+        )
+        if aligned and (view.window is None or view.window == self.windows.length):
             # Whatever others spent, at most `remaining` more fit in this window. Only
             # news is worth a call: usually the count already says as much.
-            used = bucket.effective_limit - remaining
-            if used > self.backend.known_used(scope, window):
-                await self.backend.raise_used(scope, window, used)
+            used = bucket.effective_limit - view.remaining
+            if used > self.backend.known_used(scope, current):
+                await self.backend.raise_used(scope, current, used)
+        elif view.remaining == 0 and view.reset_at > max(now, bucket.held_until):
+            # The API's window is not ours (longer, or not aligned with ours): nothing
+            # fits in it until its reset, whatever our count says, so none is sent to
+            # be refused. Capped at a day: a misread reset must not close a scope for good.
+            self.hold_for(scope, min(view.reset_at - now, self.windows.day_length))
 
     async def hold(self, scope: str, headers: Mapping[str, str]) -> float:
         """The API refused for rate: close `scope` until its reset; returns seconds until then."""

@@ -10,6 +10,12 @@ does the exposition. States (queue depth, requests in flight, the API's
 rate-limit headers, the day's count, the auth code's age) are read at scrape
 time too, so they cost nothing per request and can never drift from the truth.
 
+Every label value known in advance (proxy-made error reasons, retry reasons, login
+results, scopes) is exported at zero from the start: Prometheus's `increase()` and
+`rate()` need a sample before the first event to see that event at all, so an
+alert on "any daily_limit answer" would otherwise miss the first one. Statuses are
+not known in advance and are not pre-filled.
+
 Labels stay low-cardinality: methods outside the usual set become "other",
 scopes are user | account | auth, statuses are numbers; never a path.
 """
@@ -20,7 +26,13 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -29,7 +41,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy import __version__
+from proxy import __version__, errors
 
 PREFIX = "luxsci_proxy"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -53,6 +65,49 @@ _LATENCY_BUCKETS = (
 _WAIT_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+# Scopes: the limiter's budgets, and "auth" for requests to the log-in paths (only the
+# client-facing histogram sees that one).
+LIMIT_SCOPES = ("user", "account")
+REQUEST_SCOPES = (*LIMIT_SCOPES, "auth")
+# Why a request was sent again: the schemes' own rules (proxy/schemes/) and the generic
+# ones (proxy/pipeline/retry.py). Observability may not import those layers, so the
+# list lives here; tests/observe/test_metrics_known_labels.py checks it against them.
+RETRY_REASONS = (
+    "auth_401",
+    "rate_limited",
+    "incomplete_475",
+    "status_408",
+    "status_502",
+    "status_503",
+    "status_504",
+    "connect_failed",
+    "timeout",
+    "connection_lost",
+    "stale_connection",
+)
+# What a login or revocation call came to (proxy/schemes/luxsci/session.py).
+AUTH_RESULTS = ("success", "rejected", "rate_limited", "error", "revoked", "revoke_failed")
+
+
+def _reject_reasons() -> tuple[str, ...]:
+    """Every X-Proxy-Error reason the proxy can answer with: the leaves of the error tree,
+    and ProxyError itself (internal_error). Intermediate classes (Unavailable,
+    UpstreamError) are never raised as such."""
+    classes = [
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ProxyError)
+    ]
+    leaves = {
+        c.reason
+        for c in classes
+        if c is errors.ProxyError
+        or not any(sub.__module__ == errors.__name__ for sub in c.__subclasses__())
+    }
+    return tuple(sorted(leaves))
+
+
+REJECT_REASONS = _reject_reasons()
+
+
 def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
 
@@ -67,6 +122,13 @@ class ScopeState:
 
 
 @dataclass(frozen=True)
+class ReloadState:
+    successful: bool
+    # Unix time of the last load that applied (start-up counts as one).
+    success_time: float
+
+
+@dataclass(frozen=True)
 class StateSources:
     """Callables the collector reads at scrape time (no I/O in any of them)."""
 
@@ -76,6 +138,20 @@ class StateSources:
     # Seconds since the newest auth code was earned; None without one (or scheme bearer).
     code_age: Callable[[], float | None]
     session_valid: Callable[[], bool]
+    # Operator gauges; the defaults export nothing, for callers that do not know them.
+    # limits.per_day as configured (the day's budget the count is measured against).
+    daily_limit: Callable[[], int | None] = lambda: None
+    # The life of an auth code (auth.code_lifetime); None where credentials do not age.
+    code_lifetime: Callable[[], float | None] = lambda: None
+    # True while the Redis backend serves on its local fallback share.
+    limits_fallback: Callable[[], bool] = lambda: False
+    # What /readyz would answer right now.
+    ready: Callable[[], bool] = lambda: True
+    # queue.max_size and queue.max_wait, to judge queue_depth and queue_wait against.
+    queue_max_size: Callable[[], int | None] = lambda: None
+    queue_max_wait: Callable[[], float | None] = lambda: None
+    # The last config load (start-up or SIGHUP): did it apply, and when did one last apply.
+    reload: Callable[[], ReloadState | None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -156,14 +232,75 @@ class _StateCollector(Collector):
             "1 while the proxy holds a usable auth session (scheme bearer: always)",
             value=1.0 if s.session_valid() else 0.0,
         )
+        yield from self._operator_gauges()
+
+    def _operator_gauges(self) -> Iterator[Metric]:
+        """What alerts compare against: configured budgets and the process's own health,
+        so no rule has to hard-code a deployment's numbers."""
+        s = self.sources
+        optional: list[tuple[str, str, float | None]] = [
+            (
+                "daily_limit",
+                "The day's budget of API requests (limits.per_day)",
+                s.daily_limit(),
+            ),
+            (
+                "auth_code_lifetime_seconds",
+                "How long an auth code lives (auth.code_lifetime)",
+                s.code_lifetime(),
+            ),
+            (
+                "queue_max_size",
+                "Requests that may wait in all before queue_full (queue.max_size)",
+                s.queue_max_size(),
+            ),
+            (
+                "queue_max_wait_seconds",
+                "Longest wait for a permit before queue_timeout (queue.max_wait)",
+                s.queue_max_wait(),
+            ),
+        ]
+        for name, doc, value in optional:
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+            if value is not None:
+                family.add_metric([], value)
+            yield family
+        yield GaugeMetricFamily(
+            f"{PREFIX}_limits_fallback_active",
+            "1 while Redis is unreachable and this process works alone on "
+            "limits.fallback_share of every limit",
+            value=1.0 if s.limits_fallback() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_ready",
+            "1 while /readyz answers 200",
+            value=1.0 if s.ready() else 0.0,
+        )
+        reload = s.reload()
+        successful = GaugeMetricFamily(
+            f"{PREFIX}_config_last_reload_successful",
+            "1 if the last config load (start-up or SIGHUP) applied, 0 if it was refused",
+        )
+        success_time = GaugeMetricFamily(
+            f"{PREFIX}_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last config load that applied",
+        )
+        if reload is not None:
+            successful.add_metric([], 1.0 if reload.successful else 0.0)
+            success_time.add_metric([], reload.success_time)
+        yield successful
+        yield success_time
 
 
 class _Counter:
     """Counts per label values; exposed as `<name>_total`."""
 
-    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+    def __init__(
+        self, name: str, doc: str, labels: Sequence[str], known: Sequence[str] = ()
+    ) -> None:
         self.name, self.doc, self.labels = name, doc, list(labels)
-        self.counts: dict[tuple[str, ...], int] = {}
+        # One-label counters start every known value at zero (see the module docstring).
+        self.counts: dict[tuple[str, ...], int] = {(value,): 0 for value in known}
 
     def inc(self, *values: str) -> None:
         counts = self.counts
@@ -179,16 +316,26 @@ class _Counter:
 class _Histogram:
     """A histogram per label values: [count per bucket..., sum] in one list."""
 
-    def __init__(self, name: str, doc: str, label: str, buckets: Sequence[float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        label: str,
+        buckets: Sequence[float],
+        known: Sequence[str] = (),
+    ) -> None:
         self.name, self.doc, self.label = name, doc, label
         self.bounds = list(buckets)
-        self.series: dict[str, list[float]] = {}
+        # One slot per bound, one for +Inf, one for the sum; known values start at zero.
+        self.series: dict[str, list[float]] = {v: self._empty() for v in known}
+
+    def _empty(self) -> list[float]:
+        return [0.0] * (len(self.bounds) + 2)
 
     def observe(self, value: str, amount: float) -> None:
         series = self.series.get(value)
         if series is None:
-            # One slot per bound, one for +Inf, one for the sum.
-            series = self.series[value] = [0.0] * (len(self.bounds) + 2)
+            series = self.series[value] = self._empty()
         # `le` buckets: a value equal to a bound belongs to that bound's bucket.
         series[bisect_left(self.bounds, amount)] += 1
         series[-1] += amount
@@ -227,30 +374,36 @@ class Metrics:
             "Total time seen by the client",
             "scope",
             _LATENCY_BUCKETS,
+            REQUEST_SCOPES,
         )
         self._upstream_duration = _Histogram(
             f"{PREFIX}_upstream_duration_seconds",
             "One attempt upstream, until the answer's head arrived",
             "scope",
             _LATENCY_BUCKETS,
+            LIMIT_SCOPES,
         )
         self._queue_wait = _Histogram(
             f"{PREFIX}_queue_wait_seconds",
             "Wait for a rate-limit permit, per attempt",
             "scope",
             _WAIT_BUCKETS,
+            LIMIT_SCOPES,
         )
         self._upstream_responses = _Counter(
             f"{PREFIX}_upstream_responses", "Answers from the API, by status", ["status"]
         )
-        self._retries = _Counter(f"{PREFIX}_retries", "Requests sent again, by reason", ["reason"])
+        self._retries = _Counter(
+            f"{PREFIX}_retries", "Requests sent again, by reason", ["reason"], RETRY_REASONS
+        )
         self._rejected = _Counter(
             f"{PREFIX}_rejected",
             "Answers the proxy made itself, by X-Proxy-Error reason",
             ["reason"],
+            REJECT_REASONS,
         )
         self._auth = _Counter(
-            f"{PREFIX}_auth_requests", "Logins and revocations, by result", ["result"]
+            f"{PREFIX}_auth_requests", "Logins and revocations, by result", ["result"], AUTH_RESULTS
         )
         self._jobs_submitted = _Counter(
             f"{PREFIX}_jobs_submitted", "Durable jobs accepted (202), new ones only", []
@@ -281,6 +434,12 @@ class Metrics:
             )
         )
         self._build = Info(f"{PREFIX}_build", "Version and configuration", registry=self.registry)
+        # The standard process_* (CPU, memory, file descriptors, start time) and python_*
+        # (version, garbage collector) families: what every Prometheus dashboard for a
+        # process expects. The proxy has its own registry, so they are added explicitly.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def describe(self, scheme: str, backend: str) -> None:
         self._build.info({"version": __version__, "scheme": scheme, "backend": backend})

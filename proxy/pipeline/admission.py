@@ -115,7 +115,7 @@ def max_wait(header: str | None, configured: float) -> float:
     return min(asked, configured)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and frozen costs a setattr per field
 class Admitted:
     """A request the proxy will forward: what it targets, which budget it spends, and
     until when (monotonic) it may wait for its turn."""

@@ -172,6 +172,8 @@ class Attempts:
                 await self._pause(event, decision, progress, delay, None)
                 continue
             event.upstream_time = time.monotonic() - sent_at
+            if resp.status < 400:  # the common case, without the rules' calls
+                return Exchange(resp, used, sent_at, self.sender.inflight)
             decision = retry.after_response(
                 self.scheme, out.method, resp.status, resp.headers, self.clock.now()
             )

@@ -25,8 +25,7 @@ from proxy.config import Config, LoggingConfig
 from proxy.errors import ProxyError, ShuttingDown
 from proxy.http.server import Request, error_headers, request_id
 from proxy.observe.access_record import AccessRecord
-from proxy.observe.log import access as access_log
-from proxy.observe.log import body_text
+from proxy.observe.log import Logs, body_text
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.admission import AccessPolicy, Admission, Admitted
 from proxy.pipeline.attempts import Attempts
@@ -70,6 +69,7 @@ class Forwarder:
         attempts: Attempts,
         relay: Relay,
         metrics: Metrics,
+        logs: Logs,
         cfg: Config,
         jobs: Jobs | None = None,
     ) -> None:
@@ -77,6 +77,9 @@ class Forwarder:
         self.attempts = attempts
         self.relay = relay
         self.metrics = metrics
+        # The service's logs: the access line goes there (the other events find them
+        # through the context the request is served in).
+        self.logs = logs
         self.drain = Drain()
         self.jobs = jobs
         self.max_body = cfg.listen.max_body_bytes
@@ -105,36 +108,34 @@ class Forwarder:
         started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
         event = AccessRecord(rid, request.method)
-        scope = asyncio.timeout(None)  # moved to "now" by a drain past its grace
+        drain = self.drain
+        drain.add(request)
         try:
-            async with scope:
-                self.drain.add(scope)
-                try:
-                    status, sent = await self._forward(request, rid, event, started)
-                finally:
-                    self.drain.discard(scope)
+            status, sent = await self._forward(request, rid, event, started)
         except ProxyError as e:
             status, sent = self._refuse(request, e, rid, event)
         except asyncio.CancelledError:
-            # The client went away (the server cancels its handler): nothing to answer.
-            event.error = "client_disconnected"
-            event.total_time = time.monotonic() - started
-            access_log(event)
-            raise
-        except TimeoutError:
-            if not scope.expired():
+            if not drain.cut_off(request) or request.task is None:
+                # The client went away (the server cancels its handler): nothing to answer.
+                drain.discard(request)
+                event.error = "client_disconnected"
+                event.total_time = time.monotonic() - started
+                self.logs.access(event)
                 raise
+            # The drain's grace ran out before this request was served: say so.
+            request.task.uncancel()
             status, sent = self._refuse(request, ShuttingDown(_CUT_OFF, 1), rid, event)
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
             error = ProxyError("internal proxy error; see the proxy log")
             status, sent = self._refuse(request, error, rid, event)
+        drain.discard(request)
         event.status = status
         event.bytes_out = sent
         elapsed = event.total_time = time.monotonic() - started
         self.metrics.request(request.method, event.scope or "account", status, elapsed)
-        access_log(event)
+        self.logs.access(event)
 
     async def _forward(
         self, request: Request, rid: str, event: AccessRecord, started: float

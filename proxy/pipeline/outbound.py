@@ -2,6 +2,12 @@
 
 Header filtering is pure (tested on plain data); `read_request` is the only
 part that touches the client connection.
+
+JSON bodies are parsed (validated) only up to `jsonbounds.PARSE_LIMIT` (64 KiB), and
+checked for nesting deeper than `jsonbounds.MAX_DEPTH` (400) up to `SCAN_LIMIT`
+(256 KiB): this work runs on the event loop every client shares. Larger bodies go to
+the API as they are, for it to judge: an untyped one is sent as JSON when its ends say
+so (`{...}` or `[...]`), an `application/json` one unchecked.
 """
 
 from __future__ import annotations
@@ -11,21 +17,36 @@ import json
 from proxy.errors import BadRequest
 from proxy.http.headers import header_line, strip_signature_cookie, upstream_block
 from proxy.http.server import Request
+from proxy.jsonbounds import MAX_DEPTH, PARSE_LIMIT, SCAN_LIMIT, nesting_within
 from proxy.schemes.base import Outbound
 from proxy.schemes.luxsci import multipart, signing
 
 _FORM = "application/x-www-form-urlencoded"
+_SPACE = b" \t\r\n"
+# How far in from either end a JSON document's bracket is looked for in a large body.
+_EDGE = 4096
+_CLOSER = {b"{": b"}", b"[": b"]"}
 
 
 def _looks_like_json(body: bytes) -> bool:
-    head = body.lstrip(b" \t\r\n")[:1]
-    if head not in (b"{", b"["):
+    """Whether an untyped body is JSON: parsed when small, judged by its ends when large."""
+    # Slices first: stripping the whole body would copy it.
+    first = body[:_EDGE].lstrip(_SPACE)[:1]
+    if first not in _CLOSER:
         return False
+    _check_nesting(body)
+    if len(body) > PARSE_LIMIT:
+        return body[-_EDGE:].rstrip(_SPACE)[-1:] == _CLOSER[first]
     try:
         json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return False
     return True
+
+
+def _check_nesting(body: bytes) -> None:
+    if len(body) <= SCAN_LIMIT and not nesting_within(body):
+        raise BadRequest(f"the JSON body nests deeper than {MAX_DEPTH} levels")
 
 
 def prepare_body(content_type: str, body: bytes) -> tuple[bytes, str, str | None]:
@@ -48,7 +69,10 @@ def prepare_body(content_type: str, body: bytes) -> tuple[bytes, str, str | None
 
 
 def check_json(body: bytes) -> None:
-    """The API takes UTF-8 JSON: say what is wrong before it has to."""
+    """The API takes UTF-8 JSON: say what is wrong before it has to (small bodies only)."""
+    _check_nesting(body)
+    if len(body) > PARSE_LIMIT:
+        return  # not parsed on the event loop: the API judges it (module docstring)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:

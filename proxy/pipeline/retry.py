@@ -8,6 +8,8 @@ the rules every HTTP API shares:
 - a kept-alive connection the server dropped just as the request went out
   (StaleConnection): idempotent methods go again at once, on a new connection;
 - a connection that was never made: retry any method (the API never saw it);
+- an answer that is not HTTP/1.1 we can relay (UpstreamBadResponse): never
+  retried, since the API has the request and the same server answers alike;
 - every other status: passed through untouched.
 """
 

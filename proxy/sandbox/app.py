@@ -1,6 +1,9 @@
 """The simulated LuxSci API: request handling in the order the real API applies it.
 
 Expect header -> API host -> fault rules -> rate limits -> auth / signature -> endpoint
+
+In OAuth 2.0 mode (oauth.py) the token endpoint answers first; API requests take the
+same path up to the rate limit, then want a Bearer token instead of a signature.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 
 from aiohttp import web
 
+from proxy.sandbox import oauth as oauth_http
 from proxy.sandbox import parsing
 from proxy.sandbox.auth import authenticate
 from proxy.sandbox.call import MAX_BODY, ApiCall
@@ -46,7 +50,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     sandbox = request.app[SANDBOX_KEY]
     raw_target = parsing.origin_form(request.raw_path)
     path, query = signing.split_target(raw_target)
-    route = parsing.classify(path)
+    oauth = sandbox.oauth
+    if oauth is not None and path == oauth_http.TOKEN_PATH:
+        return await oauth_http.serve_token(request, oauth)
+    route = parsing.classify(path) if oauth is None else oauth_http.route_of(path)
     if route is None:
         return control_response({"success": 0, "error_message": "Not found."}, status=404)
     call = ApiCall(request, sandbox, route, path, query)
@@ -89,6 +96,8 @@ async def _serve(call: ApiCall) -> web.Response | None:
             await _sleep(request, rule.delay)
         if rule.drop or rule.status is not None:
             return _fault(call, rule)
+    if sandbox.oauth is not None:
+        return await oauth_http.serve_api(call, sandbox.oauth)
     call.rate = sandbox.limiter.admit(bucket, sandbox.now())
     if call.rate.exceeded is not None:
         sandbox.stats.rate_limited += 1

@@ -10,11 +10,22 @@ import signal
 import ssl
 
 from proxy import console
-from proxy.sandbox.config import DEFAULT_SECRET, DEFAULT_TOKEN, DEFAULT_USERS, SandboxConfig
+from proxy.sandbox.config import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    DEFAULT_SECRET,
+    DEFAULT_TOKEN,
+    DEFAULT_USERS,
+    RATE_HEADER_STYLES,
+    TOKEN_PATH,
+    OAuthSettings,
+    SandboxConfig,
+)
 from proxy.sandbox.server import start_sandbox
 
 TOKEN_ENV = "LUXSCI_SANDBOX_TOKEN"
 SECRET_ENV = "LUXSCI_SANDBOX_SECRET"
+CLIENT_SECRET_ENV = "LUXSCI_SANDBOX_CLIENT_SECRET"
 
 
 def _user(text: str) -> tuple[str, str]:
@@ -53,6 +64,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expected-host", help="refuse requests whose Host differs (403)")
     parser.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key (default: inside --tls-cert)")
+    oauth = parser.add_argument_group(
+        "OAuth 2.0 mode", f"an authorization server at {TOKEN_PATH} and a Bearer-token API"
+    )
+    oauth.add_argument(
+        "--oauth", action="store_true", help="be an OAuth 2.0 API instead of LuxSci's"
+    )
+    oauth.add_argument("--client-id", default=DEFAULT_CLIENT_ID, help="the client's id")
+    oauth.add_argument(
+        "--client-secret",
+        help=f"the client's secret (default: ${CLIENT_SECRET_ENV} or a fixed one)",
+    )
+    oauth.add_argument(
+        "--token-lifetime", type=float, default=3600.0, help="seconds an access token lives"
+    )
+    oauth.add_argument(
+        "--rate-headers",
+        choices=RATE_HEADER_STYLES,
+        default="x",
+        help="how the API states its limit (x: X-RateLimit-*, ietf: RateLimit, ...)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
@@ -69,6 +100,20 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         per_day=args.per_day,
         day_seconds=args.day_seconds,
         expected_host=args.expected_host,
+        oauth=_oauth_settings(args),
+    )
+
+
+def _oauth_settings(args: argparse.Namespace) -> OAuthSettings | None:
+    if not args.oauth:
+        return None
+    return OAuthSettings(
+        client_id=args.client_id,
+        client_secret=args.client_secret
+        or os.environ.get(CLIENT_SECRET_ENV)
+        or DEFAULT_CLIENT_SECRET,
+        token_lifetime=args.token_lifetime,
+        rate_headers=args.rate_headers,
     )
 
 
@@ -95,7 +140,14 @@ async def serve(args: argparse.Namespace) -> None:
             loop.add_signal_handler(signum, stop.set)
     try:
         # Nobody reading stdout any more is no reason to stop serving (proxy/console.py).
-        console.say(f"sandbox listening on {server.url} (token={config.token})")
+        if config.oauth is not None:
+            console.say(
+                f"sandbox (OAuth 2.0) listening on {server.url} "
+                f"(token URL {server.url}{TOKEN_PATH}, client_id={config.oauth.client_id}; "
+                f"a refresh token: POST {server.url}/_sandbox/oauth/refresh-token)"
+            )
+        else:
+            console.say(f"sandbox listening on {server.url} (token={config.token})")
         await stop.wait()
     finally:
         await server.close()

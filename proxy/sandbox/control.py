@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.sandbox.faults import FaultRule
+from proxy.sandbox.oauth import add_oauth_control_routes
 from proxy.sandbox.responses import SANDBOX_KEY, control_response
 
 PREFIX = "/_sandbox"
@@ -31,7 +32,11 @@ def _bad(message: str) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    return control_response(request.app[SANDBOX_KEY].stats.as_dict())
+    sandbox = request.app[SANDBOX_KEY]
+    stats = sandbox.stats.as_dict()
+    if sandbox.oauth is not None:
+        stats["oauth"] = sandbox.oauth.stats.as_dict()
+    return control_response(stats)
 
 
 async def get_faults(request: web.Request) -> web.Response:
@@ -104,3 +109,4 @@ def add_control_routes(app: web.Application) -> None:
     router.add_get(f"{PREFIX}/clock", get_clock)
     router.add_post(f"{PREFIX}/clock", set_clock)
     router.add_post(f"{PREFIX}/reset", reset)
+    add_oauth_control_routes(app, PREFIX)

@@ -16,6 +16,7 @@ from typing import Any
 
 from proxy.sandbox.config import SandboxConfig, check_clock_offset
 from proxy.sandbox.faults import FaultQueue, FaultRule
+from proxy.sandbox.oauth_state import OAuthState
 from proxy.sandbox.ratelimit import RateLimiter
 
 LOG_SIZE = 1000
@@ -92,6 +93,8 @@ class Sandbox:
         self.limiter = RateLimiter(self.config)
         self.faults = FaultQueue()
         self.stats = SandboxStats()
+        # The OAuth 2.0 mode's authorization server, when the config asks for that mode.
+        self.oauth = None if self.config.oauth is None else OAuthState(self.config.oauth, self.now)
 
     # -- clock ---------------------------------------------------------------
 
@@ -219,5 +222,7 @@ class Sandbox:
         self._codes.clear()
         self.limiter.reset()
         self.faults.clear()
+        if self.oauth is not None:
+            self.oauth.reset()
         inflight = self.stats.inflight
         self.stats = SandboxStats(inflight=inflight, max_inflight=inflight)

@@ -8,8 +8,9 @@ own without touching this file: `ProxyService(cfg, schemes=...)`).
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -22,6 +23,12 @@ from proxy.schemes.base import AuthScheme
 from proxy.schemes.bearer import BearerScheme
 from proxy.schemes.luxsci.scheme import LuxSciScheme
 from proxy.schemes.luxsci.session import LuxSciSession
+from proxy.schemes.oauth2 import OAuth2Scheme, OAuth2Session, endpoint_config, state_path
+from proxy.schemes.oauth2_state import parse_keys
+
+
+def _ignore(secrets: Iterable[str]) -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +42,8 @@ class SchemeDeps:
     metrics: Metrics
     # How long a login may wait for a rate permit (queue.max_wait).
     permit_wait: float
+    # Credentials issued while running (OAuth tokens): the logs mask them from then on.
+    redact: Callable[[Iterable[str]], None] = _ignore
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +118,70 @@ def _build_bearer(deps: SchemeDeps) -> AuthScheme:
     return BearerScheme(check_header_value(deps.auth, "api_key"))
 
 
+def _check_oauth2(auth: AuthConfig) -> None:
+    if auth.auth_cookie:
+        raise ConfigError(
+            f"auth.auth_cookie: applies to scheme luxsci only (scheme is {auth.scheme}); "
+            "remove it or set it to false"
+        )
+    if not auth.token_url:
+        raise ConfigError(
+            "auth.token_url: required for scheme oauth2 (the authorization server's token "
+            "endpoint, e.g. https://auth.example.com/oauth/token)"
+        )
+    if not auth.client_id:
+        raise ConfigError("auth.client_id: required for scheme oauth2")
+    for key in ("client_id", "scope", "audience"):
+        value = getattr(auth, key)
+        if value is not None and _CONTROL.search(value):
+            raise ConfigError(f"auth.{key}: contains a control character (a line break?)")
+    if auth.client_secret is None or not auth.client_secret.get():
+        raise ConfigError(
+            "auth.client_secret: required for scheme oauth2 "
+            "(set auth.client_secret or auth.client_secret_file)"
+        )
+    if not (math.isfinite(auth.refresh_margin) and auth.refresh_margin >= 0):
+        raise ConfigError(f"auth.refresh_margin: must be at least 0 (got {auth.refresh_margin})")
+    if auth.grant == "client_credentials":
+        if auth.refresh_token is not None:
+            raise ConfigError(
+                "auth.refresh_token: only with auth.grant: refresh_token "
+                "(the client_credentials grant needs none)"
+            )
+        return
+    if auth.refresh_token is None or not auth.refresh_token.get():
+        raise ConfigError(
+            "auth.refresh_token: required with auth.grant: refresh_token "
+            "(set auth.refresh_token or auth.refresh_token_file)"
+        )
+    if state_path(auth) is None:
+        return  # auth.state_file: "": kept in memory only, no key needed
+    if auth.state_key is None or not auth.state_key.get():
+        # A rotated refresh token is a long-lived credential: never on disk in clear.
+        raise ConfigError(
+            "auth.state_key: required with auth.grant: refresh_token, to keep rotated refresh "
+            "tokens encrypted on disk (set auth.state_key, auth.state_key_file or "
+            "LUXSCI_PROXY_STATE_KEY; make one with: openssl rand -base64 32), or set "
+            'auth.state_file: "" to keep them in memory only (lost on restart)'
+        )
+    try:
+        parse_keys(auth.state_key.get())
+    except ValueError as e:
+        raise ConfigError(f"auth.state_key: {e}") from None
+
+
+def _build_oauth2(deps: SchemeDeps) -> AuthScheme:
+    assert deps.auth.token_url is not None
+    endpoint = Upstream(endpoint_config(deps.upstream.cfg, deps.auth.token_url))
+    session = OAuth2Session(deps.auth, endpoint, deps.metrics, deps.redact)
+    return OAuth2Scheme(session, deps.upstream.cfg)
+
+
 LUXSCI = SchemeKind("luxsci", _check_luxsci, _build_luxsci)
 BEARER = SchemeKind("bearer", _check_bearer, _build_bearer)
+OAUTH2 = SchemeKind("oauth2", _check_oauth2, _build_oauth2)
 
-BUILT_IN: Mapping[str, SchemeKind] = MappingProxyType({k.name: k for k in (LUXSCI, BEARER)})
+BUILT_IN: Mapping[str, SchemeKind] = MappingProxyType({k.name: k for k in (LUXSCI, BEARER, OAUTH2)})
 
 
 def check(auth: AuthConfig, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> None:

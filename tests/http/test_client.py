@@ -20,7 +20,7 @@ import pytest
 from conftest import eventually
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
 from proxy.http import client as upstream_module
 from proxy.http.client import ConnectFailed, StaleConnection, Upstream, UpstreamResponse
 from proxy.http.headers import header_lines
@@ -508,21 +508,21 @@ async def test_body_cut_short_is_unreachable(serve: Serve, connect: Connect) -> 
     assert up.open_connections == 0
 
 
-async def test_garbage_instead_of_http_is_unreachable(serve: Serve, connect: Connect) -> None:
+async def test_garbage_instead_of_http_is_a_bad_response(serve: Serve, connect: Connect) -> None:
     server = await serve(answering(b"SSH-2.0-OpenSSH_9.6\r\nthis is not HTTP\r\n\r\n"))
     up = await connect(server.url)
-    with pytest.raises(UpstreamUnreachable, match="invalid HTTP response"):
+    with pytest.raises(UpstreamBadResponse, match="invalid HTTP response"):
         await up.request("GET", "/", "", b"", b"")
     assert up.open_connections == 0
 
 
-async def test_unexpected_protocol_switch_is_unreachable(serve: Serve, connect: Connect) -> None:
+async def test_unexpected_protocol_switch_is_a_bad_response(serve: Serve, connect: Connect) -> None:
     switch = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     )
     server = await serve(answering(switch))
     up = await connect(server.url)
-    with pytest.raises(UpstreamUnreachable, match="switched protocols"):
+    with pytest.raises(UpstreamBadResponse, match="switched protocols"):
         await asyncio.wait_for(up.request("GET", "/", "", b"", b""), 3)
 
 
@@ -794,3 +794,283 @@ async def test_slow_but_steady_upload_is_not_upstream_silence(
     up = await connect(server.url, read_timeout=0.5)
     resp, body = await asyncio.wait_for(fetch(up, "POST", body=b"u" * (32 * MiB)), 5)
     assert (resp.status, body) == (200, b"stored")
+
+
+# -- one request, one answer: trailers, what follows an answer, the head cap ----------------
+
+TRAILED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nSet-Cookie: s=1\r\n\r\n"
+)
+
+
+async def test_trailers_arriving_with_the_answer_never_become_headers(
+    serve: Serve, connect: Connect
+) -> None:
+    server = await serve(answering(TRAILED))
+    up = await connect(server.url)
+    for _ in range(2):
+        resp, body = await fetch(up)
+        assert body == b"hello"
+        assert "X-Checksum" not in resp.headers
+        assert "Set-Cookie" not in resp.headers
+        assert [n for n, _ in resp.raw_headers] == [b"Transfer-Encoding"]
+    assert server.connections == 1  # trailers are a clean end: the connection is kept
+
+
+async def test_many_trailer_fields_over_the_cap_are_refused(serve: Serve, connect: Connect) -> None:
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 100) for i in range(40))  # ~4.4 KiB
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    server = await serve(answering(answer + trailers + b"\r\n"))
+    up = await connect(server.url, max_header_bytes=2048)
+    async with await up.request("GET", "/", "", b"", b"") as resp:
+        with pytest.raises(UpstreamBadResponse, match=r"trailers .*over 2048 bytes"):
+            await resp.read()
+    assert up.open_connections == 0
+
+
+async def test_one_endless_trailer_field_is_refused_without_holding_it(
+    serve: Serve, connect: Connect
+) -> None:
+    """A field httptools gathers whole before reporting it: cut off by the read count."""
+    written = 0
+
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        nonlocal written
+        await server.read_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Big: ")
+        for _ in range(640):  # 40 MiB, unless the client hangs up first
+            w.write(b"v" * (64 * 1024))
+            await w.drain()
+            written += 64 * 1024
+
+    server = await serve(handle)
+    up = await connect(server.url, max_header_bytes=4096)
+    async with await up.request("GET", "/", "", b"", b"") as resp:
+        with pytest.raises(UpstreamBadResponse, match=r"trailers .*over 4096 bytes"):
+            await resp.read()
+    await eventually(lambda: server.active == 0)
+    assert written < 16 * MiB  # what the socket buffers took before the client hung up
+
+
+async def test_an_endless_chunk_extension_is_refused(serve: Serve, connect: Connect) -> None:
+    """llhttp skips extensions without keeping them; still, bytes that never become body
+    are bounded like trailers, so such an answer cannot run forever."""
+
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        await server.read_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n5;ext=")
+        for _ in range(1000):
+            w.write(b"e" * (16 * 1024))
+            await w.drain()
+
+    server = await serve(handle)
+    up = await connect(server.url, max_header_bytes=4096)
+    async with await up.request("GET", "/", "", b"", b"") as resp:
+        with pytest.raises(UpstreamBadResponse, match="chunk framing"):
+            await resp.read()
+
+
+async def test_two_answers_in_one_write_give_the_first_and_discard_the_connection(
+    serve: Serve, connect: Connect
+) -> None:
+    two = response(b"first", headers=[("X-First", "1")]) + response(
+        b"second", "201 Created", [("X-Second", "2")]
+    )
+    server = await serve(answering(two))
+    up = await connect(server.url)
+    resp, body = await fetch(up)
+    assert (resp.status, body) == (200, b"first")
+    assert resp.headers["X-First"] == "1"
+    assert "X-Second" not in resp.headers
+    resp, body = await fetch(up)
+    assert (resp.status, body) == (200, b"first")  # never the surplus answer
+    assert server.connections == 2
+
+
+async def test_a_second_answer_arriving_later_discards_the_connection(
+    serve: Serve, connect: Connect
+) -> None:
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        while await server.read_request(reader) is not None:
+            w.write(response(b"first"))
+            await asyncio.sleep(0.05)
+            w.write(response(b"second"))
+            await w.drain()
+
+    server = await serve(handle)
+    up = await connect(server.url)
+    async with await up.request("GET", "/", "", b"", b"") as resp:
+        await asyncio.sleep(0.2)  # the surplus answer arrives while this one is held
+        assert await resp.read() == b"first"
+    resp, body = await fetch(up)
+    assert body == b"first"
+    assert server.connections == 2
+
+
+async def test_junk_after_a_complete_answer_keeps_the_answer(
+    serve: Serve, connect: Connect
+) -> None:
+    """The API carried the POST out and answered: junk after that is no reason for a 502."""
+    server = await serve(answering(response(b'{"id":7}', "201 Created") + b"\x00junk\r\n"))
+    up = await connect(server.url)
+    resp, body = await fetch(up, "POST", body=b"{}")
+    assert (resp.status, body) == (201, b'{"id":7}')
+    resp, body = await fetch(up, "POST", body=b"{}")
+    assert (resp.status, body) == (201, b'{"id":7}')
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 204 No Content\r\n\r\nxyz",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\nxyz",
+    ],
+    ids=["204", "304"],
+)
+async def test_stray_bytes_after_a_bodiless_answer_discard_the_connection(
+    serve: Serve, connect: Connect, answer: bytes
+) -> None:
+    server = await serve(answering(answer))
+    up = await connect(server.url)
+    for _ in range(2):
+        async with asyncio.timeout(3):
+            resp, body = await fetch(up)
+        assert (resp.status in (204, 304), body) == (True, b"")
+    assert server.connections == 2
+
+
+async def test_bytes_after_a_head_answer_are_not_its_body(serve: Serve, connect: Connect) -> None:
+    server = await serve(answering(response(b"hello")))  # a body HEAD must not have
+    up = await connect(server.url)
+    async with asyncio.timeout(3):
+        resp, body = await fetch(up, "HEAD")
+    assert (resp.status, resp.content_length, body) == (200, 5, b"")
+    await eventually(lambda: server.active == 0)
+
+
+async def test_interim_answers_in_the_same_write_are_skipped(
+    serve: Serve, connect: Connect
+) -> None:
+    interim = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    )
+    server = await serve(answering(interim + response(b"final", "201 Created")))
+    up = await connect(server.url)
+    resp, body = await fetch(up, "POST", body=b"x")
+    assert (resp.status, resp.reason, body) == (201, "Created", b"final")
+    assert "Link" not in resp.headers
+    await fetch(up, "POST", body=b"x")
+    assert server.connections == 1
+
+
+async def test_an_endless_run_of_interim_answers_is_refused(serve: Serve, connect: Connect) -> None:
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        await server.read_request(reader)
+        for _ in range(10_000):
+            w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n")
+            await w.drain()
+
+    server = await serve(handle)
+    up = await connect(server.url, max_header_bytes=4096)
+    with pytest.raises(UpstreamBadResponse, match="head over 4096 bytes"):
+        await up.request("GET", "/", "", b"", b"")
+
+
+async def test_a_huge_head_is_refused_without_reading_it_all(
+    serve: Serve, connect: Connect
+) -> None:
+    written = 0
+
+    async def handle(server: RawServer, reader: Reader, w: Writer) -> None:
+        nonlocal written
+        await server.read_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        line = b"X-Filler: " + b"f" * 1000 + b"\r\n"
+        for _ in range(40_000):  # 40 MB of header lines, unless the client hangs up first
+            w.write(line * 64)
+            await w.drain()
+            written += len(line) * 64
+
+    server = await serve(handle)
+    up = await connect(server.url)
+    with pytest.raises(UpstreamBadResponse, match="head over 65536 bytes"):
+        await up.request("GET", "/", "", b"", b"")
+    await eventually(lambda: server.active == 0)
+    assert up.open_connections == 0
+    assert written < 16 * MiB
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-the-cap", "one-over"])
+async def test_head_cap_boundary(serve: Serve, connect: Connect, extra: int) -> None:
+    base = response(b"", headers=[("X-Pad", "")])
+    pad = 2048 - len(base) + extra
+    head = response(b"", headers=[("X-Pad", "p" * pad)])
+    assert len(head) == 2048 + extra
+    # The body in the same write: the read is split at the cap, the body still arrives.
+    answer = head.replace(b"Content-Length: 0", b"Content-Length: 4") + b"body"
+    server = await serve(answering(answer))
+    up = await connect(server.url, max_header_bytes=2048)
+    if extra:
+        with pytest.raises(UpstreamBadResponse, match="head over"):
+            await fetch(up)
+    else:
+        resp, body = await fetch(up)
+        assert (resp.status, body) == (200, b"body")
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 099 Odd", b"HTTP/1.1 600 Odd", b"HTTP/2.0 200 OK", b"HTTP/0.9 200 OK"],
+)
+async def test_status_lines_outside_http_1_are_bad_responses(
+    serve: Serve, connect: Connect, status_line: bytes
+) -> None:
+    server = await serve(answering(status_line + b"\r\nContent-Length: 2\r\n\r\nok"))
+    up = await connect(server.url)
+    with pytest.raises(UpstreamBadResponse, match="invalid status line"):
+        await up.request("GET", "/", "", b"", b"")
+    assert up.open_connections == 0
+
+
+async def test_transfer_encoding_wins_over_content_length_and_the_connection_goes(
+    serve: Serve, connect: Connect
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    server = await serve(answering(answer))
+    up = await connect(server.url)
+    for _ in range(2):
+        resp, body = await fetch(up)
+        assert (resp.content_length, body) == (None, b"hello")
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, chunked", "chunked, gzip", "chunked, chunked"])
+async def test_transfer_codings_other_than_chunked_are_bad_responses(
+    serve: Serve, connect: Connect, coding: str
+) -> None:
+    answer = f"HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n0\r\n\r\n".encode()
+    server = await serve(answering(answer))
+    up = await connect(server.url)
+    with pytest.raises(UpstreamBadResponse, match="only chunked"):
+        await up.request("GET", "/", "", b"", b"")
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [["3", "4"], ["3", "3"], ["-1"], ["3, 3"], ["+3"], ["0x3"]],
+    ids=["differing", "repeated", "negative", "list", "signed", "hex"],
+)
+async def test_invalid_content_length_is_a_bad_response(
+    serve: Serve, connect: Connect, lengths: list[str]
+) -> None:
+    head = "".join(f"Content-Length: {n}\r\n" for n in lengths)
+    server = await serve(answering(f"HTTP/1.1 200 OK\r\n{head}\r\nabcd".encode()))
+    up = await connect(server.url)
+    with pytest.raises(UpstreamBadResponse, match="invalid HTTP response"):
+        await up.request("GET", "/", "", b"", b"")

@@ -25,12 +25,14 @@ import aiohttp
 import pytest
 from conftest import eventually
 from multidict import CIMultiDict
+from structlog.testing import capture_logs
 
 from proxy.errors import Forbidden, ProxyError
 from proxy.http import server as listener_module
 from proxy.http.server import (
     HEADER_BYTES_FACTOR,
     LINGER_SECONDS,
+    PIPELINE_MAX,
     Handler,
     Listener,
     Request,
@@ -724,6 +726,19 @@ async def test_a_parse_error_after_a_good_pipelined_request_ends_after_its_answe
     assert [r.raw_path for r in echo.seen] == ["/good"]
 
 
+async def test_every_request_before_a_parse_error_is_answered_then_it_ends(
+    serve: Serve, connect: Connect
+) -> None:
+    echo = Echo(delays={"/1": 0.1})
+    served = await serve(echo)
+    client = await connect(served.port)
+    client.send(get("/1") + get("/2") + get("/3", "Connection: close") + get("/4"))
+    answers = [await client.answer() for _ in range(3)]
+    assert [a.json()["path"] for a in answers] == ["/1", "/2", "/3"]
+    assert [a.headers.get("Connection") for a in answers] == [None, None, "close"]
+    assert await client.closed()
+
+
 async def test_an_upgrade_request_is_answered_then_the_connection_ends(
     serve: Serve, connect: Connect
 ) -> None:
@@ -1022,14 +1037,14 @@ async def test_pipelined_requests_are_not_queued_without_bound(
     # A large head limit, so the false 431 above cannot end the flood early.
     served = await serve(handle, max_header_bytes=64 * 1024)
     client = await connect(served.port)
-    tiny = b"GET / HTTP/1.1\r\n\r\n"
+    tiny = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     try:
         for _ in range(20):  # 1 MiB: 58,000 requests
             client.send(tiny * (MiB // len(tiny) // 20))
             await asyncio.wait_for(client.writer.drain(), 1)
         await asyncio.sleep(0.3)
         (conn,) = served.listener.connections
-        assert len(conn.pipeline) <= 1000
+        assert len(conn.pipeline) <= PIPELINE_MAX
     finally:
         gate.set()
 
@@ -1076,3 +1091,342 @@ async def test_the_503_over_the_cap_carries_the_current_date(
     assert_error(answer, 503, "too_many_connections")
     held.abort()
     assert answer.headers["Date"] == now
+
+
+# -- issue 12: trailers, upgrades, pipelining past the bound, RFC 9112 details -----------------
+
+
+@dataclass
+class Recorder:
+    """Reads the body (as the forwarder does), then records the head as it stands."""
+
+    max_body: int = MiB
+    time_limit: float = 2.0
+    seen: list[tuple[Request, bytes]] = field(default_factory=list)
+
+    async def __call__(self, request: Request) -> None:
+        try:
+            body = await request.read_body(self.max_body, self.time_limit)
+        except ProxyError as e:
+            refuse(request, e)
+            return
+        self.seen.append((request, body))
+        request.respond(200, [], b"ok")
+
+
+CHUNKED_WITH_TRAILERS = (
+    b"POST /t HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+    + chunk(b'{"a":')
+    + chunk(b"1}")
+    + b"0\r\nX-Forwarded-For: 6.6.6.6\r\nContent-Type: text/evil\r\n\r\n"
+)
+
+
+async def test_trailer_fields_never_join_the_head(serve: Serve, connect: Connect) -> None:
+    recorder = Recorder()
+    served = await serve(recorder)
+    client = await connect(served.port)
+    client.send(CHUNKED_WITH_TRAILERS)
+    assert (await client.answer()).status == 200
+    ((request, body),) = recorder.seen
+    assert body == b'{"a":1}'
+    names = [name.lower() for name, _ in request.raw_headers]
+    assert names == [b"host", b"content-type", b"transfer-encoding"]
+    assert request.headers.getall("Content-Type") == ["application/json"]
+    assert "X-Forwarded-For" not in request.headers
+    client.send(get("/next"))  # dropped, not refused: the connection goes on
+    assert (await client.answer()).status == 200
+
+
+async def test_trailers_over_the_cap_get_431(serve: Serve, connect: Connect) -> None:
+    served = await serve(Recorder())
+    client = await connect(served.port)
+    client.send(
+        b"POST /t HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+    )
+    many = b"".join(b"X-T%d: %s\r\n" % (n, b"t" * 500) for n in range(40))
+    client.send(many)  # 40 fields of 500 bytes: over 8 x 1024 in all, never finished
+    answer = await client.answer()
+    assert_error(answer, 431, "headers_too_large")
+    assert await client.closed()
+
+
+async def test_a_trailer_line_that_never_ends_gets_431(serve: Serve, connect: Connect) -> None:
+    served = await serve(Recorder())
+    client = await connect(served.port)
+    client.send(b"POST /t HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: ")
+    answer_task = asyncio.create_task(client.answer())
+    sent = 0
+    limit = (HEADER_BYTES_FACTOR + 1) * MAX_HEADER
+    while not answer_task.done() and sent < 50 * limit:
+        client.send(b"t" * 1024)
+        sent += 1024
+        await asyncio.sleep(0.002)
+    assert_error(await answer_task, 431, "headers_too_large")
+    assert sent < 50 * limit
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"Content-Length: 7\r\n\r\nabcdefg",
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"abcdefg") + b"0\r\n\r\n",
+    ],
+    ids=["sized", "chunked"],
+)
+async def test_an_upgrade_request_with_a_body_reaches_the_handler_whole(
+    serve: Serve, connect: Connect, body: bytes
+) -> None:
+    recorder = Recorder()
+    served = await serve(recorder)
+    client = await connect(served.port)
+    client.send(
+        b"POST /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" + body
+    )
+    answer = await client.answer()
+    assert (answer.status, answer.body) == (200, b"ok")
+    ((_, received),) = recorder.seen
+    assert received == b"abcdefg"
+    assert answer.headers["Connection"] == "close"  # no protocol switch: the connection ends
+    assert await client.closed()
+
+
+async def test_an_upgrade_request_whose_body_is_slow_still_gets_it_all(
+    serve: Serve, connect: Connect
+) -> None:
+    recorder = Recorder()
+    served = await serve(recorder)
+    client = await connect(served.port)
+    client.send(
+        b"POST /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 7\r\n\r\nabc"
+    )
+    await asyncio.sleep(0.05)
+    client.send(b"defg")
+    assert (await client.answer()).status == 200
+    assert [body for _, body in recorder.seen] == [b"abcdefg"]
+
+
+@pytest.mark.parametrize(
+    "count", [PIPELINE_MAX - 1, PIPELINE_MAX, PIPELINE_MAX + 1, PIPELINE_MAX + 2, 300]
+)
+async def test_pipelined_past_the_bound_every_request_is_answered_in_order(
+    serve: Serve, connect: Connect, count: int
+) -> None:
+    echo = Echo()
+    served = await serve(echo)
+    client = await connect(served.port)
+    client.send(b"".join(get(f"/{n}") for n in range(count)))
+    paths = [(await client.answer()).json()["path"] for _ in range(count)]
+    assert paths == [f"/{n}" for n in range(count)]
+    client.send(get("/after"))
+    assert (await client.answer()).json()["path"] == "/after"
+
+
+async def test_the_pipeline_never_holds_more_than_its_bound(serve: Serve, connect: Connect) -> None:
+    gate = asyncio.Event()
+    most = 0
+
+    async def handle(request: Request) -> None:
+        nonlocal most
+        (conn,) = served.listener.connections
+        most = max(most, len(conn.pipeline))
+        await gate.wait()
+        request.respond(200, [], b"")
+
+    served = await serve(handle)
+    client = await connect(served.port)
+    client.send(get("/") * 500)
+    await eventually(lambda: most > 0)
+    await asyncio.sleep(0.1)
+    (conn,) = served.listener.connections
+    assert len(conn.pipeline) == PIPELINE_MAX
+    gate.set()
+    for _ in range(500):
+        assert (await client.answer()).status == 200
+    assert most <= PIPELINE_MAX
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"GET /p#frag HTTP/1.1\r\nHost: test\r\n\r\n",
+    ],
+    ids=[
+        "no-host",
+        "two-hosts",
+        "empty-host",
+        "bad-host",
+        "two-hosts-1.0",
+        "1.0-chunked",
+        "fragment",
+    ],
+)
+async def test_requests_rfc_9112_refuses_get_400_and_the_connection_ends(
+    serve: Serve, connect: Connect, data: bytes
+) -> None:
+    echo = Echo()
+    served = await serve(echo)
+    client = await connect(served.port)
+    client.send(data)
+    answer = await client.answer()
+    assert_error(answer, 400, "bad_request")
+    assert await client.closed()
+    assert echo.seen == []
+
+
+async def test_http_1_0_without_host_is_served(serve: Serve, connect: Connect) -> None:
+    served = await serve(Echo())
+    client = await connect(served.port)
+    client.send(b"GET /old HTTP/1.0\r\n\r\n")
+    assert (await client.answer()).json()["path"] == "/old"
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/1.2", b"HTTP/3.0"])
+async def test_other_http_versions_get_505(serve: Serve, connect: Connect, version: bytes) -> None:
+    echo = Echo()
+    served = await serve(echo)
+    client = await connect(served.port)
+    client.send(b"GET / " + version + b"\r\nHost: test\r\n\r\n")
+    answer = await client.answer()
+    assert_error(answer, 505, "http_version_not_supported")
+    assert await client.closed()
+    assert echo.seen == []
+
+
+async def test_http_0_9_is_closed_at_once_without_an_answer(serve: Serve, connect: Connect) -> None:
+    echo = Echo()
+    served = await serve(echo, client_timeout=5.0)
+    client = await connect(served.port)
+    client.send(b"GET /\r\n")
+    started = time.monotonic()
+    assert await client.closed(within=2)
+    assert time.monotonic() - started < 1
+    assert echo.seen == []
+
+
+async def test_a_chunk_larger_than_the_body_limit_gets_413_at_once(
+    serve: Serve, connect: Connect
+) -> None:
+    served = await serve(Echo(max_body=1000, time_limit=5.0), client_timeout=5.0)
+    client = await connect(served.port)
+    client.send(b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\nab")
+    started = time.monotonic()
+    assert_error(await client.answer(), 413, "body_too_large")
+    assert time.monotonic() - started < 1
+
+
+async def test_a_later_chunk_over_the_body_limit_gets_413_at_once(
+    serve: Serve, connect: Connect
+) -> None:
+    served = await serve(Echo(max_body=1000, time_limit=5.0), client_timeout=5.0)
+    client = await connect(served.port)
+    client.send(b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(chunk(b"a" * 600))
+    await asyncio.sleep(0.05)
+    client.send(b"00190;ext=1\r\n")  # 400 more: 1000 in all, at the limit
+    await asyncio.sleep(0.05)
+    client.send(b"a" * 400 + b"\r\n1")  # the next chunk's size arrives in two reads
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    client.send(b"\r\n")
+    assert_error(await client.answer(), 413, "body_too_large")
+    assert time.monotonic() - started < 1
+
+
+# -- issue 12: clients that stop reading, log floods ---------------------------------------------
+
+
+async def test_a_client_that_stops_reading_has_its_answer_abandoned_after_client_timeout(
+    serve: Serve, connect: Connect
+) -> None:
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    piece = b"x" * 65536
+
+    async def handle(request: Request) -> None:
+        request.start(200, [], None)
+        try:
+            for _ in range(4096):  # 256 MiB: far more than any socket buffer holds
+                await request.write(piece)
+        except ConnectionError as e:
+            outcome.set_result(e)
+            raise
+        outcome.set_result(None)
+        request.end()
+
+    served = await serve(handle, client_timeout=0.5)
+    client = await connect(served.port, rcvbuf=4096)
+    client.send(get("/large"))  # and never reads
+    started = time.monotonic()
+    error = await asyncio.wait_for(outcome, 10)
+    assert isinstance(error, ConnectionResetError)
+    assert time.monotonic() - started < 5
+    await eventually(lambda: not served.listener.connections)
+
+
+async def test_a_client_that_reads_slowly_is_not_cut_off(serve: Serve, connect: Connect) -> None:
+    size = 4 * MiB
+
+    async def handle(request: Request) -> None:
+        request.start(200, [], size)
+        for _ in range(size // 65536):
+            await request.write(b"y" * 65536)
+        request.end()
+
+    served = await serve(handle, client_timeout=0.5)
+    client = await connect(served.port, rcvbuf=16384)
+    client.send(get())
+    await client.reader.readuntil(b"\r\n\r\n")
+    got = 0
+    async with asyncio.timeout(20):
+        while got < size:  # progress every 0.2 s, each wait shorter than the timeout
+            data = await client.reader.read(256 * 1024)
+            assert data, "cut off"
+            got += len(data)
+            await asyncio.sleep(0.2 if got < MiB else 0)
+    assert got == size
+
+
+async def test_answers_a_client_does_not_read_do_not_pile_up(
+    serve: Serve, connect: Connect
+) -> None:
+    big = b"z" * 60_000
+    answered = 0
+
+    async def handle(request: Request) -> None:
+        nonlocal answered
+        answered += 1
+        request.respond(200, [], big)
+
+    served = await serve(handle, client_timeout=0.5)
+    client = await connect(served.port, rcvbuf=4096)
+    for _ in range(20):  # 640 requests, 38 MB of answers, none of it read
+        client.send(get() * 32)
+        await asyncio.sleep(0.01)
+    await eventually(lambda: not served.listener.connections, within=8)
+    # The server stopped answering once the client stopped reading, and then gave up.
+    assert answered < 200
+
+
+async def test_refused_connections_are_logged_once_then_counted(
+    serve: Serve, connect: Connect
+) -> None:
+    served = await serve(Echo(), max_connections=1)
+    held = await connect(served.port)
+    await eventually(lambda: len(served.listener.connections) == 1)
+    with capture_logs() as logs:
+        for _ in range(200):
+            extra = await connect(served.port)
+            assert_error(await extra.answer(), 503, "too_many_connections")
+            extra.abort()
+    refused = [e for e in logs if e["event"] == "too_many_connections"]
+    assert len(refused) == 1 and "count" not in refused[0]
+    assert served.listener.refused.pending == 199
+    held.abort()

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from proxy.clock import retry_after
 from proxy.config import Secret
-from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import BadRequest, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
 from proxy.http.client import ConnectFailed, StaleConnection
 from proxy.pipeline import retry
 from proxy.sandbox import SandboxServer
@@ -221,6 +221,9 @@ def test_a_rate_limit_403_waits_for_the_reset_and_a_429_for_retry_after() -> Non
         ("GET", BadRequest("x"), retry.Action.DONE),
         ("GET", StaleConnection("x"), retry.Action.RETRY),
         ("POST", StaleConnection("x"), retry.Action.DONE),
+        # The API answered, just not in HTTP we can relay: the same server answers alike.
+        ("GET", UpstreamBadResponse("x"), retry.Action.DONE),
+        ("POST", UpstreamBadResponse("x"), retry.Action.DONE),
     ],
 )
 def test_retry_policy_for_errors(method: str, error: Exception, expected: retry.Action) -> None:

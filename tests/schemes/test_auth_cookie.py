@@ -13,15 +13,12 @@ import hashlib
 import hmac
 import io
 import json
-from collections.abc import Iterator
 
 import aiohttp
-import pytest
-import structlog
-from conftest import SECRET, USER, MakeProxy, RunningProxy
+from conftest import SECRET, USER, MakeProxy, RunningProxy, proxy_config
 
-from proxy.observe import log as proxy_log
 from proxy.sandbox import SandboxServer
+from proxy.service import ProxyService, make_logs
 
 PROFILE = f"/perl/api/v2/user/{USER}/profile"
 ECHO = "/perl/api/v2/account/42/echo"
@@ -163,32 +160,23 @@ async def test_auth_cookie_is_reloaded_without_a_restart_or_a_new_login(
     assert sandbox.sandbox.stats.auth_calls == 1  # same credentials: the login was kept
 
 
-@pytest.fixture
-def rendered_log() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    proxy_log.configure("debug", "json", [SECRET], stream=stream)
-    # The proxy's module loggers would otherwise keep this chain for the rest of the test
-    # session (cached on first use), and later tests' capture_logs would see nothing.
-    structlog.configure(cache_logger_on_first_use=False)
-    yield stream
-    proxy_log.reset()
-
-
 async def test_no_auth_code_reaches_the_log_with_auth_cookie_on(
-    rendered_log: io.StringIO,
-    sandbox: SandboxServer,
-    make_proxy: MakeProxy,
-    http: aiohttp.ClientSession,
+    sandbox: SandboxServer, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await make_proxy(
+    stream = io.StringIO()
+    cfg = proxy_config(
         sandbox.url, auth={"auth_cookie": True}, logging={"level": "debug", "log_bodies": True}
     )
-    assert await get(http, proxy, PROFILE, cookie="auth=client-own-code; theme=dark") == 200
-    sandbox.sandbox.revoke_all()
-    assert await get(http, proxy, PROFILE) == 200  # a 401, a login and a retry
-    await proxy.service.stop()
-    proxy_log.flush()
-    text = rendered_log.getvalue()
+    service = ProxyService(cfg, make_logs(cfg, stream))
+    await service.start()
+    proxy = RunningProxy(service)
+    try:
+        assert await get(http, proxy, PROFILE, cookie="auth=client-own-code; theme=dark") == 200
+        sandbox.sandbox.revoke_all()
+        assert await get(http, proxy, PROFILE) == 200  # a 401, a login and a retry
+    finally:
+        await service.stop()
+    text = stream.getvalue()
     events = [json.loads(line) for line in text.splitlines()]
     assert "request" in [e["event"] for e in events] and "auth_revoked" in [
         e["event"] for e in events

@@ -76,7 +76,7 @@ async def get(service: ProxyService, path: str) -> tuple[int, Any]:
 def test_its_config_section_is_checked_by_its_own_rules() -> None:
     with pytest.raises(ConfigError, match=r"^auth\.api_key: required for scheme header"):
         parse(config("https://x").replace(', api_key: "k-1"', ""), {}, schemes=SCHEMES)
-    unknown = r"^auth\.scheme: must be one of luxsci, bearer \(got 'header'\)"
+    unknown = r"^auth\.scheme: must be one of luxsci, bearer, oauth2 \(got 'header'\)"
     with pytest.raises(ConfigError, match=unknown):
         parse(config("https://x"), {})  # not registered: the built-in registry refuses it
 

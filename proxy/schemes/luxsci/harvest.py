@@ -91,7 +91,9 @@ def _json_document(body: bytes) -> object:
         text = body.decode("utf-8")
         text = (text[1:] if text.startswith("\ufeff") else text).lstrip(_JSON_SPACE)
         doc, end = _DECODER.raw_decode(text)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: an answer nested thousands deep. The scan after this keeps its
+        # own bracket stack and never recurses.
         return None
     if text[end:].strip(_JSON_SPACE):
         return None  # more after the document: not JSON, as json.loads would say

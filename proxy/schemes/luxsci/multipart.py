@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from proxy.errors import BadRequest
+from proxy.jsonbounds import MAX_DEPTH, nesting_within
 from proxy.schemes.luxsci.signing import body_hash
 
 JSON_PART = "json"
@@ -226,6 +227,10 @@ def _load_json_part(raw: bytes, index: int) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"json part (multipart part {index}) is not valid UTF-8") from exc
+    # Parsed whatever its size (attachments are filled in), but never past the bound:
+    # json.loads (and json.dumps after it) would recurse into a RecursionError.
+    if not nesting_within(raw):
+        raise BadRequest(f"json part (multipart part {index}) nests deeper than {MAX_DEPTH} levels")
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError, or a NaN/Infinity literal

@@ -66,7 +66,7 @@ def api_error_message(body: bytes, status: int) -> str:
     """The API's `error_message`, or a description of the status when there is none."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # the API's body, any shape
         data = None
     if isinstance(data, dict) and isinstance(data.get("error_message"), str):
         # Bounded: this text goes to clients and logs.
@@ -139,9 +139,6 @@ class LuxSciSession:
         return self._usable(self._current, self._monotonic())
 
     # -- the signer's view -------------------------------------------------------
-
-    def secret(self) -> str:
-        return self._secret
 
     def cookie(self, code: str, method: str, path: str, query: str, body_digest: str) -> str:
         """The Cookie value that signs one request with `code`: `signature=<code>:<sig>`,
@@ -296,7 +293,7 @@ class LuxSciSession:
     def _code_from(body: bytes) -> str:
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("auth"), str) or not data["auth"]:
             raise UpstreamAuthFailed("authentication answered success but carried no auth code")
