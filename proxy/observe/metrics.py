@@ -85,6 +85,10 @@ RETRY_REASONS = (
     "connection_lost",
     "stale_connection",
 )
+# How a durable job can end (proxy/jobs/model.py TERMINAL), and what became of a failed
+# callback delivery (proxy/jobs/runner.py).
+JOB_END_STATES = ("cancelled", "expired", "failed", "outcome_unknown", "succeeded")
+CALLBACK_RESULTS = ("gave_up", "retrying")
 # What a login or revocation call came to (proxy/schemes/luxsci/session.py).
 AUTH_RESULTS = ("success", "rejected", "rate_limited", "error", "revoked", "revoke_failed")
 
@@ -448,7 +452,14 @@ class Metrics:
         self.registry.register(_StateCollector(sources))
 
     def watch_jobs(self, source: Callable[[], JobsState]) -> None:
+        """Durable jobs are on: their gauges, and their counters from zero (see the module
+        docstring; a proxy without jobs exports none of them)."""
         self.registry.register(_JobsCollector(source))
+        self._jobs_submitted.counts.setdefault((), 0)
+        for state in JOB_END_STATES:
+            self._jobs_completed.counts.setdefault((state,), 0)
+        for result in CALLBACK_RESULTS:
+            self._job_callback_failures.counts.setdefault((result,), 0)
 
     # -- the events ------------------------------------------------------------------
 
