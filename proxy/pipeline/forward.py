@@ -6,12 +6,18 @@ credentials, send, judge (attempts.py) → answer (relay.py). This module runs
 them in order, turns every ProxyError into the proxy's own answer, and writes
 one access line and the request metrics per request. Shutdown (drain.py)
 tracks the requests in the pipeline.
+
+Durable jobs (proxy/jobs), when enabled, hook in at two points through `Jobs`:
+requests to the job endpoints are theirs before admission (they check the
+client themselves), and a request that prefers `respond-async` is admitted and
+read like any other, then stored as a job instead of being sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import structlog
 
@@ -27,6 +33,7 @@ from proxy.pipeline.attempts import Attempts
 from proxy.pipeline.drain import Drain
 from proxy.pipeline.outbound import read_request
 from proxy.pipeline.relay import Relay
+from proxy.schemes.base import Outbound
 
 log = structlog.get_logger("proxy.access")
 
@@ -34,6 +41,28 @@ _SHUTTING_DOWN = "the proxy is shutting down; send the request again"
 _CUT_OFF = "the proxy shut down before this request could be served; send it again"
 # The answer's line saying a request was served in a lower lane than it asked for.
 _APPLIED_LINES = {lane: f"{APPLIED_HEADER}: {lane.label}\r\n".encode() for lane in Lane}
+
+
+class Jobs(Protocol):
+    """Durable jobs as the pipeline sees them (implemented in proxy/jobs/gateway.py)."""
+
+    def owns(self, raw_path: str) -> bool:
+        """The target is a job endpoint (the proxy's own, never forwarded)."""
+        ...
+
+    def wants(self, request: Request) -> bool:
+        """The request asks to become a job (Prefer: respond-async)."""
+        ...
+
+    async def serve(self, request: Request, rid: str, event: AccessRecord) -> tuple[int, int]:
+        """Answer a job endpoint request; returns (status, body bytes sent)."""
+        ...
+
+    async def submit(
+        self, request: Request, admitted: Admitted, out: Outbound, rid: str, event: AccessRecord
+    ) -> tuple[int, int]:
+        """Store an admitted, read request as a job and answer 202."""
+        ...
 
 
 class Forwarder:
@@ -45,6 +74,7 @@ class Forwarder:
         metrics: Metrics,
         logs: Logs,
         cfg: Config,
+        jobs: Jobs | None = None,
     ) -> None:
         self.admission = admission
         self.attempts = attempts
@@ -54,6 +84,7 @@ class Forwarder:
         # through the context the request is served in).
         self.logs = logs
         self.drain = Drain()
+        self.jobs = jobs
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
@@ -93,8 +124,13 @@ class Forwarder:
             if drain.draining:
                 # Stopping: a request on a kept-alive connection goes to another replica.
                 raise ShuttingDown(_SHUTTING_DOWN, 1)
-            admitted = self.admission.admit(request, started)
-            status, sent = await self._forward(request, admitted, rid, event)
+            jobs = self.jobs
+            if jobs is not None and jobs.owns(request.raw_path):
+                # The job endpoints are the proxy's own (the gateway checks who asks).
+                status, sent = await jobs.serve(request, rid, event)
+            else:
+                admitted = self.admission.admit(request, started)
+                status, sent = await self._forward(request, admitted, rid, event)
         except ProxyError as e:
             status, sent = self._refuse(request, e, rid, event, admitted)
         except asyncio.CancelledError:
@@ -141,6 +177,9 @@ class Forwarder:
         if logging.log_bodies:
             event.request_body = body_text(out.body)
         out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
+        jobs = self.jobs
+        if jobs is not None and jobs.wants(request):
+            return await jobs.submit(request, admitted, out, rid, event)
         exchange = await self.attempts.run(
             out, admitted.scope, admitted.deadline, event, lane, admitted.client
         )
