@@ -13,7 +13,8 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from proxy.clock import ServerClock
-from proxy.config import Config, state_dir, url_passwords
+from proxy.config import Config, ConfigError, spool_dir, state_dir, url_passwords
+from proxy.http.body import Spool
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, MemoryBackend, RateLimiter
@@ -140,6 +141,8 @@ class ProxyService:
             redact=self.logs.redactor.remember,
         )
         self.scheme = schemes[cfg.auth.scheme].build(deps)
+        listen = cfg.listen
+        self.spool = Spool(spool_dir(listen), listen.spool_threshold, listen.max_buffered_bytes)
         self.forwarder = self._pipeline(cfg)
         self.metrics.describe(self.scheme.name, cfg.limits.backend)
         self.metrics.watch(
@@ -158,7 +161,6 @@ class ProxyService:
                 reload=lambda: self.last_reload,
             )
         )
-        listen = cfg.listen
         self.listener = Listener(
             self.forwarder,
             max_connections=listen.max_connections,
@@ -191,6 +193,7 @@ class ProxyService:
             self.metrics,
             self.logs,
             cfg,
+            self.spool,
         )
 
     def _scope_states(self) -> dict[str, ScopeState]:
@@ -249,6 +252,20 @@ class ProxyService:
                 note="upstream.allow_insecure: credentials and data travel in the clear",
             )
 
+    def _prepare_spool(self) -> None:
+        """The spool directory, before any socket opens: made private, leftovers removed."""
+        spool = self.spool
+        try:
+            removed = spool.prepare()
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(
+                f"listen.spool_dir: cannot use {spool.directory} for request bodies: {reason}; "
+                "give a directory this user can own (mode 0700)"
+            ) from None
+        if removed:
+            self.log.info("spool_leftovers_removed", directory=str(spool.directory), count=removed)
+
     def _in_context(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """`coro` as a task of this service's log context (see the class docstring)."""
         return asyncio.get_running_loop().create_task(coro, context=self.logs.context())
@@ -257,6 +274,7 @@ class ProxyService:
         await self._in_context(self._start())
 
     async def _start(self) -> None:
+        self._prepare_spool()
         self._warn_about_exposure()
         if self.cfg.logging.log_bodies:
             self.log.warning(

@@ -17,9 +17,10 @@ import structlog
 
 from proxy.config import Config, LoggingConfig
 from proxy.errors import ProxyError, ShuttingDown
+from proxy.http.body import Spool
 from proxy.http.server import Request, error_headers, request_id
 from proxy.observe.access_record import AccessRecord
-from proxy.observe.log import Logs, body_text
+from proxy.observe.log import BODY_LOG_LIMIT, Logs, body_text
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.admission import AccessPolicy, Admission
 from proxy.pipeline.attempts import Attempts
@@ -42,6 +43,7 @@ class Forwarder:
         metrics: Metrics,
         logs: Logs,
         cfg: Config,
+        spool: Spool,
     ) -> None:
         self.admission = admission
         self.attempts = attempts
@@ -51,6 +53,7 @@ class Forwarder:
         # through the context the request is served in).
         self.logs = logs
         self.drain = Drain()
+        self.spool = spool
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
@@ -114,17 +117,23 @@ class Forwarder:
             raise ShuttingDown(_SHUTTING_DOWN, 1)
         admitted = self.admission.admit(request, started)
         target = admitted.target
-        out = await read_request(
-            request, target.path, target.query, self.max_body, self.client_timeout
-        )
-        logging = self.logging
-        event.path = target.masked_path() if logging.redact_paths else target.path
-        event.scope = admitted.label
-        event.bytes_in = len(out.body)
-        if logging.log_bodies:
-            event.request_body = body_text(out.body)
-        out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
-        exchange = await self.attempts.run(out, admitted.scope, admitted.deadline, event)
+        out = await read_request(request, target, self.spool, self.max_body, self.client_timeout)
+        body = out.body
+        try:
+            logging = self.logging
+            event.path = target.masked_path() if logging.redact_paths else target.path
+            event.scope = admitted.label
+            event.bytes_in = body.size
+            if logging.log_bodies:
+                # One past the limit, so the log line says it was cut.
+                event.request_body = body_text(body.read(0, BODY_LOG_LIMIT + 1))
+            out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
+            exchange = await self.attempts.run(out, admitted.scope, admitted.deadline, event)
+        finally:
+            # Every outcome (answer, error, client gone, shutdown's cut-off): the body's
+            # memory goes back to the global cap, its spool file is closed. No attempt
+            # follows the final answer, so it goes before a long answer is relayed.
+            body.close()
         event.upstream_status = exchange.resp.status
         try:
             return await self.relay(request, exchange, rid, event)
