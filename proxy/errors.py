@@ -13,7 +13,8 @@
     │   ├── QueueTimeout          503 queue_timeout
     │   ├── DailyLimit            503 daily_limit
     │   ├── ShuttingDown          503 shutting_down
-    │   └── TooManyConnections    503 too_many_connections
+    │   ├── TooManyConnections    503 too_many_connections
+    │   └── SpoolUnavailable      503 spool_unavailable
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
         ├── UpstreamBadResponse   502 upstream_bad_response
@@ -120,6 +121,12 @@ class ShuttingDown(Unavailable):
 
 class TooManyConnections(Unavailable):
     reason = "too_many_connections"
+
+
+class SpoolUnavailable(Unavailable):
+    """A large request body could not be written to listen.spool_dir (full, gone)."""
+
+    reason = "spool_unavailable"
 
 
 class UpstreamError(ProxyError):

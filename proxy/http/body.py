@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from proxy.errors import ProxyError, Unavailable
+from proxy.errors import ProxyError, SpoolUnavailable
 
 # What the API strips from both ends of a body before hashing it (PROTOCOL.md), as ints.
 WHITESPACE = b" \t\r\n"
@@ -42,12 +42,6 @@ _WHITESPACE = frozenset(WHITESPACE)
 PIECE = 256 * 1024
 # Trailing whitespace a TrimmedHash keeps in memory; a longer run is read back from the file.
 HOLD_LIMIT = 64 * 1024
-
-
-class SpoolUnavailable(Unavailable):
-    """The body could not be written to the spool directory (full, gone, unwritable)."""
-
-    reason = "spool_unavailable"
 
 
 def _spool_error(e: OSError) -> ProxyError:

@@ -15,7 +15,8 @@ from conftest import spool_fds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.http.body import EMPTY, Body, Spool, SpoolUnavailable, TrimmedHash
+from proxy.errors import SpoolUnavailable
+from proxy.http.body import EMPTY, Body, Spool, TrimmedHash
 from proxy.schemes.luxsci.signing import body_hash
 
 
