@@ -218,3 +218,22 @@ def test_hashlib_agrees_on_a_large_spooled_body(tmp_path: Path) -> None:
         == hashlib.sha256(b"\n\n" + data + b" \t").digest()
     )
     body.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    body=BODIES | st.builds(lambda a, b: a + b" \r\n\t" * 20_000 + b, BODIES, BODIES),
+    cuts=st.lists(st.integers(min_value=0, max_value=80_000), max_size=8),
+)
+def test_a_spooled_body_carries_the_signed_body_hash(
+    body: bytes, cuts: list[int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Through a real file: runs of whitespace past what is held (64 KiB) are read back from it.
+    spool = Spool(tmp_path_factory.getbasetemp(), 10, 100)
+    edges = [0, *sorted(c for c in cuts if 0 < c < len(body)), len(body)]
+    spooled_body = spooled(spool, *(body[a:b] for a, b in itertools.pairwise(edges)))
+    try:
+        assert spooled_body.digest == body_hash(body)
+        assert b"".join(spooled_body.pieces()) == body
+    finally:
+        spooled_body.close()
