@@ -40,6 +40,8 @@ WHITESPACE = b" \t\r\n"
 _WHITESPACE = frozenset(WHITESPACE)
 # Spooled bodies are read back (sent, hashed, copied) in pieces this size.
 PIECE = 256 * 1024
+# The names spool files have for an instant where O_TMPFILE is not supported.
+_PREFIX = "body-"
 # Trailing whitespace a TrimmedHash keeps in memory; a longer run is read back from the file.
 HOLD_LIMIT = 64 * 1024
 
@@ -321,27 +323,31 @@ class Spool:
         self._tmpfile = hasattr(os, "O_TMPFILE")
 
     def prepare(self) -> int:
-        """Create the directory (0700) if need be, check that it is ours and private, and
-        remove what older versions may have left in it; returns how many files went.
+        """Create the directory (0700) if need be, check that it is this user's own and
+        private, and remove the spool files a crash left in it; returns how many went.
 
         Raises OSError or ValueError (with a message naming the problem) when the
-        directory cannot be used."""
+        directory cannot be used. A directory someone else owns, or one others may enter,
+        is refused rather than changed: it could be a shared one (/tmp, a home), whose
+        files and mode are not the proxy's to touch."""
         path = self.directory
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.lstat()
         if not stat.S_ISDIR(info.st_mode):
             raise ValueError(f"{path} is not a directory (a symlink is not accepted)")
         if info.st_uid != os.geteuid():
-            # In a shared temp directory, someone else's could be read or swapped by them.
+            # Its owner could read the bodies, or swap the directory under us.
             raise ValueError(f"{path} belongs to uid {info.st_uid}, not to this user")
         if info.st_mode & 0o077:
-            os.chmod(path, 0o700)
+            raise ValueError(
+                f"{path} is open to other users (mode {stat.filemode(info.st_mode)}): "
+                "chmod 700 it, or name a path that does not exist yet"
+            )
         removed = 0
-        # Files only ever have a name here for an instant (or never): any that has one is
-        # a leftover of a crash in that instant, or of an older version. Directories are
-        # not ours to judge; they stay.
+        # A spool file has a name for an instant at most (none with O_TMPFILE): one that
+        # has a name was left by a crash in that instant. Only those are removed.
         for entry in os.scandir(path):
-            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+            if entry.name.startswith(_PREFIX) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
@@ -377,6 +383,6 @@ class Spool:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
                 self._tmpfile = False  # this file system cannot: fall back, and remember
-        fd, name = tempfile.mkstemp(prefix="body-", dir=self.directory)
+        fd, name = tempfile.mkstemp(prefix=_PREFIX, dir=self.directory)
         os.unlink(name)
         return fd

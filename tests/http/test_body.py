@@ -90,23 +90,27 @@ def test_prepare_makes_a_private_directory(tmp_path: Path) -> None:
     assert stat.S_IMODE(where.stat().st_mode) == 0o700
 
 
-def test_prepare_makes_an_open_directory_private(tmp_path: Path) -> None:
-    where = tmp_path / "spool"
-    where.mkdir(mode=0o755)
-    os.chmod(where, 0o755)
-    Spool(where, 10, 100).prepare()
-    assert stat.S_IMODE(where.stat().st_mode) == 0o700
-
-
-def test_prepare_removes_what_older_versions_left(tmp_path: Path) -> None:
+def test_prepare_refuses_a_directory_others_may_enter(tmp_path: Path) -> None:
     where = tmp_path / "spool"
     where.mkdir()
+    os.chmod(where, 0o1777)  # /tmp, say: neither its files nor its mode are ours to change
+    (where / "somebody-elses").write_bytes(b"x")
+    with pytest.raises(ValueError, match="open to other users"):
+        Spool(where, 10, 100).prepare()
+    assert stat.S_IMODE(where.stat().st_mode) == 0o1777
+    assert [p.name for p in where.iterdir()] == ["somebody-elses"]
+
+
+def test_prepare_removes_the_spool_files_a_crash_left(tmp_path: Path) -> None:
+    where = tmp_path / "spool"
+    where.mkdir(mode=0o700)
     (where / "body-old1").write_bytes(b"x" * 100)
     (where / "body-old2").write_bytes(b"y")
-    (where / "link").symlink_to(tmp_path / "elsewhere")
-    (where / "a-directory").mkdir()
-    assert Spool(where, 10, 100).prepare() == 3
-    assert sorted(p.name for p in where.iterdir()) == ["a-directory"]
+    (where / "notes.txt").write_bytes(b"not a spool file")
+    (where / "body-link").symlink_to(tmp_path / "elsewhere")
+    (where / "body-directory").mkdir()
+    assert Spool(where, 10, 100).prepare() == 2
+    assert sorted(p.name for p in where.iterdir()) == ["body-directory", "body-link", "notes.txt"]
 
 
 def test_prepare_refuses_a_symlink(tmp_path: Path) -> None:
