@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-def request_bytes(port: int, path: str) -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").encode()
+def request_bytes(port: int, path: str, headers: str = "") -> bytes:
+    """`headers`: extra header lines, each ending with CRLF."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{headers}\r\n"
+    ).encode()
 
 
 def outcome_of(raw: bytes) -> str:
@@ -34,10 +37,12 @@ def outcome_of(raw: bytes) -> str:
     return status
 
 
-async def one_request(port: int, path: str, on_sent: Callable[[], None] | None = None) -> str:
+async def one_request(
+    port: int, path: str, on_sent: Callable[[], None] | None = None, headers: str = ""
+) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(request_bytes(port, path))
+        writer.write(request_bytes(port, path, headers))
         await writer.drain()
         if on_sent is not None:
             on_sent()
@@ -46,9 +51,11 @@ async def one_request(port: int, path: str, on_sent: Callable[[], None] | None =
         writer.close()
 
 
-async def _counted(port: int, path: str, on_sent: Callable[[], None] | None = None) -> str:
+async def _counted(
+    port: int, path: str, on_sent: Callable[[], None] | None = None, headers: str = ""
+) -> str:
     try:
-        return await one_request(port, path, on_sent)
+        return await one_request(port, path, on_sent, headers)
     except Exception as e:  # counted like an answer: a failed request is a figure too
         return f"error {type(e).__name__}"
 
@@ -80,7 +87,9 @@ class Parked:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def park(port: int, path: str, count: int, connect_at_once: int = 100) -> Parked:
+async def park(
+    port: int, path: str, count: int, connect_at_once: int = 100, headers: str = ""
+) -> Parked:
     """Open `count` connections, each sending one GET; returns once all requests are sent
     (or failed before they could be).
 
@@ -110,7 +119,7 @@ async def park(port: int, path: str, count: int, connect_at_once: int = 100) -> 
 
         await gate.acquire()
         try:
-            return await _counted(port, path, sent)
+            return await _counted(port, path, sent, headers)
         finally:
             if not released:
                 settle()

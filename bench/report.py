@@ -36,6 +36,8 @@ class Results:
     parked: dict[str, Any] = field(default_factory=dict)
     # Number of proxy processes -> figures of that limiter run.
     limiter: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The lanes run: high requests sent while PARKED low ones wait.
+    lanes: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -207,6 +209,30 @@ def rows(r: Results) -> list[Row]:
                     "",
                 )
             )
+    ln = r.lanes
+    added, interval = ln.get("added_s"), ln.get("interval_s")
+    ok = None
+    value = "n/a"
+    if added and interval is not None:
+        worst = max(added)
+        ok = worst <= interval and all(o == "200" for o in ln.get("outcomes", []))
+        value = (
+            f"{worst * 1000:.1f} ms at most over {len(added)} (each: "
+            f"{', '.join(f'{a * 1000:.1f}' for a in added)} ms; low ones a millisecond or "
+            "more ahead: "
+            f"{ln.get('lows_ahead')}; whole waits, to the next window: "
+            f"{', '.join(f'{w:.2f}' for w in ln.get('waits_s', []))} s)"
+        )
+    out.append(
+        (
+            f"added wait of a high request, {PARKED:,} low ones queued (lanes)",
+            "",
+            "",
+            value,
+            "≤ 1 permit interval" + (f" ({interval * 1000:.0f} ms)" if interval else ""),
+            _verdict(ok),
+        )
+    )
     calls = None
     if r.api_calls is not None and r.api_calls[1]:
         calls = r.api_calls[0] / r.api_calls[1]
@@ -357,6 +383,11 @@ HOW_MEASURED = """## How measured
   in any window would have been 403s from the real API ("over budget"). The proxy's own 503s
   (`queue_full`, `queue_timeout`) are expected under 10x overload and listed separately. The
   Redis run shares one budget between three proxy processes, the load round-robin over them.
+- **Lanes**: a budget of 100 per window (60 s; 10 s with `--quick`), 10,000 requests with
+  `X-Proxy-Priority: low` parked in the queue, then one `X-Proxy-Priority: high` request per
+  window, each at another moment of it. The upstream's access log says when each request
+  reached it: the added wait is the high request's arrival less the first arrival after it was
+  sent (its own, when it went first), against one permit interval (window ÷ budget).
 - **API calls per client request**: (c)'s `luxsci_proxy_upstream_responses_total` (every API
   answer, the start-up login included) ÷ `luxsci_proxy_requests_total` over its wrk runs.
 """

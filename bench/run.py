@@ -38,6 +38,8 @@ from services import USER_PATH, Cores, Procs
 BUDGET = 300  # limiter runs: permits per window
 OVERLOAD = 10  # ... offered at this multiple of the budget
 WINDOWS = 3  # ... for this many whole windows
+LANES_BUDGET = 100  # lanes run: permits per window, spent at each window's start by low requests
+HIGH_PATH = "/perl/api/v2/user/high@example.com/profile"  # the high requests' (same budget)
 
 
 @dataclass(frozen=True)
@@ -387,6 +389,96 @@ def measure_limiter(ctx: Ctx, res: Results, processes: int) -> None:
         procs.stop_all()
 
 
+# -- lanes: a high request while 10,000 low ones wait -----------------------------------------
+
+
+def measure_lanes(ctx: Ctx, res: Results) -> None:
+    """10,000 low requests park on a small budget; high requests sent at different moments of
+    a window must go with the next permit. The upstream's access log says what it got when."""
+    work = ctx.workdir("lanes")
+    cores = ctx.cores
+    window = ctx.window_s
+    out = res.lanes
+    procs = Procs()
+    try:
+        upstream = svc.start_upstream(procs, work, cores, limit=LANES_BUDGET, access_log=True)
+        cfg = svc.proxy_config(
+            svc.free_port(),
+            svc.free_port(),
+            upstream.port,
+            user_per_minute=LANES_BUDGET,
+            window_seconds=window,
+            max_connections=2 * PARKED,
+            # Nothing times out or ages during the run: the lows stay low and queued.
+            queue={"max_size": 2 * PARKED, "max_wait": 3600, "aging": 3600},
+        )
+        lux = svc.start_proxy(procs, "luxsci-proxy-lanes", work, cores.sut, cores, cfg)
+        samples = 3 if ctx.quick else 5
+        sent = asyncio.run(_high_among_parked(lux, window, samples, out))
+        _log_notes(res, lux)
+        procs.stop(upstream)  # its access log is complete once it has exited
+        arrivals: list[tuple[float, str]] = []
+        for line in (upstream.workdir / "access.log").read_text().splitlines():
+            stamp, method, uri, _status = line.split()
+            if method == "GET" and uri.startswith("/perl/api/v2/user/"):
+                arrivals.append((float(stamp), uri))
+        arrivals.sort()
+        highs = [t for t, uri in arrivals if uri == HIGH_PATH]
+        added, ahead = [], []
+        for began, reached in zip(sent, highs, strict=False):
+            after = [(t, uri) for t, uri in arrivals if began <= t <= reached]
+            # From the first permit after it was sent (its own, when it goes first).
+            added.append(reached - after[0][0])
+            # Those of the same millisecond are the same burst of permits: not ahead of it.
+            ahead.append(sum(1 for t, uri in after if uri != HIGH_PATH and t < reached))
+        out["interval_s"] = window / LANES_BUDGET
+        out["added_s"], out["lows_ahead"] = added, ahead
+        print(
+            f"   high request's added wait: {', '.join(f'{a * 1000:.1f} ms' for a in added)} "
+            f"(permit interval {out['interval_s'] * 1000:.0f} ms); low requests reaching the "
+            f"upstream a millisecond or more before it: {ahead}; whole waits "
+            f"{', '.join(f'{w:.2f} s' for w in out['waits_s'])}",
+            flush=True,
+        )
+    finally:
+        procs.stop_all()
+
+
+async def _high_among_parked(
+    lux: svc.Service, window: float, samples: int, out: dict[str, Any]
+) -> list[float]:
+    """Park the lows, then send one high request per window, each at another moment of it;
+    returns when each was sent (wall time)."""
+    parked = await loadgen.park(lux.port, USER_PATH, PARKED, headers="X-Proxy-Priority: low\r\n")
+    sent: list[float] = []
+    try:
+        deadline = time.monotonic() + 120
+        depth = 0.0
+        while time.monotonic() < deadline:
+            samples_now = await asyncio.to_thread(svc.metrics, lux)
+            depth = svc.metric_sum(samples_now, "luxsci_proxy_queue_depth", scope="user")
+            if depth + parked.answered() >= PARKED:
+                break
+            await asyncio.sleep(0.5)
+        out["depth"] = depth
+        out["outcomes"], out["waits_s"] = [], []
+        for i in range(samples):
+            # (i + 0.5) / samples of the way into the next window: early, middle, late.
+            now = time.time()
+            at = (math.floor(now / window) + 1) * window + (i + 0.5) / samples * window
+            await asyncio.sleep(at - now)
+            began = time.time()
+            outcome = await loadgen.one_request(
+                lux.port, HIGH_PATH, headers="X-Proxy-Priority: high\r\n"
+            )
+            sent.append(began)
+            out["waits_s"].append(time.time() - began)
+            out["outcomes"].append(outcome)
+    finally:
+        await parked.cancel()
+    return sent
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -399,7 +491,7 @@ def main() -> int:
     parser.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     parser.add_argument(
         "--only",
-        choices=["cost", "parked", "limiter1", "limiter3"],
+        choices=["cost", "parked", "limiter1", "limiter3", "lanes"],
         action="append",
         help="run only these measurements (repeatable); docs/ is then left alone",
     )
@@ -423,6 +515,7 @@ def main() -> int:
         ("parked", f"{PARKED:,} parked requests", lambda: measure_parked(ctx, res)),
         ("limiter1", "limiter, 1 process", lambda: measure_limiter(ctx, res, 1)),
         ("limiter3", "limiter, 3 processes on Redis", lambda: measure_limiter(ctx, res, 3)),
+        ("lanes", f"high requests among {PARKED:,} low ones", lambda: measure_lanes(ctx, res)),
     ]
     if args.only:
         steps = [s for s in steps if s[0] in args.only]

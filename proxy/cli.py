@@ -205,7 +205,8 @@ async def _demo(port: int, admin_port: int, token: str, secret: str, logs: Logs)
         Config(
             listen=ListenConfig(port=port),
             admin=AdminConfig(port=admin_port),
-            upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True),
+            # The sandbox is on this machine: never sent through an HTTPS_PROXY of the shell's.
+            upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True, proxy=""),
             auth=AuthConfig(scheme="luxsci", token=Secret(token), secret=Secret(secret)),
             # A throw-away integration: no day count worth keeping on disk.
             limits=LimitsConfig(state_file=""),

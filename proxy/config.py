@@ -108,6 +108,15 @@ class UpstreamConfig:
     # The most an answer's head may take: status line and header lines, 1xx interim heads
     # included; also the cap on its trailer section. Past it: 502 upstream_bad_response.
     max_header_bytes: int = 64 * 1024
+    # An HTTP proxy every connection goes through, as a CONNECT tunnel (the OAuth token
+    # endpoint's too): http://[user:password@]host:port. null: the environment's
+    # https_proxy / HTTPS_PROXY (http_proxy for an http:// url); "" or none: no proxy.
+    proxy: str | None = field(default=None, metadata=KEEP_EMPTY)
+    # Credentials for the proxy (Proxy-Authorization: Basic), instead of in the URL.
+    proxy_user: str | None = None
+    proxy_password: Secret | None = None
+    # Hosts reached without the proxy, in NO_PROXY's syntax; null: $no_proxy / $NO_PROXY.
+    no_proxy: str | None = field(default=None, metadata=KEEP_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -156,11 +165,27 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
+class ClientConfig:
+    # The app's name in metrics and access lines (letters, digits, "_", "-", ".").
+    name: str = ""
+    # It sends `Proxy-Authorization: Bearer <token>` (or give token_file).
+    token: Secret | None = None
+    # The highest lane it may ask for with X-Proxy-Priority; asking more is served here.
+    max_priority: Literal["high", "normal", "low"] = "normal"
+    # Its requests waiting at once, in all; more -> 503 queue_full for it alone.
+    # Unset: an equal share of queue.max_size among the configured clients.
+    max_queued: int | None = None
+
+
+@dataclass(frozen=True)
 class AccessConfig:
     # Peers (CIDR) that may use the proxy; empty: any peer that can connect.
     allow_clients: tuple[str, ...] = ()
-    # When set, clients must send `Proxy-Authorization: Bearer <token>`.
+    # When set, clients must send `Proxy-Authorization: Bearer <token>`: one client,
+    # named "default" (beside any in `clients`).
     client_token: Secret | None = None
+    # Named apps, each with its own token, highest lane and share of the queue.
+    clients: tuple[ClientConfig, ...] = ()
     # Allow-list of method + path rules; empty: every request may pass.
     rules: tuple[AccessRule, ...] = ()
     # User logins/ids no request may target (as the API's own protected users).
@@ -195,6 +220,9 @@ class QueueConfig:
     max_size: int = 1000
     # Seconds a request may wait for a permit; longer -> 503 queue_timeout.
     max_wait: float = 30.0
+    # Seconds of waiting after which a request moves up one lane (low -> normal -> high),
+    # so no lane starves; background never moves.
+    aging: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -237,7 +265,8 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
-# Keys that may be given as `<key>_file` instead (a path whose content is the value).
+# Keys that may be given as `<key>_file` instead (a path whose content is the value); the
+# sections of list entries are named without their index.
 _FILE_KEYS = {
     "auth": (
         "token",
@@ -249,6 +278,8 @@ _FILE_KEYS = {
         "state_key",
     ),
     "access": ("client_token",),
+    "upstream": ("proxy_password",),
+    "access.clients": ("token",),
 }
 # Values that belong in the environment or a file, never written in the config itself.
 _SECRET_KEYS = (
@@ -259,7 +290,9 @@ _SECRET_KEYS = (
     "auth.refresh_token",
     "auth.state_key",
     "access.client_token",
+    "upstream.proxy_password",
 )
+_INDEX = re.compile(r"\[\d+\]")
 # auth.state_key when the config gives none (nor a state_key_file).
 STATE_KEY_ENV = "LUXSCI_PROXY_STATE_KEY"
 STATE_DIR_ENV = "LUXSCI_PROXY_STATE_DIR"
@@ -297,7 +330,7 @@ def _expand_all(node: Any, env: Mapping[str, str], key: str) -> Any:
 
 
 def _read_secret_files(section: dict[str, Any], name: str) -> None:
-    for key in _FILE_KEYS.get(name, ()):
+    for key in _FILE_KEYS.get(_INDEX.sub("", name), ()):
         file_key = f"{key}_file"
         if file_key not in section:
             continue
@@ -440,6 +473,10 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
         )
     if cfg.upstream.ca_file is not None and not Path(cfg.upstream.ca_file).is_file():
         raise ConfigError(f"upstream.ca_file: no such file {cfg.upstream.ca_file!r}")
+    # Imported here, not at the top: it is built on this module.
+    from proxy import egress
+
+    egress.check(cfg.upstream)
 
     auth = cfg.auth
     # The scheme's own rules live with the scheme (imported here, not at the top: the
@@ -465,6 +502,7 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
         )
     _check_positive(cfg.queue.max_size, "queue.max_size")
     _check_positive(cfg.queue.max_wait, "queue.max_wait")
+    _check_positive(cfg.queue.aging, "queue.aging")
     _check_positive(cfg.retry.max_attempts, "retry.max_attempts")
     _check_positive(cfg.retry.max_time, "retry.max_time")
     _check_positive(cfg.retry.backoff_base, "retry.backoff_base")
@@ -525,6 +563,7 @@ def _validate_access(access: AccessConfig) -> None:
             ) from None
     if access.client_token is not None and len(access.client_token.get()) < 16:
         raise ConfigError("access.client_token: use at least 16 characters")
+    _validate_clients(access)
     for i, rule in enumerate(access.rules):
         key = f"access.rules[{i}]"
         if not rule.methods or not all(_METHOD.fullmatch(m) for m in rule.methods):
@@ -542,14 +581,57 @@ def _validate_access(access: AccessConfig) -> None:
 
 
 _METHOD = re.compile(r"\*|[A-Z]+")
+# Client names become metric label values and access-line fields: short and plain.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Names the proxy gives itself: requests with no identity, and its own logins.
+_RESERVED_CLIENTS = ("anonymous", "proxy")
+
+
+def _validate_clients(access: AccessConfig) -> None:
+    names: set[str] = set()
+    tokens: set[str] = set()
+    if access.client_token is not None:
+        # The shorthand's client: one more, beside any named ones.
+        names.add("default")
+        tokens.add(access.client_token.get())
+    for i, client in enumerate(access.clients):
+        key = f"access.clients[{i}]"
+        if not _CLIENT_NAME.fullmatch(client.name):
+            raise ConfigError(
+                f"{key}.name: required; up to 64 letters, digits, _ . - (got {client.name!r})"
+            )
+        if client.name in _RESERVED_CLIENTS:
+            raise ConfigError(f"{key}.name: {client.name!r} is the proxy's own; pick another")
+        if client.name in names:
+            taken = "access.client_token's client" if client.name == "default" else "a client"
+            raise ConfigError(f"{key}.name: {client.name!r} is already the name of {taken}")
+        names.add(client.name)
+        token = client.token.get() if client.token is not None else ""
+        if not token:
+            raise ConfigError(f"{key}.token: required (set {key}.token or token_file)")
+        if len(token) < 16:
+            raise ConfigError(f"{key}.token: use at least 16 characters")
+        if token in tokens:
+            raise ConfigError(f"{key}.token: another client has the same token")
+        tokens.add(token)
+        if client.max_queued is not None and client.max_queued < 1:
+            raise ConfigError(f"{key}.max_queued: must be at least 1 (got {client.max_queued})")
 
 
 def _literal_secrets(raw: dict[str, Any]) -> list[str]:
     """Secret keys written into the file itself rather than taken from ${VAR} or a file."""
     found = []
+    given: list[tuple[str, str, Any]] = []
     for dotted in _SECRET_KEYS:
         section, key = dotted.split(".")
         value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        given.append((dotted, key, value))
+    access = raw.get("access")
+    clients = access.get("clients") if isinstance(access, dict) else None
+    for i, client in enumerate(clients if isinstance(clients, list) else []):
+        if isinstance(client, dict):
+            given.append((f"access.clients[{i}].token", "token", client.get("token")))
+    for dotted, key, value in given:
         if isinstance(value, str | int) and str(value) and "${" not in str(value):
             found.append(
                 f"{dotted}: a literal secret in the config file; take it from the "
@@ -589,7 +671,18 @@ def parse(
         # The state key may live in the environment without being named in the file.
         auth["state_key"] = env[STATE_KEY_ENV]
     cfg = validate(_build(Config, expanded, ""), schemes)
+    _check_egress_env(cfg, env)
     return dataclasses.replace(cfg, warnings=tuple(_literal_secrets(raw)))
+
+
+def _check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
+    """The egress proxy of each origin the proxy calls, as its pool will choose it: a bad
+    HTTPS_PROXY (read when upstream.proxy is not set) stops start-up like a bad key."""
+    from proxy import egress
+
+    origins = [cfg.upstream.url] + ([cfg.auth.token_url] if cfg.auth.token_url else [])
+    for url in origins:
+        egress.choose(dataclasses.replace(cfg.upstream, url=url), env)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import time
 from collections.abc import Coroutine, Mapping
 from typing import IO, Any, TypeVar
@@ -12,12 +13,13 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from proxy import egress
 from proxy.clock import ServerClock
 from proxy.config import Config, ConfigError, spool_dir, state_dir, url_passwords
 from proxy.http.body import Spool
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
-from proxy.limits import Backend, MemoryBackend, RateLimiter
+from proxy.limits import Backend, Lane, MemoryBackend, RateLimiter
 from proxy.observe.admin import create_admin_app
 from proxy.observe.log import Logs
 from proxy.observe.metrics import Metrics, ReloadState, ScopeState, StateSources
@@ -46,9 +48,11 @@ def secrets_of(cfg: Config) -> list[str]:
     found = [v.get() for v in values if v is not None]
     if cfg.access.client_token is not None:
         found.append(cfg.access.client_token.get())
+    found += [c.token.get() for c in cfg.access.clients if c.token is not None]
     for password in url_passwords(cfg.limits.redis_url):
         found += [password, unquote(password)]
-    return found
+    # The egress proxy's credentials, the environment's (HTTPS_PROXY...) included.
+    return found + egress.secrets(cfg.upstream, os.environ)
 
 
 def make_logs(cfg: Config, stream: IO[str] | None = None) -> Logs:
@@ -145,6 +149,7 @@ class ProxyService:
         self.spool = Spool(spool_dir(listen), listen.spool_threshold, listen.max_buffered_bytes)
         self.forwarder = self._pipeline(cfg)
         self.metrics.describe(self.scheme.name, cfg.limits.backend)
+        self._expect_lane_waits()
         self.metrics.watch(
             StateSources(
                 scopes=self._scope_states,
@@ -152,6 +157,7 @@ class ProxyService:
                 daily_used=lambda: self.limiter.day_used_known(),
                 code_age=self.scheme.credential_age,
                 session_valid=self.scheme.valid,
+                client_depths=self.limiter.client_depths,
                 daily_limit=lambda: self.cfg.limits.per_day,
                 code_lifetime=self._code_lifetime,
                 limits_fallback=lambda: bool(self.limiter.status().get("fallback")),
@@ -181,13 +187,27 @@ class ProxyService:
             else set()
         )
 
+    def _expect_lane_waits(self) -> None:
+        """Every synchronous lane each client may wait in, exported at zero from the start."""
+        self.metrics.expect_lane_waits(
+            (lane.label, client.name)
+            for client in self.forwarder.admission.policy.clients
+            for lane in (Lane.HIGH, Lane.NORMAL, Lane.LOW)
+            if lane >= client.max_lane
+        )
+
     def _pipeline(self, cfg: Config) -> Forwarder:
         """The forwarding steps, each with its few collaborators."""
         sender = Sender(
             self.upstream, Gate(cfg.limits.max_inflight), self.clock, self.limiter, self.metrics
         )
         return Forwarder(
-            Admission(AccessPolicy(cfg.access), self.scheme, cfg.queue, cfg.listen.encoded_slashes),
+            Admission(
+                AccessPolicy(cfg.access, cfg.queue.max_size),
+                self.scheme,
+                cfg.queue,
+                cfg.listen.encoded_slashes,
+            ),
             Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry),
             Relay(self.scheme, cfg.logging.log_bodies),
             self.metrics,
@@ -202,6 +222,7 @@ class ProxyService:
                 queue_depth=self.limiter.queue_depth(scope),
                 rate_limit_remaining=bucket.remaining,
                 rate_limit_limit=bucket.server_limit,
+                lane_depths=self.limiter.lane_depths(scope),
             )
             for scope, bucket in self.limiter.buckets.items()
         }
@@ -298,6 +319,8 @@ class ProxyService:
             listen=f"{self.cfg.listen.host}:{self.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
             upstream=self.cfg.upstream.url,
+            # host:port only: the proxy's credentials are never logged.
+            egress=self.upstream.egress.where if self.upstream.egress else None,
             scheme=self.scheme.name,
             ready=self.readiness()[0],
         )
@@ -345,6 +368,7 @@ class ProxyService:
         )
         self.limiter.reconfigure(applied.limits, applied.queue)
         self.forwarder.reconfigure(applied)
+        self._expect_lane_waits()
         self.cfg = applied
         await self.scheme.reconfigure(auth)
         return restart

@@ -30,6 +30,15 @@ USER = "joe@example.com"
 PASSWORD = "joe-password"
 
 
+@pytest.fixture(autouse=True)
+def _no_egress_proxy_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxy reads HTTPS_PROXY and the like when its config is silent: a developer's
+    own must not send the tests' local traffic to a corporate proxy. Tests about egress
+    set what they need."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()

@@ -384,9 +384,11 @@ REDIS_PASSWORD = "r3dis-Pw-9Kq"
 USER_PASSWORD = "user-Pw-4Hx7"
 API_KEY = "api-key-Lm2Tq8Zr"
 CLIENT_TOKEN = "client-token-Vb6Yn3Wd0"
+PORTAL_TOKEN = "portal-token-Qe5Rt1Xs"
 OAUTH_CLIENT_SECRET = "oauth-client-secret-Qw7Er"
 OAUTH_REFRESH_TOKEN = "oauth-refresh-token-Ty8Ui"
 STATE_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+PROXY_PASSWORD = "egress-proxy-Pw-5Gh2"
 ALL_SECRETS = (
     SECRET,
     TOKEN,
@@ -397,6 +399,8 @@ ALL_SECRETS = (
     OAUTH_CLIENT_SECRET,
     OAUTH_REFRESH_TOKEN,
     STATE_KEY,
+    PROXY_PASSWORD,
+    PORTAL_TOKEN,
 )
 FULL_CONFIG_ENV = {
     "TEST_API_KEY": API_KEY,
@@ -413,8 +417,12 @@ def write_full_config(tmp_path: Path) -> Path:
     password_file.write_text(USER_PASSWORD + "\n")
     refresh_file = tmp_path / "refresh-token"
     refresh_file.write_text(OAUTH_REFRESH_TOKEN + "\n")
+    portal_file = tmp_path / "portal-token"
+    portal_file.write_text(PORTAL_TOKEN + "\n")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # check reads no further than its name
+    proxy_password_file = tmp_path / "proxy-password"
+    proxy_password_file.write_text(PROXY_PASSWORD + "\n")
     path = tmp_path / "full.yaml"
     path.write_text(
         f"""
@@ -438,6 +446,10 @@ upstream:
   read_timeout: 40
   pool_size: 10
   max_header_bytes: 32768
+  proxy: http://proxy.internal:3128
+  proxy_user: svc-egress
+  proxy_password_file: {proxy_password_file}
+  no_proxy: .internal, 10.0.0.0/8
 auth:
   scheme: luxsci
   token: ${{LUXSCI_API_TOKEN}}
@@ -463,6 +475,8 @@ auth:
 access:
   allow_clients: [127.0.0.1/32, 10.1.2.0/24]
   client_token: ${{TEST_CLIENT_TOKEN}}
+  clients:
+    - {{name: portal, token_file: {portal_file}, max_priority: high, max_queued: 10}}
   rules:
     - {{methods: [GET, POST], path: /perl/api/v2/user/*/profile}}
     - {{methods: ["*"], path: /perl/api/v2/account/**}}
@@ -479,7 +493,7 @@ limits:
   window_seconds: 60
   day_seconds: 86400
   key: shared-limits
-queue: {{max_size: 100, max_wait: 10}}
+queue: {{max_size: 100, max_wait: 10, aging: 5}}
 retry: {{max_attempts: 3, max_time: 20, backoff_base: 0.5, backoff_max: 4}}
 logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
 shutdown_timeout: 15
@@ -558,6 +572,9 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["auth"]["user"] == USER
     assert printed["auth"]["auth_cookie"] is True
     assert printed["access"]["client_token"] == "********"
+    assert printed["access"]["clients"] == [
+        {"name": "portal", "token": "********", "max_priority": "high", "max_queued": 10}
+    ]
     assert printed["access"]["rules"] == [
         {"methods": ["GET", "POST"], "path": "/perl/api/v2/user/*/profile"},
         {"methods": ["*"], "path": "/perl/api/v2/account/**"},
@@ -572,6 +589,10 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["shutdown_timeout"] == 15
     assert printed["event_loop"] == "asyncio"
     assert printed["upstream"]["ca_file"] == str(tmp_path / "ca.pem")
+    assert printed["upstream"]["proxy"] == "http://proxy.internal:3128"
+    assert printed["upstream"]["proxy_user"] == "svc-egress"
+    assert printed["upstream"]["proxy_password"] == "********"
+    assert printed["upstream"]["no_proxy"] == ".internal, 10.0.0.0/8"
 
 
 def _closed_pipe() -> int:

@@ -386,7 +386,8 @@ _SECONDS = st.floats(min_value=0, max_value=1e6, allow_nan=False)
         **{
             name: st.none() | strategy
             for names, strategy in (
-                (("path", "scope", "request_body", "response_body", "error"), _TEXT),
+                (("path", "scope", "lane", "client", "request_body", "response_body"), _TEXT),
+                (("error",), _TEXT),
                 (("error_message",), _TEXT),
                 (("bytes_in", "attempts", "upstream_status", "status", "bytes_out"), _COUNT),
                 (("queue_wait", "upstream_time", "total_time"), _SECONDS),

@@ -6,7 +6,8 @@ A small client on asyncio protocols and httptools' C parser, not aiohttp's
 the hot path that work cost more than everything else the proxy does (bench/
 ANALYSIS.md: ~140 µs of ~230 µs per request for a bare aiohttp proxy).
 
-Only `upstream.url` is ever contacted. Callers pass the raw path and query,
+Only `upstream.url` is ever contacted (through a CONNECT tunnel when an egress proxy
+is configured: tunnel.py). Callers pass the raw path and query,
 which go on the wire byte-for-byte, so what the signer signed is exactly what
 the server sees. Callers only ever see ProxyError subclasses.
 
@@ -22,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import ssl
+from collections.abc import Mapping
 from types import TracebackType
 from typing import cast
 from urllib.parse import urlsplit
@@ -31,7 +34,9 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import UpstreamConfig
+from proxy.egress import choose as choose_egress
 from proxy.errors import ProxyError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from proxy.http import tunnel
 from proxy.http.body import Body
 from proxy.http.headers import decode_headers
 
@@ -546,10 +551,16 @@ class _Connection(asyncio.Protocol):
 
 
 class Upstream:
-    """A keep-alive pool to `upstream.url`, at most `upstream.pool_size` connections."""
+    """A keep-alive pool to `upstream.url`, at most `upstream.pool_size` connections.
 
-    def __init__(self, cfg: UpstreamConfig) -> None:
+    `env`: where HTTPS_PROXY and the like are read when the config does not say
+    (default: the process environment)."""
+
+    def __init__(self, cfg: UpstreamConfig, env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
+        # The egress proxy this origin is reached through, or None: directly. A pool has one
+        # origin, so its connections are all tunnels to it, and reusing one reuses a tunnel.
+        self.egress = choose_egress(cfg, os.environ if env is None else env)
         parts = urlsplit(cfg.url)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""
@@ -656,16 +667,32 @@ class Upstream:
         conn = _Connection(self)
         self._open.add(conn)
         try:
-            async with asyncio.timeout(self.cfg.connect_timeout):
-                await self.loop.create_connection(
-                    lambda: conn,
+            if self.egress is not None:
+                await tunnel.dial(
+                    self.loop,
+                    self.egress,
                     self.host,
                     self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None,
+                    self.where,
+                    self._ssl,
+                    conn,
+                    self.cfg.connect_timeout,
+                    self.cfg.max_header_bytes,
                 )
+            else:
+                async with asyncio.timeout(self.cfg.connect_timeout):
+                    await self.loop.create_connection(
+                        lambda: conn,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl is not None else None,
+                    )
         except BaseException as e:
             self.forget(conn)
+            if isinstance(e, tunnel.TunnelFailed):
+                # The tunnel never carried a byte of the request: a connection never made.
+                raise ConnectFailed(e.message) from e
             if isinstance(e, ssl.SSLCertVerificationError):
                 raise ConnectFailed(
                     f"TLS certificate of {self.where} was not accepted: {e.verify_message}"

@@ -1,12 +1,22 @@
-"""The rate limiter: per-scope FIFO queues released as fast as the API's limits allow.
+"""The rate limiter: per-scope queues released as fast as the API's limits allow.
 
 Each scope (user, account) has its own window budget and its own queue; both
-share one day budget. A request takes a permit at once when its scope's queue
-is empty and the window has room (the fast path: no task switch), otherwise it
-waits in line. One pump task per scope hands permits to the head of the line,
-sleeping to the next window when the current one is spent, and exits when the
-line is empty. A waiter that leaves (client gone, deadline passed) is skipped
-and never spends a permit.
+share one day budget. A request takes a permit at once when nobody waits in its
+scope and the window has room (the fast path: no task switch, no allocation),
+otherwise it waits in line. One pump task per scope hands out permits, sleeping
+to the next window when the current one is spent, and exits when nobody waits.
+A waiter that leaves (client gone, deadline passed) is skipped and never spends
+a permit.
+
+The line has lanes (lanes.py): each permit goes to the highest lane with a
+request waiting, the clients in a lane take turns, and a request that has waited
+`queue.aging` seconds in its lane climbs to the one above, so nothing waits
+forever. Background work (the proxy's own jobs) takes a permit only while no
+other request waits in its scope, and is paced: it spends a window's budget no
+faster than evenly over the window, so a request arriving at any moment finds
+at most one permit interval of the window taken by it (a burst at the window's
+start would leave the whole window spent). Each client may have at most its
+`max_queued` requests waiting, in all scopes together.
 
 At a window's end (the guard: the API may count a request in this window or
 the next) a permit is counted in this window and reserved in the next one, up
@@ -24,8 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +45,7 @@ from proxy.config import LimitsConfig, QueueConfig
 from proxy.errors import DailyLimit, QueueFull, QueueTimeout
 from proxy.limits import headers as rate_headers
 from proxy.limits.backend import CARRY_SHARE, Backend, Verdict
+from proxy.limits.lanes import AGING, PROXY_CLIENT, Client, Lane, LaneQueue, Waiter
 from proxy.limits.windows import Windows
 
 log = structlog.get_logger("proxy.limits")
@@ -64,10 +74,17 @@ class _Bucket:
     remaining: int | None = None
     # Server time until which the API told us this scope is spent (a 403).
     held_until: float = 0.0
-    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    lanes: tuple[LaneQueue, ...] = field(default_factory=lambda: tuple(LaneQueue() for _ in Lane))
+    # Live waiters per lane, and in all: those that left are not counted, though their
+    # entries stay in the lanes until they reach a head (or nobody waits any more).
+    depth: list[int] = field(default_factory=lambda: [0] * len(Lane))
+    queued: int = 0
     pump: asyncio.Task[None] | None = None
-    # Set to cut the pump's nap short (a reload changed the budget).
+    # Set to cut the pump's nap short (a reload changed the budget, or a request arrived
+    # while the pump paced background work).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # The pump naps only to pace background work: any other arrival must wake it.
+    pacing: bool = False
 
     @property
     def effective_limit(self) -> int:
@@ -83,17 +100,22 @@ class RateLimiter:
         queue: QueueConfig,
         backend: Backend,
         clock: ServerClock,
+        ticks: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = limits
         self.queue = queue
         self.backend = backend
         self.clock = clock
+        # What aging is measured on: monotonic, unlike the server clock (tests move it).
+        self._ticks = ticks
         self.windows = Windows.of(limits.window_seconds, limits.day_seconds)
         self.buckets = {
             "user": _Bucket("user", limits.user_per_minute),
             "account": _Bucket("account", limits.account_per_minute),
         }
         self.waiting = 0
+        # Requests waiting per client name, in all scopes (names: the configured ones).
+        self.queued_by: dict[str, int] = {}
 
     def reconfigure(self, limits: LimitsConfig, queue: QueueConfig) -> None:
         """Reload: new budgets and queue bounds apply from the next permit on."""
@@ -105,50 +127,105 @@ class RateLimiter:
             # A pump asleep until the next window must look again now: a raised
             # budget may have room in this one.
             bucket.wake.set()
-            if bucket.waiters:
+            if bucket.queued:
                 self._ensure_pump(bucket)
 
     # -- taking permits ------------------------------------------------------------
 
-    async def acquire(self, scope: str, deadline: float, front: bool = False) -> float:
+    async def acquire(
+        self,
+        scope: str,
+        deadline: float,
+        front: bool = False,
+        lane: Lane = Lane.NORMAL,
+        client: Client | None = None,
+    ) -> float:
         """Wait for a permit in `scope` until `deadline` (monotonic); returns seconds waited.
 
-        `front`: a request that already waited (a retry) goes to the head of its line.
+        `front`: a request that already waited (a retry) goes to the head of its client's
+        line in its lane. `lane`: already capped to what the client may ask for; the
+        proxy's jobs use Lane.BACKGROUND. `client`: whose share of the queue it takes;
+        None for the proxy's own requests (its logins), which no client's cap bounds.
         """
         bucket = self.buckets[scope]
-        if not bucket.waiters:
+        if not bucket.queued:
             now = self.clock.now()
-            if now >= bucket.held_until:
+            if now >= bucket.held_until and (
+                lane is not Lane.BACKGROUND or self._paced(bucket, now) <= 0.0
+            ):
                 verdict = await self._try(bucket, now)
                 if verdict is Verdict.GRANTED:
                     return 0.0
                 if verdict is Verdict.DAY_FULL:
                     raise self._daily_limit()
+        return await self._wait(bucket, deadline, front, lane, client)
+
+    async def _wait(
+        self, bucket: _Bucket, deadline: float, front: bool, lane: Lane, client: Client | None
+    ) -> float:
+        """The slow path: wait in line for the pump to hand over a permit."""
         if self.waiting >= self.queue.max_size:
             raise QueueFull(
                 f"{self.waiting} requests are already waiting for the API's rate limit "
                 "(queue.max_size)",
-                retry_after=self._retry_after(bucket),
+                retry_after=self._retry_after(bucket, lane),
+            )
+        name = PROXY_CLIENT if client is None else client.name
+        mine = self.queued_by.get(name, 0)
+        if client is not None and client.max_queued is not None and mine >= client.max_queued:
+            # This client's share is full; others keep theirs (and still get in line).
+            raise QueueFull(
+                f"{mine} requests of client {name!r} are already waiting for the API's rate "
+                "limit: its share of the queue (access.clients[].max_queued)",
+                retry_after=self._retry_after(bucket, lane),
             )
         started = time.monotonic()
         if deadline <= started:
-            raise self._queue_timeout(bucket, 0.0)
+            raise self._queue_timeout(bucket, 0.0, lane)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if front:
-            bucket.waiters.appendleft(future)
-        else:
-            bucket.waiters.append(future)
+        waiter = Waiter(future, lane, name, self._ticks())
+        bucket.lanes[lane].add(waiter, front)
+        bucket.depth[lane] += 1
+        bucket.queued += 1
         self.waiting += 1
+        self.queued_by[name] = mine + 1
+        if bucket.pacing and lane is not Lane.BACKGROUND:
+            bucket.wake.set()  # the pump paces background work: this request goes first
         self._ensure_pump(bucket)
         try:
             async with asyncio.timeout_at(self._loop_time(deadline)):
                 await future
         except TimeoutError:
-            raise self._queue_timeout(bucket, time.monotonic() - started) from None
+            raise self._queue_timeout(bucket, time.monotonic() - started, waiter.lane) from None
         finally:
             self.waiting -= 1
-            # A waiter that left stays in the deque, cancelled; the pump skips it.
+            self.queued_by[name] -= 1
+            if future.cancelled():
+                # It left the line (deadline, client gone); the pump counted it out only
+                # if it handed it a permit or an error. Its entry is skipped when reached.
+                self._left(bucket, waiter.lane)
         return time.monotonic() - started
+
+    @staticmethod
+    def _left(bucket: _Bucket, lane: Lane) -> None:
+        """A live waiter is out of line."""
+        bucket.depth[lane] -= 1
+        bucket.queued -= 1
+        if not bucket.queued:
+            # Whatever entries remain belong to waiters that left: drop them now, so a
+            # queue that timed out whole does not keep them until the next request.
+            for queue in bucket.lanes:
+                queue.drain()
+
+    def _paced(self, bucket: _Bucket, now: float) -> float:
+        """Seconds until background work may take a permit: the window's n-th permit
+        (counting from 0, whoever took the others) no earlier than n permit intervals
+        into the window."""
+        windows = self.windows
+        window = windows.index(now)
+        used = self.backend.known_used(bucket.scope, window)
+        start = windows.end(window) - windows.length
+        return start + used * windows.length / bucket.effective_limit - now
 
     async def _try(self, bucket: _Bucket, now: float) -> Verdict:
         """Take a permit at server time `now` (the scope is not held) if the limits allow.
@@ -178,33 +255,70 @@ class RateLimiter:
             bucket.pump = asyncio.get_running_loop().create_task(self._pump(bucket))
 
     async def _pump(self, bucket: _Bucket) -> None:
-        waiters = bucket.waiters
-        while waiters:
-            if waiters[0].done():  # left the line (timed out or client gone)
-                waiters.popleft()
-                continue
+        while (waiter := self._next(bucket)) is not None:
             now = self.clock.now()
             if now < bucket.held_until:
                 await self._nap(bucket, bucket.held_until - now)
                 continue
+            if waiter.lane is Lane.BACKGROUND:
+                pause = self._paced(bucket, now)
+                if pause > 0:
+                    bucket.pacing = True
+                    try:
+                        await self._nap(bucket, pause)
+                    finally:
+                        bucket.pacing = False
+                    continue
             verdict = await self._try(bucket, now)
             if verdict is Verdict.GRANTED:
-                # The head may have left while the backend answered: the next in line gets it.
-                while waiters and waiters[0].done():
-                    waiters.popleft()
-                if waiters:
-                    waiters.popleft().set_result(None)
+                # Whoever is first now gets it: while the backend answered, the waiter may
+                # have left, or a request of a higher lane may have arrived.
+                waiter = self._next(bucket)
+                if waiter is not None:
+                    bucket.lanes[waiter.lane].take(waiter)
+                    self._left(bucket, waiter.lane)
+                    waiter.future.set_result(None)
             elif verdict is Verdict.DAY_FULL:
                 error = self._daily_limit()
-                while waiters:
-                    waiter = waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_exception(error)
+                for queue in bucket.lanes:
+                    for gone in queue.drain():
+                        if not gone.future.done():
+                            self._left(bucket, gone.lane)
+                            gone.future.set_exception(error)
             else:
                 # WINDOW_FULL, or CARRY_FULL in the guard, which ends with the window: both
                 # end with the window tried, which the backend's answer may have outlived.
                 end = self.windows.end(self.windows.index(now))
                 await self._nap(bucket, max(0.0, end - self.clock.now()))
+
+    def _next(self, bucket: _Bucket) -> Waiter | None:
+        """The waiter the next permit goes to: the head of the highest lane with one."""
+        depth = bucket.depth
+        if depth[Lane.NORMAL] or depth[Lane.LOW]:
+            self._age(bucket)
+        for lane, queue in enumerate(bucket.lanes):
+            if depth[lane] and (waiter := queue.head()) is not None:
+                return waiter
+        return None
+
+    def _age(self, bucket: _Bucket) -> None:
+        """Move whoever waited `queue.aging` seconds in its lane up one lane.
+
+        Looked at only as permits are handed out, which is the only time order matters.
+        A request that climbs joins the upper lane at its tail, as a newcomer there.
+        """
+        ticks = self._ticks()
+        threshold = ticks - self.queue.aging
+        depth = bucket.depth
+        for lane, upper in AGING:
+            if not depth[lane]:
+                continue
+            aged = bucket.lanes[lane].age(threshold)
+            for waiter in aged:
+                waiter.lane, waiter.entered = upper, ticks
+                bucket.lanes[upper].add(waiter)
+            depth[lane] -= len(aged)
+            depth[upper] += len(aged)
 
     @staticmethod
     async def _nap(bucket: _Bucket, seconds: float) -> None:
@@ -266,19 +380,21 @@ class RateLimiter:
 
     # -- answers -------------------------------------------------------------------------
 
-    def _retry_after(self, bucket: _Bucket) -> float:
-        """A fair guess of when a new request would get through: after the line ahead of it."""
+    def _retry_after(self, bucket: _Bucket, lane: Lane) -> float:
+        """A fair guess of when a new request would get through: after the line ahead of it
+        (its own lane and those above)."""
         now = self.clock.now()
-        windows_ahead = len(bucket.waiters) // max(1, bucket.effective_limit)
+        ahead = sum(bucket.depth[: lane + 1])
+        windows_ahead = ahead // max(1, bucket.effective_limit)
         return max(bucket.held_until - now, self.windows.until_next(now)) + (
             windows_ahead * self.windows.length
         )
 
-    def _queue_timeout(self, bucket: _Bucket, waited: float) -> QueueTimeout:
+    def _queue_timeout(self, bucket: _Bucket, waited: float, lane: Lane) -> QueueTimeout:
         return QueueTimeout(
             f"no {bucket.scope} rate-limit permit within the allowed wait "
             f"(waited {waited:.1f} s; queue.max_wait or X-Proxy-Max-Wait)",
-            retry_after=self._retry_after(bucket),
+            retry_after=self._retry_after(bucket, lane),
         )
 
     def _daily_limit(self) -> DailyLimit:
@@ -315,4 +431,13 @@ class RateLimiter:
         return self.backend.known_day_used(self.windows.day(self.clock.now()))
 
     def queue_depth(self, scope: str) -> int:
-        return sum(1 for w in self.buckets[scope].waiters if not w.done())
+        return self.buckets[scope].queued
+
+    def lane_depths(self, scope: str) -> dict[str, int]:
+        """Requests waiting in `scope`, by the lane they wait in now."""
+        depth = self.buckets[scope].depth
+        return {lane.label: depth[lane] for lane in Lane}
+
+    def client_depths(self) -> dict[str, int]:
+        """Requests waiting per client, in all scopes (every client that ever waited)."""
+        return dict(self.queued_by)

@@ -62,6 +62,8 @@ class AccessRecord:
     method: str = field(metadata=_as(TEXT))
     path: str | None = field(default=None, metadata=_as(TEXT))
     scope: str | None = field(default=None, metadata=_as(TEXT))
+    lane: str | None = field(default=None, metadata=_as(TEXT))
+    client: str | None = field(default=None, metadata=_as(TEXT))
     bytes_in: int | None = field(default=None, metadata=_as(COUNT))
     request_body: str | None = field(default=None, metadata=_as(TEXT))
     attempts: int | None = field(default=None, metadata=_as(COUNT))

@@ -17,14 +17,16 @@ alert on "any daily_limit answer" would otherwise miss the first one. Statuses a
 not known in advance and are not pre-filled.
 
 Labels stay low-cardinality: methods outside the usual set become "other",
-scopes are user | account | auth, statuses are numbers; never a path.
+scopes are user | account | auth, statuses are numbers, lanes are high |
+normal | low | background, clients are the configured names (and anonymous,
+default, proxy); never a path.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -119,6 +121,8 @@ class ScopeState:
     queue_depth: int
     rate_limit_remaining: int | None
     rate_limit_limit: int | None
+    # The same waiting requests, by the lane they wait in now.
+    lane_depths: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ class StateSources:
     queue_max_wait: Callable[[], float | None] = lambda: None
     # The last config load (start-up or SIGHUP): did it apply, and when did one last apply.
     reload: Callable[[], ReloadState | None] = lambda: None
+    # Requests waiting per client name, in all scopes.
+    client_depths: Callable[[], Mapping[str, int]] = dict
 
 
 class _StateCollector(Collector):
@@ -173,13 +179,29 @@ class _StateCollector(Collector):
             "X-RateLimit-Limit from the API's latest answer",
             labels=["scope"],
         )
+        by_lane = GaugeMetricFamily(
+            f"{PREFIX}_queue_depth_by_lane",
+            "Requests waiting for a rate-limit permit, by the lane they wait in",
+            labels=["scope", "lane"],
+        )
         for scope, state in s.scopes().items():
             depth.add_metric([scope], state.queue_depth)
+            for lane, count in state.lane_depths.items():
+                by_lane.add_metric([scope, lane], count)
             if state.rate_limit_remaining is not None:
                 remaining.add_metric([scope], state.rate_limit_remaining)
             if state.rate_limit_limit is not None:
                 limit.add_metric([scope], state.rate_limit_limit)
+        by_client = GaugeMetricFamily(
+            f"{PREFIX}_queue_depth_by_client",
+            "Requests waiting for a rate-limit permit, by client (all scopes)",
+            labels=["client"],
+        )
+        for client, count in sorted(s.client_depths().items()):
+            by_client.add_metric([client], count)
         yield depth
+        yield by_lane
+        yield by_client
         yield remaining
         yield limit
         yield GaugeMetricFamily(
@@ -284,25 +306,35 @@ class _Counter:
 
 
 class _Histogram:
-    """A histogram per label values: [count per bucket..., sum] in one list."""
+    """A histogram per label values: [count per bucket..., sum] in one list.
+
+    One label: its value is the key. Several: a tuple of their values is.
+    """
 
     def __init__(
         self,
         name: str,
         doc: str,
-        label: str,
+        label: str | Sequence[str],
         buckets: Sequence[float],
         known: Sequence[str] = (),
     ) -> None:
-        self.name, self.doc, self.label = name, doc, label
+        self.name, self.doc = name, doc
+        self.labels = [label] if isinstance(label, str) else list(label)
         self.bounds = list(buckets)
         # One slot per bound, one for +Inf, one for the sum; known values start at zero.
-        self.series: dict[str, list[float]] = {v: self._empty() for v in known}
+        self.series: dict[str | tuple[str, ...], list[float]] = {v: self._empty() for v in known}
 
     def _empty(self) -> list[float]:
         return [0.0] * (len(self.bounds) + 2)
 
-    def observe(self, value: str, amount: float) -> None:
+    def expect(self, values: Iterable[str | tuple[str, ...]]) -> None:
+        """Export these label values at zero until they are first observed."""
+        for value in values:
+            if value not in self.series:
+                self.series[value] = self._empty()
+
+    def observe(self, value: str | tuple[str, ...], amount: float) -> None:
         series = self.series.get(value)
         if series is None:
             series = self.series[value] = self._empty()
@@ -311,14 +343,16 @@ class _Histogram:
         series[-1] += amount
 
     def family(self) -> Metric:
-        family = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
         labels = [*(repr(float(b)) for b in self.bounds), "+Inf"]
         for value, series in sorted(self.series.items()):
             cumulative, buckets = 0.0, []
             for le, count in zip(labels, series[:-1], strict=True):
                 cumulative += count
                 buckets.append((le, cumulative))
-            family.add_metric([value], buckets, series[-1])
+            family.add_metric(
+                list(value) if isinstance(value, tuple) else [value], buckets, series[-1]
+            )
         return family
 
 
@@ -360,6 +394,12 @@ class Metrics:
             _WAIT_BUCKETS,
             LIMIT_SCOPES,
         )
+        self._lane_wait = _Histogram(
+            f"{PREFIX}_queue_wait_by_lane_seconds",
+            "Wait for a rate-limit permit, per attempt, by the lane admitted to and client",
+            ("lane", "client"),
+            _WAIT_BUCKETS,
+        )
         self._upstream_responses = _Counter(
             f"{PREFIX}_upstream_responses", "Answers from the API, by status", ["status"]
         )
@@ -382,6 +422,7 @@ class Metrics:
                     self._request_duration,
                     self._upstream_duration,
                     self._queue_wait,
+                    self._lane_wait,
                     self._upstream_responses,
                     self._retries,
                     self._rejected,
@@ -417,8 +458,14 @@ class Metrics:
     def upstream_response(self, status: int) -> None:
         self._upstream_responses.inc(str(status))
 
-    def queue_wait(self, scope: str, seconds: float) -> None:
+    def expect_lane_waits(self, lanes_and_clients: Iterable[tuple[str, str]]) -> None:
+        """The (lane, client) pairs requests may wait in, at zero from the start (clients
+        come from the config, so they are known in advance too)."""
+        self._lane_wait.expect(lanes_and_clients)
+
+    def queue_wait(self, scope: str, seconds: float, lane: str, client: str) -> None:
         self._queue_wait.observe(scope, seconds)
+        self._lane_wait.observe((lane, client), seconds)
 
     def retry(self, reason: str) -> None:
         self._retries.inc(reason)

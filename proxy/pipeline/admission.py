@@ -1,10 +1,12 @@
 """Who may use the proxy and what for: pure checks, no I/O.
 
 Whoever reaches the proxy acts with the integration's full rights, so every
-request passes, in order: the peer allow-list, the client token, the method,
-the method + path rules, and the protected users. The target's shape is
-settled when it is parsed (proxy/target.py). All of it happens before a
-permit is spent or a byte goes upstream.
+request passes, in order: the peer allow-list, the client token (which also
+says which client it is), the method, the method + path rules, and the
+protected users. The target's shape is settled when it is parsed
+(proxy/target.py). All of it happens before a permit is spent or a byte goes
+upstream. Admission also settles the request's lane: what it asks for with
+X-Proxy-Priority, capped by what its client may ask for.
 
 Rules match the target's decoded segments: `/perl/api/v2/%75ser/x` is the
 `user` path the API will see, so it is the one the rules must see too.
@@ -21,11 +23,21 @@ from dataclasses import dataclass
 from proxy.config import AccessConfig, QueueConfig
 from proxy.errors import BadRequest, Forbidden
 from proxy.http.server import Request
+from proxy.limits.lanes import ASKABLE, Client, Lane
 from proxy.schemes.base import AuthScheme
 from proxy.target import Kind, Target
 from proxy.target import parse as parse_target
 
 MAX_WAIT_HEADER = "X-Proxy-Max-Wait"
+PRIORITY_HEADER = "X-Proxy-Priority"
+# On the answer when the lane served is not the one asked for (the client's cap).
+APPLIED_HEADER = "X-Proxy-Priority-Applied"
+
+# With no token configured, every request is this client. Its lane is its own affair (it
+# is the only client), so it may ask for any; to cap lanes, name the apps.
+ANONYMOUS = Client("anonymous", Lane.HIGH)
+# access.client_token's client.
+DEFAULT_CLIENT = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +61,40 @@ class Rule:
 
 
 class AccessPolicy:
-    def __init__(self, cfg: AccessConfig) -> None:
+    def __init__(self, cfg: AccessConfig, max_queue: int = QueueConfig.max_size) -> None:
+        """`max_queue`: queue.max_size, which clients without a max_queued share equally."""
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allow_clients]
-        token = cfg.client_token.get() if cfg.client_token is not None else None
-        self._token = f"Bearer {token}".encode() if token else None
+        # (b"Bearer <token>", the client it names); empty: no token asked for.
+        self._tokens: list[tuple[bytes, Client]] = []
+        shorthand = cfg.client_token.get() if cfg.client_token is not None else ""
+        count = len(cfg.clients) + bool(shorthand)
+        share = -(-max_queue // max(1, count))  # rounded up
+        if shorthand:
+            # Alone, it orders only its own requests: any lane. Beside named clients it is
+            # one of them, with a named client's default cap.
+            cap = Lane.NORMAL if cfg.clients else Lane.HIGH
+            self._tokens.append((_bearer(shorthand), Client(DEFAULT_CLIENT, cap, share)))
+        for c in cfg.clients:
+            if c.token is None:
+                continue  # validation refuses such a config
+            client = Client(
+                c.name,
+                ASKABLE[c.max_priority],
+                c.max_queued if c.max_queued is not None else share,
+            )
+            self._tokens.append((_bearer(c.token.get()), client))
         self.rules = [Rule.parse(r.methods, r.path) for r in cfg.rules]
         self.protected = {u.strip().lower() for u in cfg.protected_users}
 
     @property
+    def clients(self) -> list[Client]:
+        """Every client a request may be (the proxy's own logins aside)."""
+        return [client for _, client in self._tokens] or [ANONYMOUS]
+
+    @property
     def open_to_anyone(self) -> bool:
         """No allow-list and no token: anyone who can connect may use the proxy."""
-        return not self.networks and self._token is None
+        return not self.networks and not self._tokens
 
     def check_peer(self, remote: str | None) -> None:
         if not self.networks:
@@ -73,15 +108,22 @@ class AccessPolicy:
         if not any(ip in net for net in self.networks):
             raise Forbidden(f"client {ip} is not allowed to use the proxy (access.allow_clients)")
 
-    def check_token(self, header: str | None) -> None:
-        if self._token is None:
-            return
+    def identify(self, header: str | None) -> Client:
+        """The client a Proxy-Authorization header names; Forbidden if it names none."""
+        if not self._tokens:
+            return ANONYMOUS
         given = (header or "").encode("utf-8", "replace")
-        # Constant time: the comparison must not tell how much of a guess was right.
-        if not hmac.compare_digest(given, self._token):
+        found = None
+        for expected, client in self._tokens:
+            # Constant time, and every token compared: the time taken must tell neither
+            # how much of a guess was right nor which client's token it came near.
+            if hmac.compare_digest(given, expected):
+                found = client
+        if found is None:
             raise Forbidden(
                 "missing or wrong client token (send Proxy-Authorization: Bearer <token>)"
             )
+        return found
 
     def check_request(self, method: str, target: Target) -> None:
         """The method + path rules and the protected users; Forbidden if refused."""
@@ -100,6 +142,20 @@ _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 def check_method(method: str) -> None:
     if method in _REFUSED_METHODS:
         raise BadRequest(f"{method} is not forwarded by the proxy")
+
+
+def _bearer(token: str) -> bytes:
+    return f"Bearer {token}".encode()
+
+
+def priority(header: str | None) -> Lane:
+    """The lane a client asks for (normal when it does not say)."""
+    if header is None:
+        return Lane.NORMAL
+    lane = ASKABLE.get(header.strip().lower())
+    if lane is None:
+        raise BadRequest(f"{PRIORITY_HEADER} must be high, normal or low (got {header!r})")
+    return lane
 
 
 def max_wait(header: str | None, configured: float) -> float:
@@ -125,6 +181,11 @@ class Admitted:
     # The scope label for metrics and the access line ("auth" for log-in paths).
     label: str
     deadline: float
+    client: Client
+    # The lane it waits in: what it asked for, capped by what its client may ask for.
+    lane: Lane
+    # The cap lowered what it asked for (the answer says so in APPLIED_HEADER).
+    capped: bool
 
 
 class Admission:
@@ -143,11 +204,14 @@ class Admission:
         headers = request.headers
         policy = self.policy
         policy.check_peer(request.remote)
-        policy.check_token(headers.get("Proxy-Authorization"))
+        client = policy.identify(headers.get("Proxy-Authorization"))
         check_method(request.method)
         target = parse_target(request.raw_path, self.encoded_slashes)
         policy.check_request(request.method, target)
         wait = max_wait(headers.get(MAX_WAIT_HEADER), self.queue.max_wait)
+        asked = priority(headers.get(PRIORITY_HEADER))
+        # Lower value, higher lane: the cap is the larger of the two.
+        lane = asked if asked >= client.max_lane else client.max_lane
         scope = self.scheme.budget(target)
         label = "auth" if target.kind is Kind.AUTH else scope
-        return Admitted(target, scope, label, started + wait)
+        return Admitted(target, scope, label, started + wait, client, lane, lane is not asked)

@@ -20,7 +20,8 @@ from proxy.clock import ServerClock
 from proxy.config import RetryConfig
 from proxy.errors import ProxyError
 from proxy.http.client import Upstream, UpstreamResponse
-from proxy.limits import RateLimiter
+from proxy.limits import Client, Lane, RateLimiter
+from proxy.limits.lanes import PROXY_CLIENT
 from proxy.observe.access_record import AccessRecord
 from proxy.observe.metrics import Metrics
 from proxy.pipeline import retry
@@ -126,14 +127,27 @@ class Attempts:
         self.retries = retries
 
     async def run(
-        self, out: Outbound, scope: str, deadline: float, event: AccessRecord
+        self,
+        out: Outbound,
+        scope: str,
+        deadline: float,
+        event: AccessRecord,
+        lane: Lane = Lane.NORMAL,
+        client: Client | None = None,
     ) -> Exchange:
-        """Attempt until an answer is final; the Exchange holds an in-flight slot."""
+        """Attempt until an answer is final; the Exchange holds an in-flight slot.
+
+        `lane` and `client`: where each attempt waits for its permit (the limiter's
+        acquire); the proxy's jobs pass Lane.BACKGROUND.
+        """
         progress = _Progress(time.monotonic())
+        name = client.name if client is not None else PROXY_CLIENT
         while True:
             # Once a request has waited its turn, a retry keeps its place at the head.
-            waited = await self.limiter.acquire(scope, deadline, progress.attempts > 0)
-            self.metrics.queue_wait(scope, waited)
+            waited = await self.limiter.acquire(
+                scope, deadline, progress.attempts > 0, lane, client
+            )
+            self.metrics.queue_wait(scope, waited, lane.label, name)
             progress.queue_wait += waited
             progress.attempts += 1
             event.attempts = progress.attempts

@@ -19,10 +19,11 @@ from proxy.config import Config, LoggingConfig
 from proxy.errors import ProxyError, ShuttingDown
 from proxy.http.body import Spool
 from proxy.http.server import Request, error_headers, request_id
+from proxy.limits import Lane
 from proxy.observe.access_record import AccessRecord
 from proxy.observe.log import BODY_LOG_LIMIT, Logs, body_text
 from proxy.observe.metrics import Metrics
-from proxy.pipeline.admission import AccessPolicy, Admission
+from proxy.pipeline.admission import APPLIED_HEADER, AccessPolicy, Admission, Admitted
 from proxy.pipeline.attempts import Attempts
 from proxy.pipeline.drain import Drain
 from proxy.pipeline.outbound import read_request
@@ -32,6 +33,8 @@ log = structlog.get_logger("proxy.access")
 
 _SHUTTING_DOWN = "the proxy is shutting down; send the request again"
 _CUT_OFF = "the proxy shut down before this request could be served; send it again"
+# The answer's line saying a request was served in a lower lane than it asked for.
+_APPLIED_LINES = {lane: f"{APPLIED_HEADER}: {lane.label}\r\n".encode() for lane in Lane}
 
 
 class Forwarder:
@@ -62,7 +65,7 @@ class Forwarder:
     def reconfigure(self, cfg: Config) -> None:
         """Reload: settings read per request are swapped whole."""
         self.admission.queue = cfg.queue
-        self.admission.policy = AccessPolicy(cfg.access)
+        self.admission.policy = AccessPolicy(cfg.access, cfg.queue.max_size)
         self.attempts.retries = cfg.retry
         self.attempts.sender.inflight.resize(cfg.limits.max_inflight)
         self.relay.log_bodies = cfg.logging.log_bodies
@@ -82,10 +85,15 @@ class Forwarder:
         event = AccessRecord(rid, request.method)
         drain = self.drain
         drain.add(request)
+        admitted: Admitted | None = None
         try:
-            status, sent = await self._forward(request, rid, event, started)
+            if drain.draining:
+                # Stopping: a request on a kept-alive connection goes to another replica.
+                raise ShuttingDown(_SHUTTING_DOWN, 1)
+            admitted = self.admission.admit(request, started)
+            status, sent = await self._forward(request, admitted, rid, event)
         except ProxyError as e:
-            status, sent = self._refuse(request, e, rid, event)
+            status, sent = self._refuse(request, e, rid, event, admitted)
         except asyncio.CancelledError:
             if not drain.cut_off(request) or request.task is None:
                 # The client went away (the server cancels its handler): nothing to answer.
@@ -96,12 +104,12 @@ class Forwarder:
                 raise
             # The drain's grace ran out before this request was served: say so.
             request.task.uncancel()
-            status, sent = self._refuse(request, ShuttingDown(_CUT_OFF, 1), rid, event)
+            status, sent = self._refuse(request, ShuttingDown(_CUT_OFF, 1), rid, event, admitted)
         except Exception:
             # A bug, not the client's fault: answer anyway, and leave the traceback in the log.
             log.exception("internal_error", request_id=rid)
             error = ProxyError("internal proxy error; see the proxy log")
-            status, sent = self._refuse(request, error, rid, event)
+            status, sent = self._refuse(request, error, rid, event, admitted)
         drain.discard(request)
         event.status = status
         event.bytes_out = sent
@@ -110,12 +118,8 @@ class Forwarder:
         self.logs.access(event)
 
     async def _forward(
-        self, request: Request, rid: str, event: AccessRecord, started: float
+        self, request: Request, admitted: Admitted, rid: str, event: AccessRecord
     ) -> tuple[int, int]:
-        if self.drain.draining:
-            # Stopping: a request on a kept-alive connection goes to another replica.
-            raise ShuttingDown(_SHUTTING_DOWN, 1)
-        admitted = self.admission.admit(request, started)
         target = admitted.target
         out = await read_request(request, target, self.spool, self.max_body, self.client_timeout)
         body = out.body
@@ -123,12 +127,17 @@ class Forwarder:
             logging = self.logging
             event.path = target.masked_path() if logging.redact_paths else target.path
             event.scope = admitted.label
+            lane = admitted.lane
+            event.lane = lane.label
+            event.client = admitted.client.name
             event.bytes_in = body.size
             if logging.log_bodies:
                 # One past the limit, so the log line says it was cut.
                 event.request_body = body_text(body.read(0, BODY_LOG_LIMIT + 1))
             out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
-            exchange = await self.attempts.run(out, admitted.scope, admitted.deadline, event)
+            exchange = await self.attempts.run(
+                out, admitted.scope, admitted.deadline, event, lane, admitted.client
+            )
         finally:
             # Every outcome (answer, error, client gone, shutdown's cut-off): the body's
             # memory goes back to the global cap, its spool file is closed. No attempt
@@ -136,12 +145,18 @@ class Forwarder:
             body.close()
         event.upstream_status = exchange.resp.status
         try:
-            return await self.relay(request, exchange, rid, event)
+            note = _APPLIED_LINES[lane] if admitted.capped else b""
+            return await self.relay(request, exchange, rid, event, note)
         finally:
             exchange.close()
 
     def _refuse(
-        self, request: Request, error: ProxyError, rid: str, event: AccessRecord
+        self,
+        request: Request,
+        error: ProxyError,
+        rid: str,
+        event: AccessRecord,
+        admitted: Admitted | None,
     ) -> tuple[int, int]:
         """An answer the proxy makes itself: counted, logged with the request, sent."""
         event.error = error.reason
@@ -151,4 +166,8 @@ class Forwarder:
             # Too late for an answer of our own: the client sees a cut-off one instead.
             request.abort()
             return error.status, 0
-        return error.status, request.respond(error.status, error_headers(error, rid), error.body())
+        headers = error_headers(error, rid)
+        if admitted is not None and admitted.capped:
+            # It may have waited in a lower lane than it asked for: say so here too.
+            headers.append((APPLIED_HEADER, admitted.lane.label))
+        return error.status, request.respond(error.status, headers, error.body())

@@ -31,13 +31,21 @@ class Relay:
         self.log_bodies = log_bodies
 
     async def __call__(
-        self, request: Request, exchange: Exchange, rid: str, event: AccessRecord
+        self,
+        request: Request,
+        exchange: Exchange,
+        rid: str,
+        event: AccessRecord,
+        note: bytes = b"",
     ) -> tuple[int, int]:
-        """Hand the answer to the client; returns (status, body bytes sent)."""
+        """Hand the answer to the client; returns (status, body bytes sent).
+
+        `note`: header lines of the proxy's own to add (the lane applied).
+        """
         resp = exchange.resp
         status = resp.status
         headers = downstream_block(resp.raw_headers, resp.headers)
-        headers += b"X-Request-ID: " + rid.encode() + b"\r\n"
+        headers += b"X-Request-ID: " + rid.encode() + b"\r\n" + note
         length = resp.content_length
         if request.method == "HEAD" or status in (204, 304) or status < 200:
             # No body follows; the upstream's Content-Length still describes the resource.

@@ -39,7 +39,7 @@ from proxy.config import AuthConfig
 from proxy.errors import ProxyError, UpstreamAuthFailed
 from proxy.http.client import Upstream
 from proxy.http.headers import header_line, header_lines
-from proxy.limits import RateLimiter
+from proxy.limits import Lane, RateLimiter
 from proxy.observe.metrics import Metrics
 from proxy.schemes.base import Credential
 from proxy.schemes.luxsci import rules, signing
@@ -272,7 +272,10 @@ class LuxSciSession:
             payload["pass"] = password or ""
         if self._limiter is not None:
             # Limiter deadlines are time.monotonic(), whatever clock this session runs on.
-            await self._limiter.acquire("account", time.monotonic() + self._permit_wait, front=True)
+            # High lane, at its head: every request waiting for credentials waits for it.
+            await self._limiter.acquire(
+                "account", time.monotonic() + self._permit_wait, front=True, lane=Lane.HIGH
+            )
         self.auth_calls += 1
         resp = await self._upstream.request(
             "POST",
