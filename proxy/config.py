@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -84,8 +85,14 @@ def file_keys(section: str) -> tuple[str, ...]:
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    # Client bodies are buffered (they are signed, and replayed on retry), so cap them.
+    # Client bodies are read whole (they are signed, and replayed on retry), so cap them.
     max_body_bytes: int = 25 * 1024 * 1024
+    # Bodies over this many bytes go to an unlinked file in spool_dir instead of memory.
+    spool_threshold: int = 1024 * 1024
+    # Where; default: $LUXSCI_PROXY_STATE_DIR/spool, else <temp dir>/luxsci-proxy-<uid>.
+    spool_dir: str | None = None
+    # Request bodies held in memory by all requests together; one past it spools instead.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     # The request line and each header line; longer -> 431.
     max_header_bytes: int = 8190
     # Connections open at once; more are answered 503 and closed.
@@ -506,6 +513,8 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
     _check_port(cfg.listen.port, "listen.port")
     _check_port(cfg.admin.port, "admin.port")
     _check_positive(cfg.listen.max_body_bytes, "listen.max_body_bytes")
+    _check_positive(cfg.listen.spool_threshold, "listen.spool_threshold")
+    _check_positive(cfg.listen.max_buffered_bytes, "listen.max_buffered_bytes")
     _check_positive(cfg.upstream.connect_timeout, "upstream.connect_timeout")
     _check_positive(cfg.upstream.read_timeout, "upstream.read_timeout")
     _check_positive(cfg.upstream.pool_size, "upstream.pool_size")
@@ -668,6 +677,18 @@ def state_dir(env: Mapping[str, str] | None = None) -> Path:
     ~/.local/state/luxsci-proxy (the XDG state directory's habit)."""
     base = (os.environ if env is None else env).get(STATE_DIR_ENV)
     return Path(base) if base else Path.home() / ".local/state/luxsci-proxy"
+
+
+def spool_dir(listen: ListenConfig, env: Mapping[str, str] | None = None) -> Path:
+    """Where large request bodies are spooled: listen.spool_dir, else `spool` in
+    $LUXSCI_PROXY_STATE_DIR (a container's one writable place), else a directory of this
+    user's own in the system's temp directory ($TMPDIR)."""
+    if listen.spool_dir:
+        return Path(listen.spool_dir)
+    base = (os.environ if env is None else env).get(STATE_DIR_ENV)
+    if base:
+        return Path(base) / "spool"
+    return Path(tempfile.gettempdir()) / f"luxsci-proxy-{os.geteuid()}"
 
 
 def _validate_access(access: AccessConfig) -> None:

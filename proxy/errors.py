@@ -22,6 +22,7 @@
     │   ├── TooManyConnections    503 too_many_connections
     │   ├── JobsFull              503 jobs_full
     │   └── JobsUnavailable       503 jobs_unavailable
+    │   └── SpoolUnavailable      503 spool_unavailable
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
         ├── UpstreamBadResponse   502 upstream_bad_response
@@ -175,6 +176,12 @@ class JobNotCancellable(ProxyError):
 class IdempotencyKeyReused(ProxyError):
     status = 422
     reason = "idempotency_key_reused"
+
+
+class SpoolUnavailable(Unavailable):
+    """A large request body could not be written to listen.spool_dir (full, gone)."""
+
+    reason = "spool_unavailable"
 
 
 class UpstreamError(ProxyError):

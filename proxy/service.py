@@ -17,7 +17,16 @@ from aiohttp import web
 
 from proxy import egress, preflight
 from proxy.clock import ServerClock
-from proxy.config import Config, described_changes, differences, state_dir, url_passwords
+from proxy.config import (
+    Config,
+    ConfigError,
+    described_changes,
+    differences,
+    spool_dir,
+    state_dir,
+    url_passwords,
+)
+from proxy.http.body import Spool
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, Lane, MemoryBackend, RateLimiter
@@ -217,6 +226,8 @@ class ProxyService:
         )
         self.schemes = schemes
         self.scheme = schemes[cfg.auth.scheme].build(deps)
+        listen = cfg.listen
+        self.spool = Spool(spool_dir(listen), listen.spool_threshold, listen.max_buffered_bytes)
         self.forwarder = self._pipeline(cfg)
         self.jobs = self._jobs(cfg) if cfg.jobs.enabled else None
         self.metrics.describe(self.scheme.name, cfg.limits.backend)
@@ -238,7 +249,6 @@ class ProxyService:
                 reload=lambda: self.last_reload,
             )
         )
-        listen = cfg.listen
         self.listener = Listener(
             self.forwarder,
             max_connections=listen.max_connections,
@@ -293,6 +303,7 @@ class ProxyService:
             self.metrics,
             self.logs,
             cfg,
+            self.spool,
         )
 
     def _jobs(self, cfg: Config) -> DurableJobs:
@@ -363,6 +374,33 @@ class ProxyService:
             ready = False
         return ready, checks
 
+    def _prepare_spool(self) -> None:
+        """The spool directory, before any socket opens: made private, leftovers removed."""
+        spool = self.spool
+        try:
+            removed = spool.prepare()
+        except (OSError, ValueError) as e:
+            if not self.cfg.listen.spool_dir:
+                # The default under the state directory, which may be unusable: the proxy
+                # serves without its state (preflight warns), so bodies go to the system's
+                # temp directory instead of stopping the start.
+                fallback = spool_dir(self.cfg.listen, {})
+                if fallback != spool.directory:
+                    # Info, not a warning: state_dir_not_writable already says what is wrong.
+                    self.log.info(
+                        "spool_dir_fallback", unusable=str(spool.directory), using=str(fallback)
+                    )
+                    spool.directory = fallback
+                    self._prepare_spool()
+                    return
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(
+                f"listen.spool_dir: cannot use {spool.directory} for request bodies: {reason}; "
+                "give a directory this user can own (mode 0700)"
+            ) from None
+        if removed:
+            self.log.info("spool_leftovers_removed", directory=str(spool.directory), count=removed)
+
     def _in_context(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """`coro` as a task of this service's log context (see the class docstring)."""
         return asyncio.get_running_loop().create_task(coro, context=self.logs.context())
@@ -371,6 +409,7 @@ class ProxyService:
         await self._in_context(self._start())
 
     async def _start(self) -> None:
+        self._prepare_spool()
         # The warnings `check` prints too: one list for both (proxy/preflight.py).
         for finding in preflight.findings(self.cfg, self.schemes):
             self.log.warning(finding.event, **finding.fields)

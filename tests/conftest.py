@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -251,3 +252,17 @@ async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None
             return
         await asyncio.sleep(0.01)
     assert condition()
+
+
+def spool_fds(directory: Path) -> list[str]:
+    """This process's descriptors open on files in `directory` (unlinked ones included:
+    Linux shows them as `<dir>/#<inode> (deleted)` or `<dir>/body-... (deleted)`)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory) + "/"):
+            found.append(target)
+    return found

@@ -444,6 +444,9 @@ listen:
   host: 127.0.0.1
   port: 18080
   max_body_bytes: 1048576
+  spool_threshold: 65536
+  spool_dir: {tmp_path / "spool"}
+  max_buffered_bytes: 8388608
   max_header_bytes: 4096
   max_connections: 50
   client_timeout: 12.5

@@ -37,6 +37,7 @@ from proxy.config import UpstreamConfig
 from proxy.egress import choose as choose_egress
 from proxy.errors import ProxyError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
 from proxy.http import tunnel
+from proxy.http.body import Body
 from proxy.http.headers import decode_headers
 
 # Request bodies go out in pieces this size, each after the socket buffer has drained.
@@ -453,7 +454,7 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    async def exchange(self, head: bytes, body: bytes, head_only: bool) -> UpstreamResponse:
+    async def exchange(self, head: bytes, body: bytes | Body, head_only: bool) -> UpstreamResponse:
         transport = self.transport
         assert transport is not None
         self._head = self.loop.create_future()
@@ -473,9 +474,11 @@ class _Connection(asyncio.Protocol):
         self._body_unsent = False
         self._last_data = self._sent_at = self.loop.time()
         self._arm_timer()
+        # A body in memory (nearly all of them) that is small goes out with the head.
+        data = body.in_memory if isinstance(body, Body) else body
         try:
-            if len(body) <= _WRITE_CHUNK:
-                transport.write(head + body if body else head)
+            if data is not None and len(data) <= _WRITE_CHUNK:
+                transport.write(head + data if data else head)
             else:
                 transport.write(head)
                 await self._write_body(body)
@@ -486,20 +489,26 @@ class _Connection(asyncio.Protocol):
             self.pool.forget(self)
             raise
 
-    async def _write_body(self, body: bytes) -> None:
-        view = memoryview(body)
+    async def _write_body(self, body: bytes | Body) -> None:
         transport = self.transport
         assert transport is not None
         head = self._head
         assert head is not None
-        for start in range(0, len(view), _WRITE_CHUNK):
+        # From the start every time: a retry sends the same body again (a spooled one is
+        # read from its file, a piece at a time, as the socket takes it).
+        if isinstance(body, Body):
+            pieces = body.pieces(_WRITE_CHUNK)
+        else:
+            view = memoryview(body)
+            pieces = (view[i : i + _WRITE_CHUNK] for i in range(0, len(view), _WRITE_CHUNK))
+        for piece in pieces:
             if self.closed:
                 return  # the head future holds the error, and the caller raises it
             if head.done():
                 # Answered early: the rest is never sent, and the connection cannot be reused.
                 self._body_unsent = True
                 return
-            transport.write(view[start : start + _WRITE_CHUNK])
+            transport.write(piece)
             if self._paused:
                 self._drain = self.loop.create_future()
                 try:
@@ -709,21 +718,24 @@ class Upstream:
         path: str,
         query: str,
         lines: bytes,
-        body: bytes,
+        body: bytes | Body,
         fresh: bool = False,
+        has_query: bool = False,
     ) -> UpstreamResponse:
         """Send one request; returns once the response head is in. Caller releases it.
 
         `lines`: the header lines, `Name: value\\r\\n` each (Host and Content-Length
         are added here). `fresh`: on a new connection, not a kept-alive one (the attempt
-        after a StaleConnection)."""
-        target = f"{path}?{query}" if query else path
-        length = len(body) if body or method in _BODY_METHODS else -1
+        after a StaleConnection). `has_query`: the client sent a `?`, so one goes on even
+        with an empty query (`/p?` stays `/p?`: the target as signed, byte for byte)."""
+        target = f"{path}?{query}" if query or has_query else path
+        size = body.size if isinstance(body, Body) else len(body)
+        length = size if size or method in _BODY_METHODS else -1
         head = request_head(method, target, self.host_header, lines, length)
         return await self._send(head, body, method == "HEAD", fresh)
 
     async def _send(
-        self, head: bytes, body: bytes, head_only: bool, fresh: bool = False
+        self, head: bytes, body: bytes | Body, head_only: bool, fresh: bool = False
     ) -> UpstreamResponse:
         # A kept-alive connection is the usual case: taken without a coroutine of its own.
         conn = None if fresh else self._reuse()

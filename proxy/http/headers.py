@@ -104,15 +104,23 @@ def upstream_block(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     retyped: bool = False,
 ) -> bytes:
-    """The client's header lines minus hop-by-hop ones, credentials, and X-Proxy-* (ours),
-    as received (`headers`: the same, decoded). `retyped`: the proxy sets the
-    Content-Type, so the client's is left out."""
+    """The client's header lines minus hop-by-hop ones, credentials, X-Proxy-* (ours)
+    and any name with an underscore, as received (`headers`: the same, decoded).
+    `retyped`: the proxy sets the Content-Type, so the client's is left out.
+
+    Underscores: CGI-style servers (the LuxSci API is Perl) read `X_Forwarded_For` and
+    `X-Forwarded-For` as one variable, HTTP_X_FORWARDED_FOR, so such a name could carry a
+    value past every rule here that looks for the dashed name (`Transfer_Encoding`,
+    `Proxy_Authorization`, `X_Request_ID`). Dropped, as nginx drops them by default
+    (underscores_in_headers off)."""
     drop = _drop_set(headers, _DROP_RETYPED if retyped else _DROP_UPSTREAM)
     return b"".join(
         [
             n + b": " + v + b"\r\n"
             for n, v in raw
-            if (low := n.lower()) not in drop and not low.startswith(b"x-proxy-")
+            if (low := n.lower()) not in drop
+            and not low.startswith(b"x-proxy-")
+            and b"_" not in low
         ]
     )
 

@@ -6,7 +6,8 @@ the proxy's own work on a small request (bench/ANALYSIS.md). This server does
 what the proxy needs and nothing more: one request at a time per connection
 (pipelined ones wait their turn, in order, at most PIPELINE_MAX of them parsed
 ahead; past that the rest of a read waits unparsed, with reading paused, until
-the line moves), bodies buffered with backpressure, answers written as bytes,
+the line moves), bodies read with backpressure (large ones spooled to a file:
+body.py), answers written as bytes,
 and the limits a sidecar must keep:
 
 - the request line and each header at most `max_header_bytes` (431), all
@@ -63,6 +64,7 @@ from proxy.errors import (
     TooManyConnections,
     TransferCodingNotSupported,
 )
+from proxy.http.body import EMPTY, Body, Spool, SpoolWriter
 from proxy.http.headers import decode_headers, header_lines
 from proxy.throttle import Throttled
 
@@ -294,15 +296,29 @@ class Request:
             waiter.set_result(None)
 
     async def read_body(self, max_bytes: int, time_limit: float) -> bytes:
-        """The whole body, at most `max_bytes` (413), within `time_limit` seconds (408)."""
+        """The whole body in memory, at most `max_bytes` (413), within `time_limit`
+        seconds (408)."""
+        body = await self.receive_body(max_bytes, time_limit, None)
+        assert body.in_memory is not None  # no spool: never spooled
+        return body.in_memory
+
+    async def receive_body(self, max_bytes: int, time_limit: float, spool: Spool | None) -> Body:
+        """The whole body, at most `max_bytes` (413), within `time_limit` seconds (408):
+        in memory, or in a spool file when `spool` says it is too large to keep (see
+        proxy/http/body.py). The caller closes the Body."""
         if not self.body_exists:
-            return b""  # most GETs: nothing to wait for
+            return EMPTY  # most GETs: nothing to wait for
         declared = self.content_length
         if declared is not None and declared > max_bytes:
             raise BodyTooLarge(
                 f"request body of {declared} bytes is over the limit of {max_bytes} bytes "
                 "(listen.max_body_bytes)"
             )
+        writer: SpoolWriter | None = None
+        if spool is not None and declared is not None and declared > spool.threshold:
+            # Known to be large: straight to a file (opened before the body is invited,
+            # so a spool that cannot take it refuses it first).
+            writer = spool.writer()
         conn = self._conn
         if (
             not self.continue_sent
@@ -316,6 +332,7 @@ class Request:
             conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         parts: list[bytes] = []
         total = 0
+        held = 0  # bytes of the spool's global cap that `parts` holds
         try:
             # A total deadline: a client that dribbles its body cannot hold a worker.
             async with asyncio.timeout(time_limit):
@@ -328,7 +345,23 @@ class Request:
                                 f"request body is over the limit of {max_bytes} bytes "
                                 "(listen.max_body_bytes)"
                             )
-                        parts.append(chunk)
+                        if writer is not None:
+                            writer.write(chunk)
+                        elif spool is None:
+                            parts.append(chunk)
+                        elif total <= spool.threshold and spool.take(len(chunk)):
+                            held += len(chunk)
+                            parts.append(chunk)
+                        else:
+                            # Past the threshold, or past the global cap: what is in
+                            # memory moves to a file, and the rest follows it there.
+                            writer = spool.writer()
+                            for part in parts:
+                                writer.write(part)
+                            parts.clear()
+                            spool.give(held)
+                            held = 0
+                            writer.write(chunk)
                     self.buffered = 0
                     conn.resume_reading()
                     if self.chunks:
@@ -347,11 +380,23 @@ class Request:
                         await self._waiter
                     finally:
                         self._waiter = None
-        except TimeoutError:
-            raise ClientTimeout(
-                f"the request body did not arrive within {time_limit:g} s (listen.client_timeout)"
-            ) from None
-        return b"".join(parts)
+        except BaseException as e:
+            # Refused, timed out, the client gone, the handler cancelled: the file is
+            # closed (and so gone) and the memory given back, whatever happened.
+            if writer is not None:
+                writer.abort()
+            if held and spool is not None:
+                spool.give(held)
+            if isinstance(e, TimeoutError):
+                raise ClientTimeout(
+                    f"the request body did not arrive within {time_limit:g} s "
+                    "(listen.client_timeout)"
+                ) from None
+            raise
+        if writer is not None:
+            return writer.finish()
+        data = b"".join(parts)  # one part (the usual small body): that very object
+        return spool.memory(data, held) if spool is not None else Body(data, total)
 
     # -- the answer -------------------------------------------------------------------------
 

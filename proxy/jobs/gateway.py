@@ -129,7 +129,11 @@ class JobGateway:
             out.path,
             out.query,
             without_async(out.lines),
-            out.body,
+            # A spooled body is read back whole: a job's body is kept in the store anyway
+            # (sealed), and listen.max_body_bytes bounds it.
+            out.body.in_memory
+            if out.body.in_memory is not None
+            else out.body.read(0, out.body.size),
             out.body_digest,
             rid,
         )

@@ -40,6 +40,7 @@ import structlog
 from proxy.clock import ServerClock
 from proxy.config import JobsConfig
 from proxy.errors import DailyLimit, ProxyError, Unavailable, UpstreamAuthFailed, UpstreamError
+from proxy.http.body import Body
 from proxy.http.client import UpstreamResponse
 from proxy.http.headers import downstream_block
 from proxy.jobs.callbacks import Deliverer, check_callback
@@ -266,7 +267,7 @@ class Runner:
             request.path,
             request.query,
             request.lines,
-            request.body,
+            Body(request.body, len(request.body)),
             request.body_digest,
         )
         event = AccessRecord(request.request_id, request.method)

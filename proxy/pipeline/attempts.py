@@ -108,7 +108,13 @@ class Sender:
         sent_at = time.monotonic()
         try:
             resp = await self.upstream.request(
-                out.method, out.path, out.query, out.lines + out.credentials, out.body, fresh
+                out.method,
+                out.path,
+                out.query,
+                out.lines + out.credentials,
+                out.body,
+                fresh,
+                out.has_query,
             )
         except ProxyError:
             self.inflight.release()

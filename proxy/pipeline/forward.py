@@ -23,10 +23,11 @@ import structlog
 
 from proxy.config import Config, LoggingConfig
 from proxy.errors import ProxyError, ShuttingDown
+from proxy.http.body import Spool
 from proxy.http.server import Request, error_headers, request_id
 from proxy.limits import Lane
 from proxy.observe.access_record import AccessRecord
-from proxy.observe.log import Logs, body_text
+from proxy.observe.log import BODY_LOG_LIMIT, Logs, body_text
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.admission import APPLIED_HEADER, AccessPolicy, Admission, Admitted
 from proxy.pipeline.attempts import Attempts
@@ -74,6 +75,7 @@ class Forwarder:
         metrics: Metrics,
         logs: Logs,
         cfg: Config,
+        spool: Spool,
         jobs: Jobs | None = None,
     ) -> None:
         self.admission = admission
@@ -85,6 +87,7 @@ class Forwarder:
         self.logs = logs
         self.drain = Drain()
         self.jobs = jobs
+        self.spool = spool
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
@@ -164,25 +167,31 @@ class Forwarder:
         self, request: Request, admitted: Admitted, rid: str, event: AccessRecord
     ) -> tuple[int, int]:
         target = admitted.target
-        out = await read_request(
-            request, target.path, target.query, self.max_body, self.client_timeout
-        )
-        logging = self.logging
-        event.path = target.masked_path() if logging.redact_paths else target.path
-        event.scope = admitted.label
-        lane = admitted.lane
-        event.lane = lane.label
-        event.client = admitted.client.name
-        event.bytes_in = len(out.body)
-        if logging.log_bodies:
-            event.request_body = body_text(out.body)
-        out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
-        jobs = self.jobs
-        if jobs is not None and jobs.wants(request):
-            return await jobs.submit(request, admitted, out, rid, event)
-        exchange = await self.attempts.run(
-            out, admitted.scope, admitted.deadline, event, lane, admitted.client
-        )
+        out = await read_request(request, target, self.spool, self.max_body, self.client_timeout)
+        body = out.body
+        try:
+            logging = self.logging
+            event.path = target.masked_path() if logging.redact_paths else target.path
+            event.scope = admitted.label
+            lane = admitted.lane
+            event.lane = lane.label
+            event.client = admitted.client.name
+            event.bytes_in = body.size
+            if logging.log_bodies:
+                # One past the limit, so the log line says it was cut.
+                event.request_body = body_text(body.read(0, BODY_LOG_LIMIT + 1))
+            out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
+            jobs = self.jobs
+            if jobs is not None and jobs.wants(request):
+                return await jobs.submit(request, admitted, out, rid, event)
+            exchange = await self.attempts.run(
+                out, admitted.scope, admitted.deadline, event, lane, admitted.client
+            )
+        finally:
+            # Every outcome (answer, error, client gone, shutdown's cut-off): the body's
+            # memory goes back to the global cap, its spool file is closed. No attempt
+            # follows the final answer, so it goes before a long answer is relayed.
+            body.close()
         event.upstream_status = exchange.resp.status
         try:
             note = _APPLIED_LINES[lane] if admitted.capped else b""

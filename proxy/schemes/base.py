@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.config import AuthConfig
+from proxy.http.body import Body
 from proxy.target import Target
 
 
@@ -28,12 +29,16 @@ class Outbound:
     query: str
     # The client's end-to-end header lines, as received (filtered), then ours.
     lines: bytes
-    body: bytes
+    # In memory or spooled (proxy/http/body.py); whoever made the Outbound closes it.
+    body: Body
+    # What is signed for the body (PROTOCOL.md body_hash; a multipart upload: its json part's).
     body_digest: str
     # The client's own cookies, minus any `signature` one; the scheme adds its own.
     cookies: str | None = None
     # The scheme's header lines (Cookie, Authorization): replaced on every attempt.
     credentials: bytes = b""
+    # The client sent a `?`: it goes upstream even when the query is empty (`/p?`).
+    has_query: bool = False
 
     def cookie_header(self, extra: str | None = None) -> str | None:
         parts = [c for c in (self.cookies, extra) if c]

@@ -720,6 +720,15 @@ TARGET = [
         upstream=(Seen("GET", "/c?a=1&b=%20&c=x+y"),),
     ),
     case(
+        "target-with-empty-query",
+        "RFC 9112 3.2.1",
+        get("/c?"),
+        (200,),
+        closed=False,
+        upstream=(Seen("GET", "/c?"),),
+        why="the target goes on byte for byte: the `?` of an empty query is kept, as signed",
+    ),
+    case(
         "target-percent-encoding-kept",
         "RFC 9112 3.2.1",
         get("/c/a%20b/caf%C3%A9"),
@@ -1165,6 +1174,24 @@ HEADER_SYNTAX = [
         (200,),
         closed=False,
         upstream=(Seen("GET", "/c", has=(("X-099", b"v"),)),),
+    ),
+    case(
+        "header-name-with-underscore-dropped",
+        "RFC 9110 5.1",
+        get("/c", "X_Forwarded_For: 6.6.6.6", "Transfer_Encoding: chunked", "X-Kept: 1"),
+        (200,),
+        closed=False,
+        upstream=(
+            Seen(
+                "GET",
+                "/c",
+                has=(("X-Kept", b"1"),),
+                lacks=("X_Forwarded_For", "Transfer_Encoding"),
+                never=(b"6.6.6.6",),
+            ),
+        ),
+        why="a CGI-style API reads `_` as `-`: such a name could smuggle a field the proxy "
+        "never looked at; dropped, as nginx drops them by default",
     ),
     case(
         "header-value-whitespace-trimmed",

@@ -49,6 +49,17 @@ async def test_raw_paths_and_queries_are_signed_and_sent_byte_for_byte(
     assert (body["data"]["path"], body["data"]["query"]) == (path, query)
 
 
+async def test_an_empty_query_keeps_its_question_mark_on_the_way_upstream(
+    sandbox: SandboxServer, proxy: RunningProxy
+) -> None:
+    target = "/perl/api/v2/account/42/things?"
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    status, _, body = parse_raw(await raw_exchange(proxy.service.port, request))
+    assert status == 200, body  # signed over the query "", as the API reads `/things?`
+    assert sandbox.sandbox.log[-1]["target"] == target  # byte for byte, "?" and all
+    assert (body["data"]["path"], body["data"]["query"]) == (target[:-1], "")
+
+
 async def test_json_body_with_surrounding_whitespace_and_no_content_type_is_accepted(
     proxy: RunningProxy, sandbox: SandboxServer
 ) -> None:
@@ -110,6 +121,24 @@ async def test_hop_by_hop_headers_and_client_credentials_never_go_upstream(
         assert name not in seen
     assert seen["host"] == URL(echo_upstream.url).raw_authority
     assert echo_upstream.requests[-1]["target"] == "/v1/things?x=1"
+
+
+async def test_header_names_with_an_underscore_never_go_upstream(
+    make_proxy: MakeProxy, echo_upstream: EchoUpstream
+) -> None:
+    # A CGI-style API reads X_Forwarded_For as X-Forwarded-For (both HTTP_X_FORWARDED_FOR).
+    proxy = await make_proxy(echo_upstream.url, auth={"scheme": "bearer", "api_key": Secret("k-1")})
+    await raw_exchange(
+        proxy.service.port,
+        b"GET /v1/things HTTP/1.1\r\nHost: x\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        b"Transfer_Encoding: chunked\r\nProxy_Authorization: Basic eA==\r\nX-Kept: 1\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    seen = echo_upstream.requests[-1]["headers"]
+    names = [k.lower() for k, _ in seen]
+    assert "x-kept" in names
+    assert not [n for n in names if "_" in n]
+    assert "6.6.6.6" not in json.dumps(seen)
 
 
 async def test_client_header_bytes_go_upstream_unchanged_with_ours_added_once(

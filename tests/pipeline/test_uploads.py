@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import aiohttp
-from conftest import USER, RunningProxy
+import pytest
+from conftest import USER, MakeProxy, RunningProxy
 
 from proxy.sandbox import SandboxServer
 
 SEND = f"/perl/api/v2/user/{USER}/email/compose/secureline/send"
 REPORT = b"%PDF-1.4 binary \x00\xff\r\n--boundary-lookalike\r\n" * 100
 NOTE = b"plain note\n"
+
+
+@pytest.fixture(params=["in_memory", "spooled"])
+async def proxy(
+    request: pytest.FixtureRequest, sandbox: SandboxServer, make_proxy: MakeProxy, tmp_path: Path
+) -> RunningProxy:
+    """Every upload both ways: in memory, and spooled (parsed from a mapping of its file,
+    the filled-in body written to another file)."""
+    if request.param == "in_memory":
+        return await make_proxy(sandbox.url)
+    return await make_proxy(sandbox.url, listen={"spool_threshold": 64, "spool_dir": str(tmp_path)})
 
 
 def form(payload: dict | None, files: dict[str, bytes]) -> aiohttp.FormData:

@@ -5,10 +5,12 @@ request JSON with an `attachments` list of `{"name", "hash"}` (SHA-256 hex of ea
 one part named `files` per file, file names unique, CRLF framing. The request signature
 hashes the trimmed `json` part, not the whole body.
 
-Pure functions over fully buffered bytes, no I/O. The body is never copied part by part:
-the scanner records offsets, files are hashed through a memoryview, and a body that needs
-no change is returned as the very same bytes object, because what is signed must be
-exactly what is sent.
+Pure functions over a whole body, no I/O: bytes, or a read-only mmap of a spooled body
+(`plan_upload`; the scan only finds, slices and hashes, which both support). The body is
+never copied part by part: the scanner records offsets, files are hashed through a
+memoryview, and a body that needs no change is returned as the very same bytes object,
+because what is signed must be exactly what is sent. A change is one splice (the json
+part replaced, or one inserted), which the caller applies to bytes or to the file.
 
 Names and filenames are taken as sent: a quoted-string only has `\\"` and `\\\\`
 unescaped (other backslashes stay, so old Windows paths survive) and nothing is
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -77,11 +80,30 @@ class Part:
         return cls(tuple(headers), name, filename, content_type, data)
 
 
+# A whole body: bytes, or a read-only mapping of a spooled one.
+Buffer = bytes | mmap.mmap
+
+
 @dataclass(frozen=True)
 class PreparedUpload:
     body: bytes  # what goes upstream: the original object when nothing had to change
     body_digest: str  # the signature's body_hash: trimmed json part as sent upstream
     changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """Bytes [start, end) of the body replaced by `insert` (start == end: inserted)."""
+
+    start: int
+    end: int
+    insert: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPlan:
+    body_digest: str  # the signature's body_hash: trimmed json part as it will be sent
+    splice: Splice | None  # None: the body goes as it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +154,25 @@ def build(parts: Sequence[Part], boundary: str) -> bytes:
 
 
 def prepare_upload(body: bytes, boundary: str) -> PreparedUpload:
-    """Check an upload against the protocol and fill in what a client may leave out.
+    """Check an upload against the protocol and fill in what a client may leave out
+    (`plan_upload`), applied to bytes."""
+    plan = plan_upload(body, boundary)
+    cut = plan.splice
+    if cut is None:
+        return PreparedUpload(body, plan.body_digest, False)
+    view = memoryview(body)
+    new_body = b"".join((view[: cut.start], cut.insert, view[cut.end :]))
+    return PreparedUpload(new_body, plan.body_digest, True)
+
+
+def plan_upload(body: Buffer, boundary: str) -> UploadPlan:
+    """Check an upload against the protocol and say what to fill in.
 
     Missing `attachments`, missing hashes, unlisted files and a missing `json` part are
     filled in; anything that contradicts the files (wrong hash, a listed file that was
     not sent, duplicate names) is the client's mistake and raises BadRequest.
     """
     first, spans = _scan(body, boundary)
-    view = memoryview(body)
 
     json_spans = [s for s in spans if s.name == JSON_PART]
     if len(json_spans) > 1:
@@ -148,16 +181,18 @@ def prepare_upload(body: bytes, boundary: str) -> PreparedUpload:
         )
 
     hashes: dict[str, str] = {}  # filename -> sha256 hex, in file order
-    for s in spans:
-        if s.name != FILES_PART:
-            continue
-        if not s.filename:
-            raise BadRequest(f"multipart part {s.index} is named 'files' but has no filename")
-        if s.filename in hashes:
-            raise BadRequest(
-                f"two files are named {s.filename!r}; file names must be unique in one upload"
-            )
-        hashes[s.filename] = hashlib.sha256(view[s.data_start : s.data_end]).hexdigest()
+    # Released on leaving: a mapping cannot be closed while a view of it is alive.
+    with memoryview(body) as view:
+        for s in spans:
+            if s.name != FILES_PART:
+                continue
+            if not s.filename:
+                raise BadRequest(f"multipart part {s.index} is named 'files' but has no filename")
+            if s.filename in hashes:
+                raise BadRequest(
+                    f"two files are named {s.filename!r}; file names must be unique in one upload"
+                )
+            hashes[s.filename] = hashlib.sha256(view[s.data_start : s.data_end]).hexdigest()
 
     if not json_spans:
         # A legacy app can just post files: the proxy writes the json part for it.
@@ -168,19 +203,16 @@ def prepare_upload(body: bytes, boundary: str) -> PreparedUpload:
             JSON_PART, new_json, filename=_JSON_FILENAME, content_type=_JSON_CONTENT_TYPE
         )
         # Placed first, right where the original opening delimiter starts.
-        new_body = b"".join(
-            (view[:first], *_part_chunks(new_part, b"--" + boundary.encode("ascii")), view[first:])
-        )
-        return PreparedUpload(new_body, body_hash(new_json), True)
+        part = b"".join(_part_chunks(new_part, b"--" + boundary.encode("ascii")))
+        return UploadPlan(body_hash(new_json), Splice(first, first, part))
 
     js = json_spans[0]
     raw_json = body[js.data_start : js.data_end]
     doc = _load_json_part(raw_json, js.index)
     if not _reconcile(doc, hashes):
-        return PreparedUpload(body, body_hash(raw_json), False)
+        return UploadPlan(body_hash(raw_json), None)
     new_json = _dump(doc)
-    new_body = b"".join((view[: js.data_start], new_json, view[js.data_end :]))
-    return PreparedUpload(new_body, body_hash(new_json), True)
+    return UploadPlan(body_hash(new_json), Splice(js.data_start, js.data_end, new_json))
 
 
 def _reconcile(doc: dict[str, Any], hashes: dict[str, str]) -> bool:
@@ -314,11 +346,16 @@ def _decode_ext_value(value: str, index: int) -> str:
         ) from exc
 
 
-def _scan(body: bytes, boundary: str) -> tuple[int, list[_Span]]:
+def _at(body: Buffer, pos: int, prefix: bytes) -> bool:
+    """body.startswith(prefix, pos), which a mapping lacks."""
+    return body[pos : pos + len(prefix)] == prefix
+
+
+def _scan(body: Buffer, boundary: str) -> tuple[int, list[_Span]]:
     """Find every part; returns (offset of the opening delimiter, spans)."""
     dash = b"--" + _check_boundary(boundary).encode("ascii")
     delimiter = b"\r\n" + dash
-    if body.startswith(dash):
+    if _at(body, 0, dash):
         first = 0
     else:
         # RFC 2046 allows a preamble; the opening delimiter then follows a CRLF.
@@ -332,7 +369,7 @@ def _scan(body: bytes, boundary: str) -> tuple[int, list[_Span]]:
 
     spans: list[_Span] = []
     pos = first + len(dash)
-    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body
+    while not _at(body, pos, b"--"):  # "--" after a delimiter closes the body
         index = len(spans) + 1
         m = _AFTER_DELIMITER_RE.match(body, pos)
         if m is None:
@@ -354,8 +391,8 @@ def _scan(body: bytes, boundary: str) -> tuple[int, list[_Span]]:
     return first, spans
 
 
-def _scan_part(body: bytes, start: int, end: int, index: int) -> _Span:
-    if body.startswith(b"\r\n", start) and start + 2 <= end:
+def _scan_part(body: Buffer, start: int, end: int, index: int) -> _Span:
+    if _at(body, start, b"\r\n") and start + 2 <= end:
         header_end, data_start = start, start + 2  # a part with no headers at all
     else:
         sep = body.find(b"\r\n\r\n", start, end)
