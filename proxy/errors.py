@@ -6,6 +6,7 @@
     ├── ClientTimeout             408 client_timeout
     ├── BodyTooLarge              413 body_too_large
     ├── HeadersTooLarge           431 headers_too_large
+    ├── URITooLong                414 uri_too_long
     ├── TransferCodingNotSupported 501 transfer_coding_not_supported
     ├── HttpVersionNotSupported   505 http_version_not_supported
     ├── JobNotFound               404 job_not_found           (durable jobs, proxy/jobs)
@@ -80,6 +81,13 @@ class BodyTooLarge(ProxyError):
 class HeadersTooLarge(ProxyError):
     status = 431
     reason = "headers_too_large"
+
+
+class URITooLong(ProxyError):
+    """The request-target alone is over the line limit: RFC 9112 3 says 414, not 431."""
+
+    status = 414
+    reason = "uri_too_long"
 
 
 class TransferCodingNotSupported(ProxyError):

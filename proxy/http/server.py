@@ -63,6 +63,7 @@ from proxy.errors import (
     ProxyError,
     TooManyConnections,
     TransferCodingNotSupported,
+    URITooLong,
 )
 from proxy.http.body import EMPTY, Body, Spool, SpoolWriter
 from proxy.http.headers import decode_headers, header_lines
@@ -772,7 +773,7 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.server.max_header_bytes:
-            raise HeadersTooLarge("the request line is too long (listen.max_header_bytes)")
+            raise URITooLong("the request target is too long (listen.max_header_bytes)")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)

@@ -763,7 +763,7 @@ TARGET = [
     refused("target-encoded-dot-segment", "RFC 3986 5.2.4", get("/c/%2e%2E/x"), closed=False),
     refused("target-empty-segment", "RFC 3986 3.3", get("//c"), closed=False),
     refused(
-        "target-over-the-line-limit", "RFC 9112 3", get("/c/" + "a" * 1100), 431, limits=SMALL_HEAD
+        "target-over-the-line-limit", "RFC 9112 3", get("/c/" + "a" * 1100), 414, limits=SMALL_HEAD
     ),
 ]
 

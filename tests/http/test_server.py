@@ -688,7 +688,11 @@ async def test_heads_over_the_size_limits_get_431(
     client = await connect(served.port)
     client.send(data)
     answer = await client.answer()
-    assert_error(answer, 431, "headers_too_large")
+    if data.startswith(b"GET /aaa"):
+        # RFC 9112 3: a request-target longer than the server parses is 414, not 431.
+        assert_error(answer, 414, "uri_too_long")
+    else:
+        assert_error(answer, 431, "headers_too_large")
     assert answer.headers["Connection"] == "close"
     assert await client.closed()
 
