@@ -475,3 +475,7 @@ class Metrics:
 
     def auth(self, result: str) -> None:
         self._auth.inc(result)
+
+    def auth_count(self, result: str) -> int:
+        """Logins (token fetches, revocations) so far that came to `result` (AUTH_RESULTS)."""
+        return self._auth.counts.get((result,), 0)
