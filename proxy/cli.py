@@ -1,4 +1,4 @@
-"""Command line: `luxsci-proxy run | check | sandbox | demo`. No logic beyond wiring."""
+"""Command line: `luxsci-proxy run | check | jobs | sandbox | demo`. No logic beyond wiring."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy import __version__, console, preflight
 from proxy.config import (
+    CONFIG_ENV,
     AdminConfig,
     AuthConfig,
     Config,
@@ -27,8 +28,9 @@ from proxy.config import (
     differences,
     validate,
 )
+from proxy.jobs.errors import StoreError
 from proxy.observe.log import Logs, route_stdlib
-from proxy.service import ProxyService, make_logs
+from proxy.service import ProxyService, jobs_store, make_logs
 from proxy.sources import Inputs, Resolved, annotated_yaml, inputs_from, resolve
 from proxy.sources import add_arguments as add_config_arguments
 
@@ -141,6 +143,11 @@ async def serve(
             console.say(f"error: cannot start listeners: {e.strerror or e}", sys.stderr)
             await service.stop()
             return EXIT_RUNTIME
+        except StoreError as e:
+            # The jobs store cannot be opened (unwritable, in use by another process).
+            console.say(f"error: {e}", sys.stderr)
+            await service.stop()
+            return EXIT_RUNTIME
         if announce is not None:
             announce(service)
         if reload is not None:
@@ -224,6 +231,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 _SOURCES_NOTE = (
     "# after each key, where its value came from: flag:--option > env:VARIABLE > file > default"
 )
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    # Imported here: the jobs package brings cryptography and SQLite, which `run` needs
+    # only when jobs are enabled.
+    from proxy.jobs import operator as jobs_operator
+
+    if args.action == "keygen":
+        return jobs_operator.keygen()
+    file = args.config if args.config is not None else os.environ.get(CONFIG_ENV)
+    cfg = resolve(Inputs(file or None), os.environ).config
+    for warning in cfg.warnings:
+        console.say(f"warning: {warning}", sys.stderr)
+    path = jobs_store(cfg)
+    if not jobs_operator.exists(path):
+        return EXIT_RUNTIME
+    code: int = asyncio.run(jobs_operator.run(args, path, cfg.jobs.max_age, cfg.jobs.keep_results))
+    return code
+
+
+def _jobs_options(parser: argparse.ArgumentParser) -> None:
+    from proxy.jobs import operator as jobs_operator  # as for the sandbox: only when asked
+
+    jobs_operator.add_arguments(parser)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -342,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(check)
     check.set_defaults(func=cmd_check)
+
+    jobs = verbs.add_parser(
+        "jobs",
+        help="list, show, cancel, retry or purge durable jobs",
+        options=_jobs_options,
+    )
+    jobs.set_defaults(func=cmd_jobs)
 
     sandbox = verbs.add_parser(
         "sandbox", help="run the built-in LuxSci API simulator", options=_sandbox_options

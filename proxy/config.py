@@ -13,6 +13,8 @@ repr never shows them, so a config object can be logged or printed safely.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import ipaddress
@@ -257,6 +259,40 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    # Durable jobs (`Prefer: respond-async`): off unless asked for. Off, the header is
+    # ignored (RFC 7240 lets a server ignore a preference) and the request is served as usual.
+    enabled: bool = False
+    # Where jobs are kept: "" = jobs-<limits key>.db in the state directory
+    # ($LUXSCI_PROXY_STATE_DIR or ~/.local/state/luxsci-proxy); else the SQLite file's path.
+    store: str = ""
+    # Job endpoints on the proxy port: GET <prefix>/<id>, GET <prefix>/<id>/response, DELETE.
+    path_prefix: str = "/_proxy/jobs"
+    # Stored requests and answers hold message bodies (often health information): they are
+    # sealed with AES-GCM. Turning this off must be said explicitly.
+    encrypt: bool = True
+    # Base64 AES keys (16, 24 or 32 bytes): the first seals, every one opens (rotation).
+    keys: tuple[Secret, ...] = ()
+    # A job not finished this many seconds after it was submitted expires.
+    max_age: float = 7 * 86400.0
+    # Finished jobs (and their answers, and their idempotency keys) are kept this long.
+    keep_results: float = 86400.0
+    # Jobs stored in all (finished ones included); more -> 503 jobs_full.
+    max_jobs: int = 100_000
+    # Jobs run at once (each still takes a rate-limit permit per attempt).
+    concurrency: int = 4
+    # Largest answer kept for replay; a larger one is recorded without its body.
+    max_response_bytes: int = 25 * 1024 * 1024
+    # URL prefixes an X-Proxy-Callback may point under; empty: callbacks are refused (400).
+    callback_allow: tuple[str, ...] = ()
+    # HMAC-SHA256 key for X-Proxy-Signature on callbacks (required with callback_allow).
+    callback_secret: Secret | None = None
+    callback_timeout: float = 10.0
+    # Deliveries of one callback before giving up (backoff doubles from 1 s up to 10 min).
+    callback_max_attempts: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -267,6 +303,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     # Seconds to let in-flight requests finish after SIGTERM/SIGINT.
     shutdown_timeout: float = 30.0
     # auto: uvloop when installed (the `speed` extra), else asyncio's own loop.
@@ -290,7 +327,10 @@ _FILE_KEYS = {
     "access": ("client_token",),
     "upstream": ("proxy_password",),
     "access.clients": ("token",),
+    "jobs": ("callback_secret", "keys"),
 }
+# Of those, the lists: their file holds one value per line (blank lines ignored).
+_LIST_FILE_KEYS = {"jobs": ("keys",)}
 # Values that belong in the environment or a file, never written in the config itself.
 _SECRET_KEYS = (
     "auth.secret",
@@ -301,6 +341,8 @@ _SECRET_KEYS = (
     "auth.state_key",
     "access.client_token",
     "upstream.proxy_password",
+    "jobs.callback_secret",
+    "jobs.keys",
 )
 _INDEX = re.compile(r"\[\d+\]")
 # auth.state_key when the config gives none (nor a state_key_file).
@@ -349,15 +391,19 @@ def _read_secret_files(section: dict[str, Any], name: str) -> None:
         path = section.pop(file_key)
         if path is None:
             continue
-        if section.get(key) not in (None, ""):
+        if section.get(key) not in (None, "", []):
             raise ConfigError(
                 f"{name}.{file_key}: give either {name}.{key} or {file_key}, not both"
             )
         try:
-            # Mounted secrets usually end with a newline that is not part of the secret.
-            section[key] = Path(str(path)).read_text(encoding="utf-8").rstrip("\r\n")
+            text = Path(str(path)).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{name}.{file_key}: cannot read {path}: {e.strerror}") from None
+        if key in _LIST_FILE_KEYS.get(name, ()):
+            section[key] = [line.strip() for line in text.splitlines() if line.strip()]
+        else:
+            # Mounted secrets usually end with a newline that is not part of the secret.
+            section[key] = text.rstrip("\r\n")
 
 
 def _coerce(value: Any, tp: Any, key: str, keep_empty: bool = False) -> Any:
@@ -523,7 +569,78 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
     _check_positive(auth.retry_min, "auth.retry_min")
     if auth.retry_max < auth.retry_min:
         raise ConfigError("auth.retry_max: must be at least auth.retry_min")
+    if cfg.jobs.enabled:
+        _validate_jobs(cfg.jobs)
     return cfg
+
+
+# AES-128, -192 and -256.
+_AES_KEY_SIZES = (16, 24, 32)
+
+
+def aes_key(secret: Secret, key: str) -> bytes:
+    """The bytes of one base64 AES key; the message names the key, never its value."""
+    try:
+        raw = base64.b64decode(secret.get().strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{key}: not base64 (make one with: luxsci-proxy jobs keygen)") from None
+    if len(raw) not in _AES_KEY_SIZES:
+        raise ConfigError(f"{key}: an AES key is 16, 24 or 32 bytes (got {len(raw)} bytes)")
+    return raw
+
+
+def jobs_keys(jobs: JobsConfig) -> list[bytes]:
+    """The AES keys, the sealing one first. Empty entries are skipped, so a rotation can
+    list `${OLD_KEY:-}` before the old key is gone everywhere."""
+    return [
+        aes_key(secret, f"jobs.keys[{i}]")
+        for i, secret in enumerate(jobs.keys)
+        if secret.get().strip()
+    ]
+
+
+def _validate_jobs(jobs: JobsConfig) -> None:
+    # Keys are checked even with encrypt: false: they may still open older records.
+    if not jobs_keys(jobs) and jobs.encrypt:
+        raise ConfigError(
+            "jobs.keys: stored jobs hold request bodies and are encrypted: give one or more "
+            "base64 AES keys (jobs.keys from ${VAR}, or jobs.keys_file; make one with "
+            "`luxsci-proxy jobs keygen`), or set jobs.encrypt: false to store them in the clear"
+        )
+    prefix = jobs.path_prefix
+    if (
+        not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", prefix)
+        or "/./" in prefix + "/"
+        or ("/../" in prefix + "/")
+    ):
+        raise ConfigError(
+            f"jobs.path_prefix: a path such as /_proxy/jobs: plain segments, no trailing "
+            f"slash (got {prefix!r})"
+        )
+    if jobs.store.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+        raise ConfigError('jobs.store: only SQLite is supported so far: give a file path or ""')
+    for name in ("max_age", "keep_results", "max_jobs", "concurrency", "max_response_bytes"):
+        _check_positive(getattr(jobs, name), f"jobs.{name}")
+    _check_positive(jobs.callback_timeout, "jobs.callback_timeout")
+    _check_positive(jobs.callback_max_attempts, "jobs.callback_max_attempts")
+    for i, url in enumerate(jobs.callback_allow):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"jobs.callback_allow[{i}]: an http:// or https:// URL prefix such as "
+                f"https://app.internal/hooks/ (got {url!r})"
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ConfigError(
+                f"jobs.callback_allow[{i}]: scheme, host, port and path only (got {url!r})"
+            )
+    if jobs.callback_allow and (jobs.callback_secret is None or not jobs.callback_secret.get()):
+        raise ConfigError(
+            "jobs.callback_secret: callbacks are signed (X-Proxy-Signature): set it (from "
+            "${VAR} or jobs.callback_secret_file) when jobs.callback_allow is set"
+        )
+    if jobs.callback_secret is not None and len(jobs.callback_secret.get()) < 16:
+        raise ConfigError("jobs.callback_secret: use at least 16 characters")
 
 
 def _check_url(url: str, key: str, allow_insecure: bool, example: str = "") -> SplitResult:
@@ -583,8 +700,8 @@ def _validate_access(access: AccessConfig) -> None:
 _METHOD = re.compile(r"\*|[A-Z]+")
 # Client names become metric label values and access-line fields: short and plain.
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Names the proxy gives itself: requests with no identity, and its own logins.
-_RESERVED_CLIENTS = ("anonymous", "proxy")
+# Names the proxy gives itself: requests with no identity, its own logins, its jobs.
+_RESERVED_CLIENTS = ("anonymous", "proxy", "jobs")
 
 
 def _validate_clients(access: AccessConfig) -> None:
@@ -632,7 +749,8 @@ def literal_secrets(raw: dict[str, Any]) -> list[str]:
         if isinstance(client, dict):
             given.append((f"access.clients[{i}].token", "token", client.get("token")))
     for dotted, key, value in given:
-        if isinstance(value, str | int) and str(value) and "${" not in str(value):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str | int) and str(v) and "${" not in str(v) for v in values):
             found.append(
                 f"{dotted}: a literal secret in the config file; take it from the "
                 f"environment (${{VAR}}) or a file ({key}_file) instead"

@@ -8,12 +8,20 @@
     ├── HeadersTooLarge           431 headers_too_large
     ├── TransferCodingNotSupported 501 transfer_coding_not_supported
     ├── HttpVersionNotSupported   505 http_version_not_supported
+    ├── JobNotFound               404 job_not_found           (durable jobs, proxy/jobs)
+    ├── JobNoResponse             404 job_no_response
+    ├── JobMethodNotAllowed       405 method_not_allowed
+    ├── JobNotDone                409 job_not_done
+    ├── JobNotCancellable         409 job_not_cancellable
+    ├── IdempotencyKeyReused      422 idempotency_key_reused
     ├── Unavailable               503, with Retry-After
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
     │   ├── DailyLimit            503 daily_limit
     │   ├── ShuttingDown          503 shutting_down
-    │   └── TooManyConnections    503 too_many_connections
+    │   ├── TooManyConnections    503 too_many_connections
+    │   ├── JobsFull              503 jobs_full
+    │   └── JobsUnavailable       503 jobs_unavailable
     └── UpstreamError
         ├── UpstreamUnreachable   502 upstream_unreachable
         ├── UpstreamBadResponse   502 upstream_bad_response
@@ -120,6 +128,53 @@ class ShuttingDown(Unavailable):
 
 class TooManyConnections(Unavailable):
     reason = "too_many_connections"
+
+
+class JobsFull(Unavailable):
+    """jobs.max_jobs jobs are stored: a new one is refused before anything is kept."""
+
+    reason = "jobs_full"
+
+
+class JobsUnavailable(Unavailable):
+    """The job store cannot take or give jobs (disk full, unwritable, unreadable)."""
+
+    reason = "jobs_unavailable"
+
+
+# -- the job endpoints (proxy/jobs/gateway.py) ------------------------------------------------
+
+
+class JobNotFound(ProxyError):
+    status = 404
+    reason = "job_not_found"
+
+
+class JobNoResponse(ProxyError):
+    """The job ended without an answer from the API (cancelled, expired, unknown, ...)."""
+
+    status = 404
+    reason = "job_no_response"
+
+
+class JobMethodNotAllowed(ProxyError):
+    status = 405
+    reason = "method_not_allowed"
+
+
+class JobNotDone(ProxyError):
+    status = 409
+    reason = "job_not_done"
+
+
+class JobNotCancellable(ProxyError):
+    status = 409
+    reason = "job_not_cancellable"
+
+
+class IdempotencyKeyReused(ProxyError):
+    status = 422
+    reason = "idempotency_key_reused"
 
 
 class UpstreamError(ProxyError):

@@ -9,6 +9,7 @@ import hashlib
 import os
 import time
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
@@ -31,6 +32,8 @@ from proxy.pipeline.relay import Relay
 from proxy.schemes.registry import BUILT_IN, SchemeDeps, SchemeKind
 
 if TYPE_CHECKING:
+    from proxy.jobs.durable import DurableJobs
+
     # The status page's module is imported when the page is first asked for (status()).
     from proxy.observe.status import AuthView, BudgetView, DayView, JobsView, QueueView
 
@@ -55,6 +58,10 @@ def secrets_of(cfg: Config) -> list[str]:
     found += [c.token.get() for c in cfg.access.clients if c.token is not None]
     for password in url_passwords(cfg.limits.redis_url):
         found += [password, unquote(password)]
+    # The jobs' sealing keys and the callbacks' signing secret.
+    found += [key.get() for key in cfg.jobs.keys if key.get()]
+    if cfg.jobs.callback_secret is not None:
+        found.append(cfg.jobs.callback_secret.get())
     # The egress proxy's credentials, the environment's (HTTPS_PROXY...) included.
     return found + egress.secrets(cfg.upstream, os.environ)
 
@@ -77,6 +84,13 @@ def state_file(cfg: Config, key: str) -> str | None:
     if cfg.limits.state_file is not None:
         return cfg.limits.state_file or None
     return str(state_dir() / f"limits-{key}.json")
+
+
+def jobs_store(cfg: Config) -> Path:
+    """The jobs' SQLite file (the CLI's `jobs` verb opens the same one)."""
+    from proxy.jobs.durable import store_path  # jobs are opt-in: no SQLite until asked
+
+    return store_path(cfg.jobs, state_dir(), limits_key(cfg))
 
 
 def make_backend(cfg: Config, key: str) -> Backend:
@@ -207,6 +221,7 @@ class ProxyService:
         self.schemes = schemes
         self.scheme = schemes[cfg.auth.scheme].build(deps)
         self.forwarder = self._pipeline(cfg)
+        self.jobs = self._jobs(cfg) if cfg.jobs.enabled else None
         self.metrics.describe(self.scheme.name, cfg.limits.backend)
         self._expect_lane_waits()
         self.metrics.watch(
@@ -244,7 +259,7 @@ class ProxyService:
         self.state = StateCheck(preflight.state_uses(cfg, schemes), self.log)
         self._hurried = asyncio.Event()
         # Which checks /readyz requires (limits: the shared Redis, when used).
-        self._ready_needs = {"auth", "shutdown"} | (
+        self._ready_needs = {"auth", "shutdown", "listen"} | (
             {"limits"}
             if cfg.limits.backend == "redis" and cfg.admin.ready_requires_redis
             else set()
@@ -283,6 +298,26 @@ class ProxyService:
             self.logs,
             cfg,
         )
+
+    def _jobs(self, cfg: Config) -> DurableJobs:
+        """Durable jobs: beside the pipeline, sharing its admission, sender and limiter."""
+        # Imported only when enabled: the jobs bring SQLite and cryptography (AES-GCM).
+        from proxy.jobs.durable import DurableJobs
+
+        forwarder = self.forwarder
+        jobs = DurableJobs(
+            cfg,
+            jobs_store(cfg),
+            forwarder.admission,
+            forwarder.attempts.sender,
+            self.scheme,
+            self.limiter,
+            self.clock,
+            self.metrics,
+        )
+        forwarder.jobs = jobs.gateway
+        self.metrics.watch_jobs(jobs.state)
+        return jobs
 
     def _scope_states(self) -> dict[str, ScopeState]:
         return {
@@ -405,14 +440,10 @@ class ProxyService:
         )
 
     def _jobs_view(self) -> JobsView | None:
+        """Durable jobs as the runner last counted them; None when jobs.enabled is off."""
         from proxy.observe.status import JobsView
 
-        # Durable jobs (being built on the `jobs` branch) give the service a `jobs`
-        # attribute: a DurableJobs, or None when jobs.enabled is off, with status()
-        # ({"ok": ...}) and state() (a metrics.JobsState: by_state, oldest_queued_age).
-        # Read through getattr so that the page works on either side of that merge; once
-        # both are on main this can read self.jobs directly.
-        jobs = getattr(self, "jobs", None)
+        jobs = self.jobs
         if jobs is None:
             return None
         state = jobs.state()
@@ -438,8 +469,15 @@ class ProxyService:
             # Shown always; failing readiness only for state the operator asked to keep
             # (preflight.StateUse.required): the proxy serves either way.
             checks["state"] = self.state.status()
+        if self.jobs is not None:
+            # Reported, not required: without the store the proxy still serves requests.
+            checks["jobs"] = self.jobs.status()
         if self.forwarder.draining:
             checks["shutdown"] = {"ok": False, "error": "draining: shutting down"}
+        if not self.port:
+            # The admin port opens first: until the proxy port listens, a scheme with
+            # nothing to log in to (Bearer) must not look ready.
+            checks["listen"] = {"ok": False, "error": "the proxy port is not listening yet"}
         ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
         state = checks.get("state")
         if state is not None and not state["ok"] and state["required"]:
@@ -460,6 +498,10 @@ class ProxyService:
         self.state.start()
         await self.upstream.start()
         await self.limiter.start()
+        if self.jobs is not None:
+            # Before the listener: no job is acknowledged before the store is open, and
+            # what a previous process left running is settled before anything runs.
+            await self.jobs.start()
         await self._admin_runner.setup()
         admin = web.TCPSite(self._admin_runner, self.cfg.admin.host, self.cfg.admin.port)
         await admin.start()
@@ -504,7 +546,7 @@ class ProxyService:
             self.log.debug("config_changes", changes=described_changes(old, new))
         restart = [
             name
-            for name in ("listen", "admin", "upstream")
+            for name in ("listen", "admin", "upstream", "jobs")
             if getattr(new, name) != getattr(old, name)
         ]
         fixed_limits = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
@@ -521,12 +563,15 @@ class ProxyService:
             listen=old.listen,
             admin=old.admin,
             upstream=old.upstream,
+            jobs=old.jobs,
             limits=dataclasses.replace(new.limits, **fixed_limits),
             auth=auth,
         )
         self.limiter.reconfigure(applied.limits, applied.queue)
         self.forwarder.reconfigure(applied)
         self._expect_lane_waits()
+        if self.jobs is not None:
+            self.jobs.attempts.retries = applied.retry
         self.cfg = applied
         # auth.state_file may move with a reload (oauth2); /readyz looks at the new folder.
         self.state = StateCheck(preflight.state_uses(applied, self.schemes), self.log)
@@ -557,7 +602,14 @@ class ProxyService:
     async def _stop(self) -> None:
         self.log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
         self.listener.stop_accepting()  # no new connections; idle ones closed
-        cut_off = await self.forwarder.drain.drain(self.cfg.shutdown_timeout)
+        grace = self.cfg.shutdown_timeout
+        if self.jobs is not None:
+            # Jobs under way get the same grace as requests; the rest stay stored.
+            cut_off, _ = await asyncio.gather(
+                self.forwarder.drain.drain(grace), self.jobs.stop(grace)
+            )
+        else:
+            cut_off = await self.forwarder.drain.drain(grace)
         if cut_off:
             self.log.warning(
                 "shutdown_cut_off_requests", count=cut_off, hurried=self._hurried.is_set()

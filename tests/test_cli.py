@@ -388,6 +388,11 @@ USER_PASSWORD = "user-Pw-4Hx7"
 API_KEY = "api-key-Lm2Tq8Zr"
 CLIENT_TOKEN = "client-token-Vb6Yn3Wd0"
 PORTAL_TOKEN = "portal-token-Qe5Rt1Xs"
+JOBS_KEYS = (
+    "q0h2Lq2bS0mQ0t3Y1p4tC9m8qk2wYV1g0Xk0lU5b7fE=",
+    "3v1Qy8H2mZ0rN6dW9cB4kT7sL5aP1xE3gJ0uR2oI8yM=",
+)
+CALLBACK_SECRET = "callback-secret-Hq3Zr8Lm"
 OAUTH_CLIENT_SECRET = "oauth-client-secret-Qw7Er"
 OAUTH_REFRESH_TOKEN = "oauth-refresh-token-Ty8Ui"
 STATE_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
@@ -399,6 +404,8 @@ ALL_SECRETS = (
     USER_PASSWORD,
     API_KEY,
     CLIENT_TOKEN,
+    *JOBS_KEYS,
+    CALLBACK_SECRET,
     OAUTH_CLIENT_SECRET,
     OAUTH_REFRESH_TOKEN,
     STATE_KEY,
@@ -418,6 +425,10 @@ def write_full_config(tmp_path: Path) -> Path:
     file, as they should come; a URL password and a query password in the Redis URL)."""
     password_file = tmp_path / "password"
     password_file.write_text(USER_PASSWORD + "\n")
+    keys_file = tmp_path / "jobs-keys"
+    keys_file.write_text("\n".join(JOBS_KEYS) + "\n")
+    callback_file = tmp_path / "callback-secret"
+    callback_file.write_text(CALLBACK_SECRET + "\n")
     refresh_file = tmp_path / "refresh-token"
     refresh_file.write_text(OAUTH_REFRESH_TOKEN + "\n")
     portal_file = tmp_path / "portal-token"
@@ -496,6 +507,21 @@ limits:
 queue: {{max_size: 100, max_wait: 10, aging: 5}}
 retry: {{max_attempts: 3, max_time: 20, backoff_base: 0.5, backoff_max: 4}}
 logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
+jobs:
+  enabled: true
+  store: {tmp_path / "jobs.db"}
+  path_prefix: /_jobs
+  encrypt: true
+  keys_file: {keys_file}
+  max_age: 3600
+  keep_results: 600
+  max_jobs: 500
+  concurrency: 2
+  max_response_bytes: 1048576
+  callback_allow: [https://app.internal/hooks/]
+  callback_secret_file: {callback_file}
+  callback_timeout: 5
+  callback_max_attempts: 3
 shutdown_timeout: 15
 event_loop: asyncio
 """
@@ -589,6 +615,9 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["shutdown_timeout"] == 15
     assert printed["event_loop"] == "asyncio"
     assert printed["upstream"]["ca_file"] == str(tmp_path / "ca.pem")
+    assert printed["jobs"]["keys"] == ["********", "********"]
+    assert printed["jobs"]["callback_secret"] == "********"
+    assert printed["jobs"]["callback_allow"] == ["https://app.internal/hooks/"]
     assert printed["upstream"]["proxy"] == "http://proxy.internal:3128"
     assert printed["upstream"]["proxy_user"] == "svc-egress"
     assert printed["upstream"]["proxy_password"] == "********"

@@ -38,7 +38,7 @@ _RUN = """
 import asyncio, json, sys
 from proxy import cli
 args = cli.build_parser().parse_args(["run", "--config", sys.argv[1]])
-cfg = cli.load(args.config)
+cfg = cli._resolve(args)[1].config
 from proxy.service import ProxyService
 
 async def main() -> None:

@@ -189,3 +189,22 @@ async def test_a_percent_encoded_user_path_spends_the_user_budget_and_is_masked(
     assert event["scope"] == "user"
     assert event["path"] == "/perl/api/v2/%75ser/[user]/profile"
     assert USER not in repr(logs)
+
+
+async def test_not_ready_until_the_proxy_port_listens(sandbox: SandboxServer) -> None:
+    """The admin port opens before the proxy port: /readyz must not say ready in between,
+    even for a scheme with no login to wait for."""
+    from conftest import proxy_config
+
+    from proxy.service import ProxyService
+
+    cfg = proxy_config(sandbox.url, auth={"scheme": "bearer", "api_key": Secret("k")})
+    service = ProxyService(cfg)
+    ready, checks = service.readiness()
+    assert not ready and checks["listen"]["ok"] is False
+    await service.start()
+    try:
+        ready, checks = service.readiness()
+        assert ready and "listen" not in checks
+    finally:
+        await service.stop()

@@ -87,6 +87,10 @@ RETRY_REASONS = (
     "connection_lost",
     "stale_connection",
 )
+# How a durable job can end (proxy/jobs/model.py TERMINAL), and what became of a failed
+# callback delivery (proxy/jobs/runner.py).
+JOB_END_STATES = ("cancelled", "expired", "failed", "outcome_unknown", "succeeded")
+CALLBACK_RESULTS = ("gave_up", "retrying")
 # What a login or revocation call came to (proxy/schemes/luxsci/session.py).
 AUTH_RESULTS = ("success", "rejected", "rate_limited", "error", "revoked", "revoke_failed")
 
@@ -158,6 +162,36 @@ class StateSources:
     reload: Callable[[], ReloadState | None] = lambda: None
     # Requests waiting per client name, in all scopes.
     client_depths: Callable[[], Mapping[str, int]] = dict
+
+
+@dataclass(frozen=True)
+class JobsState:
+    """The durable jobs as last counted (the runner counts them every few seconds: a
+    scrape never waits for the store)."""
+
+    by_state: dict[str, int]
+    # Seconds since the oldest queued job was submitted; None with none queued.
+    oldest_queued_age: float | None
+
+
+class _JobsCollector(Collector):
+    def __init__(self, source: Callable[[], JobsState]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.source()
+        jobs = GaugeMetricFamily(
+            f"{PREFIX}_jobs", "Durable jobs stored, by state", labels=["state"]
+        )
+        for name, count in sorted(state.by_state.items()):
+            jobs.add_metric([name], count)
+        yield jobs
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_jobs_oldest_queued_age_seconds",
+            "Age of the oldest queued job (0 with none queued)",
+            value=state.oldest_queued_age or 0.0,
+        )
+        yield oldest
 
 
 class _StateCollector(Collector):
@@ -415,6 +449,17 @@ class Metrics:
         self._auth = _Counter(
             f"{PREFIX}_auth_requests", "Logins and revocations, by result", ["result"], AUTH_RESULTS
         )
+        self._jobs_submitted = _Counter(
+            f"{PREFIX}_jobs_submitted", "Durable jobs accepted (202), new ones only", []
+        )
+        self._jobs_completed = _Counter(
+            f"{PREFIX}_jobs_completed", "Durable jobs that reached an end state", ["state"]
+        )
+        self._job_callback_failures = _Counter(
+            f"{PREFIX}_job_callback_failures",
+            "Job callback deliveries that failed (each attempt; `gave_up` when the last did)",
+            ["result"],
+        )
         self.registry.register(
             _EventCollector(
                 [
@@ -427,6 +472,9 @@ class Metrics:
                     self._retries,
                     self._rejected,
                     self._auth,
+                    self._jobs_submitted,
+                    self._jobs_completed,
+                    self._job_callback_failures,
                 ]
             )
         )
@@ -443,6 +491,16 @@ class Metrics:
 
     def watch(self, sources: StateSources) -> None:
         self.registry.register(_StateCollector(sources))
+
+    def watch_jobs(self, source: Callable[[], JobsState]) -> None:
+        """Durable jobs are on: their gauges, and their counters from zero (see the module
+        docstring; a proxy without jobs exports none of them)."""
+        self.registry.register(_JobsCollector(source))
+        self._jobs_submitted.counts.setdefault((), 0)
+        for state in JOB_END_STATES:
+            self._jobs_completed.counts.setdefault((state,), 0)
+        for result in CALLBACK_RESULTS:
+            self._job_callback_failures.counts.setdefault((result,), 0)
 
     # -- the events ------------------------------------------------------------------
 
@@ -475,6 +533,16 @@ class Metrics:
 
     def auth(self, result: str) -> None:
         self._auth.inc(result)
+
+    def job_submitted(self) -> None:
+        self._jobs_submitted.inc()
+
+    def job_completed(self, state: str, count: int = 1) -> None:
+        counts = self._jobs_completed.counts
+        counts[(state,)] = counts.get((state,), 0) + count
+
+    def job_callback_failed(self, gave_up: bool) -> None:
+        self._job_callback_failures.inc("gave_up" if gave_up else "retrying")
 
     def auth_count(self, result: str) -> int:
         """Logins (token fetches, revocations) so far that came to `result` (AUTH_RESULTS)."""

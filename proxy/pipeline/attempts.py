@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -30,6 +32,28 @@ from proxy.pipeline.inflight import Gate
 from proxy.schemes.base import AuthScheme, Credential, Outbound
 
 log = structlog.get_logger("proxy.access")
+
+
+class PermitSource(Protocol):
+    """What attempts need of the rate limiter (RateLimiter; a test double in tests)."""
+
+    async def acquire(
+        self,
+        scope: str,
+        deadline: float,
+        front: bool = False,
+        lane: Lane = Lane.NORMAL,
+        client: Client | None = None,
+    ) -> float: ...
+
+    async def hold(self, scope: str, headers: Mapping[str, str]) -> float: ...
+
+    def hold_for(self, scope: str, seconds: float) -> float: ...
+
+
+# Called right before an attempt goes out (after its permit and credentials); raising
+# stops the attempt unsent.
+BeforeSend = Callable[[], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -120,7 +144,7 @@ class Attempts:
         self,
         sender: Sender,
         scheme: AuthScheme,
-        limiter: RateLimiter,
+        limiter: PermitSource,
         clock: ServerClock,
         metrics: Metrics,
         retries: RetryConfig,
@@ -144,11 +168,14 @@ class Attempts:
         event: AccessRecord,
         lane: Lane = Lane.NORMAL,
         client: Client | None = None,
+        before_send: BeforeSend | None = None,
     ) -> Exchange:
         """Attempt until an answer is final; the Exchange holds an in-flight slot.
 
         `lane` and `client`: where each attempt waits for its permit (the limiter's
-        acquire); the proxy's jobs pass Lane.BACKGROUND.
+        acquire); the proxy's jobs pass Lane.BACKGROUND. `before_send`: awaited before
+        each attempt goes out (a durable job is marked `running` there, so a crash can
+        never leave it sent but looking unsent).
         """
         progress = _Progress(time.monotonic())
         name = client.name if client is not None else PROXY_CLIENT
@@ -163,6 +190,8 @@ class Attempts:
             event.attempts = progress.attempts
             event.queue_wait = progress.queue_wait
             used = await self.scheme.apply(out)
+            if before_send is not None:
+                await before_send()
             fresh, progress.fresh = progress.fresh, False
             try:
                 resp, sent_at = await self.sender.send(out, scope, deadline, fresh)

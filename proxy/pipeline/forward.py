@@ -7,6 +7,11 @@ them in order, turns every ProxyError into the proxy's own answer, and writes
 one access line and the request metrics per request. Shutdown (drain.py)
 tracks the requests in the pipeline. Each answer the proxy makes itself is also
 kept, masked, in a small ring for the admin port's status page (`recent_errors`).
+
+Durable jobs (proxy/jobs), when enabled, hook in at two points through `Jobs`:
+requests to the job endpoints are theirs before admission (they check the
+client themselves), and a request that prefers `respond-async` is admitted and
+read like any other, then stored as a job instead of being sent.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Protocol
 
 import structlog
 
@@ -30,6 +36,7 @@ from proxy.pipeline.attempts import Attempts
 from proxy.pipeline.drain import Drain
 from proxy.pipeline.outbound import read_request
 from proxy.pipeline.relay import Relay
+from proxy.schemes.base import Outbound
 from proxy.target import Kind
 from proxy.target import parse as parse_target
 
@@ -69,6 +76,28 @@ def shown_path(raw_target: str, admitted: Admitted | None) -> str:
     return "/".join(pieces[:shown]) + ("/…" if len(pieces) > shown else "")
 
 
+class Jobs(Protocol):
+    """Durable jobs as the pipeline sees them (implemented in proxy/jobs/gateway.py)."""
+
+    def owns(self, raw_path: str) -> bool:
+        """The target is a job endpoint (the proxy's own, never forwarded)."""
+        ...
+
+    def wants(self, request: Request) -> bool:
+        """The request asks to become a job (Prefer: respond-async)."""
+        ...
+
+    async def serve(self, request: Request, rid: str, event: AccessRecord) -> tuple[int, int]:
+        """Answer a job endpoint request; returns (status, body bytes sent)."""
+        ...
+
+    async def submit(
+        self, request: Request, admitted: Admitted, out: Outbound, rid: str, event: AccessRecord
+    ) -> tuple[int, int]:
+        """Store an admitted, read request as a job and answer 202."""
+        ...
+
+
 class Forwarder:
     def __init__(
         self,
@@ -78,6 +107,7 @@ class Forwarder:
         metrics: Metrics,
         logs: Logs,
         cfg: Config,
+        jobs: Jobs | None = None,
     ) -> None:
         self.admission = admission
         self.attempts = attempts
@@ -89,6 +119,7 @@ class Forwarder:
         self.drain = Drain()
         # The latest answers made by the proxy itself, for the status page.
         self.recent_errors = RecentErrors()
+        self.jobs = jobs
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
@@ -128,8 +159,13 @@ class Forwarder:
             if drain.draining:
                 # Stopping: a request on a kept-alive connection goes to another replica.
                 raise ShuttingDown(_SHUTTING_DOWN, 1)
-            admitted = self.admission.admit(request, started)
-            status, sent = await self._forward(request, admitted, rid, event)
+            jobs = self.jobs
+            if jobs is not None and jobs.owns(request.raw_path):
+                # The job endpoints are the proxy's own (the gateway checks who asks).
+                status, sent = await jobs.serve(request, rid, event)
+            else:
+                admitted = self.admission.admit(request, started)
+                status, sent = await self._forward(request, admitted, rid, event)
         except ProxyError as e:
             status, sent = self._refuse(request, e, rid, event, admitted)
         except asyncio.CancelledError:
@@ -176,6 +212,9 @@ class Forwarder:
         if logging.log_bodies:
             event.request_body = body_text(out.body)
         out.lines += b"X-Request-ID: " + rid.encode() + b"\r\n"
+        jobs = self.jobs
+        if jobs is not None and jobs.wants(request):
+            return await jobs.submit(request, admitted, out, rid, event)
         exchange = await self.attempts.run(
             out, admitted.scope, admitted.deadline, event, lane, admitted.client
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ import aiohttp
 import pytest
 from conftest import MakeProxy
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Secret
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -71,11 +74,14 @@ async def scrape_names(http: aiohttp.ClientSession, admin_url: str) -> set[str]:
 
 
 async def exported_names(
-    sandbox_url: str, make_proxy: MakeProxy, http: aiohttp.ClientSession
+    sandbox_url: str, make_proxy: MakeProxy, http: aiohttp.ClientSession, state: Path
 ) -> set[str]:
     """What a real LuxSci proxy exports once it has logged in and forwarded a request (some
-    gauges exist only then: the API's rate-limit headers, the code's age and lifetime)."""
-    proxy = await make_proxy(sandbox_url)
+    gauges exist only then: the API's rate-limit headers, the code's age and lifetime),
+    with durable jobs on (their store in `state`), as a team that uses them runs it."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    jobs = {"enabled": True, "keys": (Secret(key),), "store": str(state / "jobs.db")}
+    proxy = await make_proxy(sandbox_url, jobs=jobs)
     async with http.get(proxy.url + "/perl/api/v2/account/1/things") as resp:
         assert resp.status == 200
     return await scrape_names(http, proxy.admin_url) | PROMETHEUS_OWN

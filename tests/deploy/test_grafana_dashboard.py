@@ -99,9 +99,12 @@ def test_a_broken_expression_would_be_caught(tmp_path: Path) -> None:
 
 
 async def test_every_expression_uses_only_metrics_the_proxy_exports(
-    sandbox: SandboxServer, make_proxy: MakeProxy, http: aiohttp.ClientSession
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
-    exported = await exported_names(sandbox.url, make_proxy, http)
+    exported = await exported_names(sandbox.url, make_proxy, http, tmp_path)
     for title, expr in expressions() + docs_queries():
         used = promql_metric_names(without_grafana_variables(expr))
         assert used, title
@@ -146,6 +149,11 @@ def test_the_panels_cover_traffic_latency_budgets_queue_auth_and_jobs() -> None:
         "luxsci_proxy_ready",
         "luxsci_proxy_config_last_reload_successful",
         "luxsci_proxy_inflight_requests",
+        "luxsci_proxy_jobs",
+        "luxsci_proxy_jobs_oldest_queued_age_seconds",
+        "luxsci_proxy_jobs_submitted",
+        "luxsci_proxy_jobs_completed",
+        "luxsci_proxy_job_callback_failures",
     ]:
         assert family in families, family
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import aiohttp
 import yaml
@@ -90,9 +91,12 @@ def test_no_rule_hard_codes_a_budget() -> None:
 
 
 async def test_the_rules_use_only_metrics_the_proxy_exports(
-    sandbox: SandboxServer, make_proxy: MakeProxy, http: aiohttp.ClientSession
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
-    exported = await exported_names(sandbox.url, make_proxy, http)
+    exported = await exported_names(sandbox.url, make_proxy, http, tmp_path)
     for rule in alert_rules():
         used = promql_metric_names(rule["expr"])
         assert used, rule["alert"]
