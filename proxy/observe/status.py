@@ -46,6 +46,15 @@ REFRESH_SECONDS = 3
 NOSCRIPT_RELOAD_SECONDS = 5
 # Lanes in the order requests are served.
 LANES = ("high", "normal", "low", "background")
+# Job states in the order of a job's life (proxy/jobs/model.py); others after them.
+JOB_STATES = ("queued", "running", "succeeded", "failed", "outcome_unknown", "expired", "cancelled")
+
+
+def job_order(by_state: Mapping[str, int]) -> list[str]:
+    """The states as the page lists them (the page's script orders them the same way)."""
+    known = len(JOB_STATES)
+    return sorted(by_state, key=lambda s: (JOB_STATES.index(s) if s in JOB_STATES else known, s))
+
 
 # -- what the service hands in -------------------------------------------------------------
 
@@ -530,17 +539,23 @@ def _jobs(d: Mapping[str, Any]) -> str:
     j = d["jobs"]
     if not j["enabled"]:
         return _section("jobs", "Jobs", _el("p", "jobs: not enabled", "mute", "jobs.enabled"))
-    rows = [
-        _row([_el("td", state), _el("td", count, "n", f"jobs.state.{state}")])
-        for state, count in j["by_state"].items()
-    ]
+    by_state = j["by_state"]
+    pairs = "".join(
+        _el("dt", state) + _el("dd", by_state[state], None, f"jobs.state.{state}")
+        for state in job_order(by_state)
+    )
     note = (
         _badge(j["ok"], "store ok", "store failing", "jobs.ok")
         + " oldest queued: "
         + _el("span", duration(j["oldest_queued_age_s"]), None, "jobs.oldest")
     )
-    inner = _table([("state", None), ("jobs", "n")], rows) + _raw("p", note, "note")
-    return _section("jobs", "Jobs", inner)
+    return _section("jobs", "Jobs", _raw("dl", pairs, "jobs") + _raw("p", note, "note"))
+
+
+def _path_cell(path: str) -> str:
+    """A path that may wrap after each `/` (a <wbr> there), copied as it is."""
+    pieces = "/<wbr>".join(_e(piece) for piece in path.split("/"))
+    return f'<td class="path" data-k="error.path">{pieces}</td>'
 
 
 def _errors(d: Mapping[str, Any]) -> str:
@@ -552,7 +567,7 @@ def _errors(d: Mapping[str, Any]) -> str:
                 _el("td", r["status"], "n", "error.status"),
                 _el("td", r["reason"], None, "error.reason"),
                 _el("td", r["method"], None, "error.method"),
-                _el("td", r["path"], "path", "error.path"),
+                _path_cell(r["path"]),
                 _el("td", _num(r["client"]), None, "error.client"),
                 _el("td", r["request_id"], "rid", "error.request_id"),
             ],

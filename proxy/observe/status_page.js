@@ -6,8 +6,18 @@
 (function () {
   var LANES = ["high", "normal", "low", "background"];
   var NOUN = {luxsci: "auth code", oauth2: "access token", bearer: "API key"};
+  var JOB_STATES = ["queued", "running", "succeeded", "failed", "outcome_unknown", "expired",
+    "cancelled"];
   var DASH = "\u2014";
   var DOT = " \u00b7 ";
+
+  // The order of a job's life, then any other state by name (status.job_order).
+  function jobOrder(byState) {
+    function rank(s) { var i = JOB_STATES.indexOf(s); return i < 0 ? JOB_STATES.length : i; }
+    return Object.keys(byState).sort(function (a, b) {
+      return rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0);
+    });
+  }
 
   function two(n) { return (n < 10 ? "0" : "") + n; }
 
@@ -202,14 +212,29 @@
       fill("jobs", "Jobs", [el("p", "jobs: not enabled", "mute", "jobs.enabled")]);
       return;
     }
-    var rows = Object.keys(j.by_state).map(function (s) {
-      return row([td(s), td(String(j.by_state[s]), "n", "jobs.state." + s)]);
+    var list = el("dl", null, "jobs");
+    jobOrder(j.by_state).forEach(function (s) {
+      list.appendChild(el("dt", s));
+      list.appendChild(el("dd", String(j.by_state[s]), null, "jobs.state." + s));
     });
     fill("jobs", "Jobs", [
-      table([["state"], ["jobs", "n"]], rows),
+      list,
       note([badge(j.ok, "store ok", "store failing", "jobs.ok"), " oldest queued: ",
         el("span", dur(j.oldest_queued_age_s), null, "jobs.oldest")]),
     ]);
+  }
+
+  // A path that may wrap after each "/" (a <wbr> there), copied as it is (status._path_cell).
+  function pathCell(path) {
+    var cell = el("td", null, "path", "error.path");
+    path.split("/").forEach(function (piece, i) {
+      if (i) {
+        cell.appendChild(text("/"));
+        cell.appendChild(el("wbr"));
+      }
+      cell.appendChild(text(piece));
+    });
+    return cell;
   }
 
   function errors(d) {
@@ -220,7 +245,7 @@
         td(String(r.status), "n", "error.status"),
         td(r.reason, null, "error.reason"),
         td(r.method, null, "error.method"),
-        td(r.path, "path", "error.path"),
+        pathCell(r.path),
         td(num(r.client), null, "error.client"),
         td(r.request_id, "rid", "error.request_id"),
       ], "error-row");

@@ -6,20 +6,23 @@ screenshot from the same scene:
     PYTHONPATH=. python3 tests/observe/status_scene.py docs/status-page.png
 
 The scene: two apps (billing in the high lane, reports capped at low) sending to the
-LuxSci sandbox; the account budget is spent, so two of reports' requests wait in
-the low lane; four requests are refused by the proxy (one of reports' that would not
-wait, a protected user, an unknown app token, a dot-segment path), so the errors table
-has rows.
+LuxSci sandbox, with durable jobs on; the account budget is spent, so two of reports'
+requests wait in the low lane and its job waits in the background lane (billing's
+job has succeeded); four requests are refused by the proxy (one of reports' that would
+not wait, a protected user, an unknown app token, a dot-segment path), so the errors
+table has rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -48,11 +51,20 @@ DAY_LIMIT = 1000
 BILLING_READS = 7
 REPORTS_READS = ACCOUNT_LIMIT - 1  # the login at start took one account permit
 REPORTS_WAITING = 2
+# Durable jobs: one of billing's (sent at once), one of reports' (waits: the account
+# window is spent). The store's key, base64 of 32 bytes.
+JOBS_KEY = base64.b64encode(b"status-page-scene-key-0123456789").decode()
 
 
-def scene_sections() -> dict[str, Any]:
-    """The scene's config sections, over conftest.proxy_config's defaults."""
+def scene_sections(state: Path) -> dict[str, Any]:
+    """The scene's config sections, over conftest.proxy_config's defaults; the jobs'
+    store goes in the folder `state`."""
     return {
+        "jobs": {
+            "enabled": True,
+            "keys": (Secret(JOBS_KEY),),
+            "store": str(state / "jobs.db"),
+        },
         "access": {
             "clients": (
                 ClientConfig("billing", Secret(BILLING_TOKEN), "high"),
@@ -82,6 +94,11 @@ async def scene_sandbox() -> SandboxServer:
         per_day=10**7,
     )
     return await start_sandbox(cfg, host="127.0.0.1", port=0)
+
+
+def counted(by_state: Mapping[str, int]) -> dict[str, int]:
+    """Jobs by state, the states with none left out."""
+    return {state: n for state, n in by_state.items() if n}
 
 
 def _as(token: str) -> dict[str, str]:
@@ -131,6 +148,24 @@ async def play(http: aiohttp.ClientSession, service: ProxyService) -> Scene:
         await asyncio.sleep(0.01)
     assert service.limiter.waiting == REPORTS_WAITING
 
+    # Durable jobs: billing's is sent at once, reports' waits for a background permit.
+    for path, token in [
+        (f"/perl/api/v2/user/{USER}/profile", BILLING_TOKEN),
+        ("/perl/api/v2/account/9/archive", REPORTS_TOKEN),
+    ]:
+        async with http.post(
+            base + path, json={"n": 1}, headers={**_as(token), "Prefer": "respond-async"}
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+    jobs = service.jobs
+    assert jobs is not None
+    for _ in range(1000):  # the runner counts its jobs every 2 s
+        if counted(jobs.state().by_state) == {"queued": 1, "succeeded": 1}:
+            break
+        await asyncio.sleep(0.01)
+    assert counted(jobs.state().by_state) == {"queued": 1, "succeeded": 1}
+    assert service.limiter.waiting == REPORTS_WAITING + 1
+
     # Admitted, then refused: reports will not wait for the spent window.
     status = await get("/perl/api/v2/account/9/export", REPORTS_TOKEN, **{"X-Proxy-Max-Wait": "0"})
     scene.refused.append((status, "queue_timeout", "/perl/api/v2/account/9/export"))
@@ -142,23 +177,6 @@ async def play(http: aiohttp.ClientSession, service: ProxyService) -> Scene:
     scene.refused.append((status, "bad_request", "/perl/api/v2/user/…"))
     assert [s for s, _, _ in scene.refused] == [503, 403, 403, 400]
     return scene
-
-
-@dataclass
-class _JobsState:
-    by_state: dict[str, int]
-    oldest_queued_age: float | None
-
-
-class FakeJobs:
-    """What durable jobs (being built on the `jobs` branch) give the service as
-    `service.jobs`: status() for readiness, state() as last counted."""
-
-    def status(self) -> dict[str, Any]:
-        return {"ok": True, "queued": 3}
-
-    def state(self) -> _JobsState:
-        return _JobsState({"queued": 3, "succeeded": 10}, 4.2)
 
 
 # -- the browser --------------------------------------------------------------------------
@@ -259,9 +277,9 @@ class PageValues(HTMLParser):
         return found[0]
 
 
-async def _make_screenshot(path: Path) -> None:
+async def _make_screenshot(path: Path, state: Path) -> None:
     sandbox = await scene_sandbox()
-    service = ProxyService(proxy_config(sandbox.url, **scene_sections()))
+    service = ProxyService(proxy_config(sandbox.url, **scene_sections(state)))
     await service.start()
     try:
         async with aiohttp.ClientSession() as http:
@@ -278,5 +296,6 @@ if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/status-page.png")
     if chromium_path() is None:
         sys.exit("chromium is not installed (apt-get install chromium)")
-    asyncio.run(_make_screenshot(target))
+    with tempfile.TemporaryDirectory(prefix="status-scene-") as state:
+        asyncio.run(_make_screenshot(target, Path(state)))
     print(target)

@@ -3,12 +3,14 @@ headers, and that no secret reaches either (the browser's view: test_status_page
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,7 +32,8 @@ from proxy.observe.status import (
 )
 from proxy.pipeline.forward import shown_path
 from proxy.sandbox import SandboxServer
-from tests.observe.status_scene import FakeJobs, PageValues
+from tests.jobs.jobs_helpers import jobs_section, submit, until_done
+from tests.observe.status_scene import PageValues, counted
 
 USER_PATH = f"/perl/api/v2/user/{USER}/profile"
 ACCOUNT_PATH = "/perl/api/v2/account/42/things"
@@ -397,20 +400,38 @@ async def test_the_page_is_served_with_its_policy_and_the_same_numbers(
     assert_no_secret(page, sandbox)
 
 
-async def test_jobs_appear_once_the_service_has_them(
-    proxy: RunningProxy, http: aiohttp.ClientSession
+async def test_jobs_by_state_once_durable_jobs_are_on(
+    sandbox: SandboxServer, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    proxy.service.jobs = FakeJobs()  # type: ignore[attr-defined]
-    _, text = await fetch(http, proxy.admin_url + "/status.json")
-    assert json.loads(text)["jobs"] == {
+    proxy = await make_proxy(sandbox.url, jobs=jobs_section(tmp_path))
+    status_code, _, body = await submit(http, proxy.url, "POST", ACCOUNT_PATH, {"n": 1})
+    assert status_code == 202
+    assert (await until_done(http, proxy.url, body["id"]))["state"] == "succeeded"
+    for _ in range(500):  # the runner counts its jobs every 2 s
+        _, text = await fetch(http, proxy.admin_url + "/status.json")
+        data = json.loads(text)
+        if counted(data["jobs"].get("by_state", {})) == {"succeeded": 1}:
+            break
+        await asyncio.sleep(0.01)
+    assert data["jobs"] == {
         "enabled": True,
         "ok": True,
-        "by_state": {"queued": 3, "succeeded": 10},
-        "oldest_queued_age_s": 4.2,
+        # Every state, from zero.
+        "by_state": {
+            "cancelled": 0,
+            "expired": 0,
+            "failed": 0,
+            "outcome_unknown": 0,
+            "queued": 0,
+            "running": 0,
+            "succeeded": 1,
+        },
+        "oldest_queued_age_s": None,
     }
-    proxy.service.jobs = None  # type: ignore[attr-defined]
-    _, text = await fetch(http, proxy.admin_url + "/status.json")
-    assert json.loads(text)["jobs"] == {"enabled": False}
+    jobs_check = next(c for c in data["checks"] if c["name"] == "jobs")
+    assert jobs_check == {"name": "jobs", "ok": True, "required": False, "message": "queued: 0"}
+    page = PageValues((await fetch(http, proxy.admin_url + "/"))[1])
+    assert page.one("jobs.state.succeeded") == "1" and page.one("jobs.oldest") == "—"
 
 
 async def test_app_names_and_no_app_token_on_the_page(
