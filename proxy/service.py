@@ -43,6 +43,9 @@ from proxy.schemes.registry import BUILT_IN, SchemeDeps, SchemeKind
 if TYPE_CHECKING:
     from proxy.jobs.durable import DurableJobs
 
+    # The status page's module is imported when the page is first asked for (status()).
+    from proxy.observe.status import AuthView, BudgetView, DayView, JobsView, QueueView
+
 T = TypeVar("T")
 
 
@@ -255,8 +258,9 @@ class ProxyService:
             client_timeout=listen.client_timeout,
             max_header_bytes=listen.max_header_bytes,
         )
+        self._born = time.monotonic()
         self._admin_runner = web.AppRunner(
-            create_admin_app(self.readiness, self.metrics.registry),
+            create_admin_app(self.readiness, self.metrics.registry, self.status),
             access_log=None,
             shutdown_timeout=5,
         )
@@ -342,6 +346,123 @@ class ProxyService:
         if self.scheme.credential_age() is None:
             return None
         return float(self.cfg.auth.code_lifetime)
+
+    # -- the status page (proxy/observe/status.py) ------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What the admin port's `/` and `/status.json` show, as plain JSON data: values
+        read from the components (observe may not import them), every string masked by
+        the log redactor."""
+        from proxy.observe import status
+
+        return status.snapshot(
+            status.StatusSources(
+                scheme=self.scheme.name,
+                backend=self.cfg.limits.backend,
+                readiness=self.readiness,
+                required=lambda: self._ready_needs,
+                auth=self._auth_view,
+                budgets=self._budget_views,
+                day=self._day_view,
+                queue=self._queue_view,
+                jobs=self._jobs_view,
+                errors=self.forwarder.recent_errors,
+                uptime=lambda: time.monotonic() - self._born,
+                scrub=self.logs.redactor.scrub,
+            )
+        )
+
+    def _auth_view(self) -> AuthView:
+        from proxy.observe.status import AuthView
+
+        scheme = self.scheme
+        check = scheme.status()
+        expires = check.get("expires_in")  # oauth2: seconds left of the current token
+        count = self.metrics.auth_count
+        return AuthView(
+            scheme=scheme.name,
+            ok=bool(check.get("ok")),
+            message=check.get("error"),
+            valid=scheme.valid(),
+            credential_age=scheme.credential_age(),
+            credential_lifetime=self._code_lifetime(),
+            expires_in=float(expires) if isinstance(expires, int | float) else None,
+            logins=count("success"),
+            login_failures=count("rejected") + count("rate_limited") + count("error"),
+        )
+
+    def _budget_views(self) -> list[BudgetView]:
+        from proxy.observe.status import BudgetView
+
+        limiter = self.limiter
+        windows = limiter.windows
+        now = limiter.clock.now()
+        window = windows.index(now)
+        return [
+            BudgetView(
+                scope=scope,
+                used=limiter.backend.known_used(scope, window),
+                limit=bucket.effective_limit,
+                configured_limit=bucket.limit,
+                api_limit=bucket.server_limit,
+                api_remaining=bucket.remaining,
+                window=windows.length,
+                resets_in=windows.until_next(now),
+                held_for=bucket.held_until - now,
+                queued=bucket.queued,
+                queued_by_lane=limiter.lane_depths(scope),
+            )
+            for scope, bucket in limiter.buckets.items()
+        ]
+
+    def _day_view(self) -> DayView:
+        from proxy.observe.status import DayView
+
+        limiter = self.limiter
+        return DayView(
+            used=limiter.day_used_known(),
+            limit=self.cfg.limits.per_day,
+            length=limiter.windows.day_length,
+            resets_in=limiter.windows.until_next_day(limiter.clock.now()),
+        )
+
+    def _queue_view(self) -> QueueView:
+        from proxy.observe.status import ClientView, QueueView
+
+        depths = self.limiter.client_depths()
+        configured = self.forwarder.admission.policy.clients
+        clients = [
+            ClientView(c.name, depths.get(c.name, 0), c.max_queued, c.max_lane.label)
+            for c in configured
+        ]
+        # Others that waited: the proxy's own logins, a client a reload removed.
+        known = {c.name for c in configured}
+        clients += [
+            ClientView(name, waiting, None, None)
+            for name, waiting in sorted(depths.items())
+            if name not in known
+        ]
+        return QueueView(
+            waiting=self.limiter.waiting,
+            max_size=self.cfg.queue.max_size,
+            max_wait=self.cfg.queue.max_wait,
+            inflight=self.forwarder.inflight_count,
+            clients=clients,
+        )
+
+    def _jobs_view(self) -> JobsView | None:
+        """Durable jobs as the runner last counted them; None when jobs.enabled is off."""
+        from proxy.observe.status import JobsView
+
+        jobs = self.jobs
+        if jobs is None:
+            return None
+        state = jobs.state()
+        return JobsView(
+            ok=bool(jobs.status().get("ok", True)),
+            by_state=dict(state.by_state),
+            oldest_queued_age=state.oldest_queued_age,
+        )
 
     def reload_refused(self) -> None:
         """A SIGHUP's config did not load: the old config stays, and the metrics say so."""

@@ -89,6 +89,8 @@ def test_a_bearer_proxy_with_the_memory_backend_runs_without_the_optional_module
     assert _loaded(modules, OPTIONAL) == []
     assert _loaded(modules, ("proxy.schemes.luxsci.session",)) == []
     assert "proxy.schemes.bearer" in modules  # what it does need is there
+    # The admin port's status page: loaded when first asked for.
+    assert _loaded(modules, ("proxy.observe.status",)) == []
 
 
 @pytest.mark.parametrize(

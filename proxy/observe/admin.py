@@ -1,4 +1,8 @@
-"""The admin listener: liveness, readiness and Prometheus metrics.
+"""The admin listener: the status page, liveness, readiness and Prometheus metrics.
+
+`/` is a status page for people and `/status.json` the same data for programs
+(proxy/observe/status.py); both are made when asked for, from values the service
+reads without I/O, and both carry a Content-Security-Policy and `no-store`.
 
 Its answers carry no `Server` header: aiohttp would announce itself and the Python
 version (`Python/3.11 aiohttp/3.x`), which only helps someone matching known
@@ -17,8 +21,23 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+Status = Callable[[], dict[str, Any]]
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+STATUS: web.AppKey[Status] = web.AppKey("status")
+
+# Every status answer: never cached (it is a moment's state), never sniffed as another
+# type, never framed, and no Referer sent from the page.
+_NO_STORE = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+_JSON_HEADERS = {
+    **_NO_STORE,
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -35,17 +54,41 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def status_page(request: web.Request) -> web.Response:
+    # The page's module is loaded when first asked for (a proxy nobody looks at never
+    # loads it).
+    from proxy.observe import status
+
+    page = status.render_html(request.app[STATUS]())
+    headers = {**_NO_STORE, "Content-Security-Policy": status.CONTENT_SECURITY_POLICY}
+    return web.Response(text=page, content_type="text/html", charset="utf-8", headers=headers)
+
+
+async def status_json(request: web.Request) -> web.Response:
+    from proxy.observe import status
+
+    body = status.to_json(request.app[STATUS]())
+    return web.Response(text=body, content_type="application/json", headers=_JSON_HEADERS)
+
+
 async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
     # on_response_prepare runs after aiohttp has filled in its default headers and
     # before they are written: the one public place to take its Server header out.
     response.headers.popall("Server", None)
 
 
-def create_admin_app(readiness: Readiness, registry: CollectorRegistry) -> web.Application:
+def create_admin_app(
+    readiness: Readiness, registry: CollectorRegistry, status: Status | None = None
+) -> web.Application:
+    """`status`: the status page's data (status.snapshot); None serves no page."""
     app = web.Application()
     app.on_response_prepare.append(_no_server_header)
     app[READINESS] = readiness
     app[REGISTRY] = registry
+    if status is not None:
+        app[STATUS] = status
+        app.router.add_get("/", status_page)
+        app.router.add_get("/status.json", status_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

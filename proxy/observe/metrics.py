@@ -543,3 +543,7 @@ class Metrics:
 
     def job_callback_failed(self, gave_up: bool) -> None:
         self._job_callback_failures.inc("gave_up" if gave_up else "retrying")
+
+    def auth_count(self, result: str) -> int:
+        """Logins (token fetches, revocations) so far that came to `result` (AUTH_RESULTS)."""
+        return self._auth.counts.get((result,), 0)

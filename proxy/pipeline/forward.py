@@ -5,7 +5,8 @@ admit (admission.py) → read the body (outbound.py) → attempts: permit,
 credentials, send, judge (attempts.py) → answer (relay.py). This module runs
 them in order, turns every ProxyError into the proxy's own answer, and writes
 one access line and the request metrics per request. Shutdown (drain.py)
-tracks the requests in the pipeline.
+tracks the requests in the pipeline. Each answer the proxy makes itself is also
+kept, masked, in a small ring for the admin port's status page (`recent_errors`).
 
 Durable jobs (proxy/jobs), when enabled, hook in at two points through `Jobs`:
 requests to the job endpoints are theirs before admission (they check the
@@ -16,25 +17,29 @@ read like any other, then stored as a job instead of being sent.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Protocol
 
 import structlog
 
 from proxy.config import Config, LoggingConfig
-from proxy.errors import ProxyError, ShuttingDown
+from proxy.errors import BadRequest, ProxyError, ShuttingDown
 from proxy.http.body import Spool
 from proxy.http.server import Request, error_headers, request_id
 from proxy.limits import Lane
 from proxy.observe.access_record import AccessRecord
 from proxy.observe.log import BODY_LOG_LIMIT, Logs, body_text
 from proxy.observe.metrics import Metrics
+from proxy.observe.recent import RecentErrors
 from proxy.pipeline.admission import APPLIED_HEADER, AccessPolicy, Admission, Admitted
 from proxy.pipeline.attempts import Attempts
 from proxy.pipeline.drain import Drain
 from proxy.pipeline.outbound import read_request
 from proxy.pipeline.relay import Relay
 from proxy.schemes.base import Outbound
+from proxy.target import Kind
+from proxy.target import parse as parse_target
 
 log = structlog.get_logger("proxy.access")
 
@@ -42,6 +47,34 @@ _SHUTTING_DOWN = "the proxy is shutting down; send the request again"
 _CUT_OFF = "the proxy shut down before this request could be served; send it again"
 # The answer's line saying a request was served in a lower lane than it asked for.
 _APPLIED_LINES = {lane: f"{APPLIED_HEADER}: {lane.label}\r\n".encode() for lane in Lane}
+# Segments of a path the proxy could not parse that the status page still shows: up to
+# the API's area (/perl/api/v2/user), plain words only, never the login or what follows.
+_UNPARSED_SHOWN = 5
+_PLAIN_PIECE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+
+
+def shown_path(raw_target: str, admitted: Admitted | None) -> str:
+    """A refused request's path as the status page may show it: a user's login masked
+    (whatever logging.redact_paths says), never the query string."""
+    path = raw_target.partition("?")[0]
+    target = admitted.target if admitted is not None else None
+    if target is None:
+        try:
+            target = parse_target(path)
+        except BadRequest:
+            target = None
+    # A target that names a user other than as /user/<login>/ (behind an encoded slash)
+    # or one the proxy could not parse (dot-segments, bad escapes, an absolute URL that
+    # may carry credentials...): only its harmless head.
+    if target is not None and (target.kind is Kind.USER or not target.users):
+        return target.masked_path()
+    if not path.startswith("/"):
+        return "[not a path]"
+    pieces = path.split("/")
+    shown = 1
+    while shown < min(len(pieces), _UNPARSED_SHOWN) and _PLAIN_PIECE.fullmatch(pieces[shown]):
+        shown += 1
+    return "/".join(pieces[:shown]) + ("/…" if len(pieces) > shown else "")
 
 
 class Jobs(Protocol):
@@ -86,6 +119,8 @@ class Forwarder:
         # through the context the request is served in).
         self.logs = logs
         self.drain = Drain()
+        # The latest answers made by the proxy itself, for the status page.
+        self.recent_errors = RecentErrors()
         self.jobs = jobs
         self.spool = spool
         self.max_body = cfg.listen.max_body_bytes
@@ -211,6 +246,14 @@ class Forwarder:
         event.error = error.reason
         event.error_message = error.message
         self.metrics.rejected(error.reason)
+        self.recent_errors.record(
+            error.status,
+            error.reason,
+            request.method,
+            shown_path(request.raw_path, admitted),
+            admitted.client.name if admitted is not None else None,
+            rid,
+        )
         if request.started:
             # Too late for an answer of our own: the client sees a cut-off one instead.
             request.abort()

@@ -234,7 +234,9 @@ async def test_reload_success_and_refusal_are_exported(
     assert s[(P + "daily_limit", frozenset())] == 4321
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/nowhere"])
+@pytest.mark.parametrize(
+    "path", ["/", "/status.json", "/healthz", "/readyz", "/metrics", "/nowhere"]
+)
 async def test_the_admin_port_names_no_server_software(
     proxy: RunningProxy, http: aiohttp.ClientSession, path: str
 ) -> None:
