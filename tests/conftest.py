@@ -120,7 +120,9 @@ def proxy_config(upstream_url: str, **sections: Any) -> Config:
             "windows": tuple(
                 w
                 if isinstance(w, WindowConfig)
-                else WindowConfig(w["requests"], parse_duration(w["per"], "per"), w["scope"])
+                else WindowConfig(
+                    w["requests"], parse_duration(w["per"], "per"), w.get("scope", "all")
+                )
                 for w in limits["windows"]
             ),
         }

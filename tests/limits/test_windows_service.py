@@ -8,8 +8,9 @@ import aiohttp
 from conftest import USER, MakeProxy, MakeSandbox
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import WindowConfig
-from proxy.sandbox import SandboxServer
+from proxy.config import Secret, WindowConfig
+from proxy.sandbox import SandboxServer, SandboxWindow
+from proxy.sandbox.config import OAuthSettings
 
 PATH = f"/perl/api/v2/user/{USER}/profile"
 WINDOWS = [
@@ -108,3 +109,30 @@ async def test_a_reload_applies_new_budgets_at_once_and_new_windows_at_a_restart
     assert service.cfg.limits.per_day == 0 and len(service.cfg.limits.windows) == 3
     async with http.get(proxy.url + PATH) as resp:
         assert resp.status == 200
+
+
+async def test_an_oauth_apis_spent_hour_is_answered_at_once_and_never_sent(
+    make_sandbox: MakeSandbox, make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    # An OAuth 2.0 API with one budget, "all": 10 a second and 3 an hour.
+    sandbox = await make_sandbox(
+        oauth=OAuthSettings(), windows=(SandboxWindow(10, 1), SandboxWindow(3, 3600))
+    )
+    auth = {
+        "scheme": "oauth2",
+        "token_url": sandbox.url + "/oauth/token",
+        "client_id": "sandbox-client",
+        "client_secret": Secret("sandbox-client-secret"),
+    }
+    windows = [{"requests": 10, "per": "1s"}, {"requests": 3, "per": "1h"}]
+    proxy = await make_proxy(sandbox.url, auth=auth, limits={"windows": windows})
+    statuses = []
+    for _ in range(4):
+        async with http.get(proxy.url + "/v1/items") as resp:
+            await resp.read()
+            statuses.append(resp.status)
+            headers = resp.headers
+    assert statuses == [200, 200, 200, 503]
+    assert headers["X-Proxy-Error"] == "budget_spent"
+    assert 1 <= int(headers["Retry-After"]) <= 3600
+    assert sandbox.sandbox.stats.rate_limited == 0  # the fourth never reached the API
