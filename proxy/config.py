@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import re
 import stat
@@ -212,6 +213,25 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class WindowConfig:
+    """One rate window: at most `requests` in each fixed `per`-second window of the API's
+    clock, counted for every request of `scope` (a budget the auth scheme names)."""
+
+    requests: int = 0
+    # Seconds: written 1s, 30s, 1m, 1h, 1d or as a number (parse_duration).
+    per: float = field(default=0.0, metadata={"duration": True})
+    # luxsci: user, account or all; the other schemes: all (every request).
+    scope: str = "all"
+
+
+# The budgets that were the only way to state limits before limits.windows; each is the
+# shorthand for one window (LimitsConfig.windows's comment).
+SHORTHAND_BUDGETS = ("account_per_minute", "user_per_minute", "per_day")
+# Windows per config at most: each is a metrics label value and a key in every permit's script.
+MAX_WINDOWS = 16
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     # Requests NOT under /perl/api/v2/user/ (auth calls included; for scheme bearer: all).
     account_per_minute: int = 60
@@ -231,6 +251,12 @@ class LimitsConfig:
     day_seconds: float = 86400.0
     # Name the shared limits are kept under (default: derived from the token, never the secret).
     key: str | None = None
+    # Windows of any length and budget, beside the shorthand's three: user_per_minute per
+    # window_seconds (scope user), account_per_minute per window_seconds (scope account),
+    # per_day per day_seconds (scope all); every one of them holds. A file that lists
+    # windows has only the shorthand windows it writes: parse() makes a budget it leaves
+    # out 0, no such window, so no default hides beside the list (in code, say 0 too).
+    windows: tuple[WindowConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -491,11 +517,39 @@ def _build(cls: type[Any], data: Any, key: str) -> Any:
             continue
         sub = f"{key}.{name}" if key else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if f.metadata.get("duration"):
+            kwargs[name] = parse_duration(data[name], sub)
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], sub)  # type: ignore[arg-type]
         else:
             kwargs[name] = _coerce(data[name], tp, sub, bool(f.metadata.get("keep_empty")))
     return cls(**kwargs)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from `1s`, `90s`, `1m`, `1.5h`, `1d`, or a plain number of seconds.
+
+    Strict: one number and at most one unit, nothing around them (`1 m`, `1min`, `1h30m`,
+    `1M`, `-1s` are errors naming the key), since a misread window would shape every
+    request. Positive and finite; how short a window may be is validate's concern.
+    """
+    expected = "a duration such as 1s, 30s, 1m, 1h, 1d, or a number of seconds"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key}: must be {expected} (got {value!r})")
+    if isinstance(value, str):
+        m = _DURATION.fullmatch(value)
+        if m is None:
+            raise ConfigError(f"{key}: must be {expected} (got {value!r})")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{key}: must be a positive {expected[2:]} (got {value!r})")
+    return seconds
 
 
 def _check_port(value: int, key: str) -> None:
@@ -550,16 +604,24 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
     # schemes are built on this module).
     from proxy.schemes import registry
 
-    registry.check(auth, registry.BUILT_IN if schemes is None else schemes)
+    known = registry.BUILT_IN if schemes is None else schemes
+    registry.check(auth, known)
     if auth.token_url is not None:
         # Another host than the API's, maybe, but the same rules: it is sent our secret.
         _check_url(auth.token_url, "auth.token_url", cfg.upstream.allow_insecure)
     lim = cfg.limits
-    for name in ("account_per_minute", "user_per_minute", "per_day", "max_inflight"):
-        _check_positive(getattr(lim, name), f"limits.{name}")
+    _check_positive(lim.max_inflight, "limits.max_inflight")
+    for name in SHORTHAND_BUDGETS:
+        if not lim.windows:
+            _check_positive(getattr(lim, name), f"limits.{name}")
+        elif getattr(lim, name) < 0:
+            # Beside limits.windows, 0 is no such window (what leaving it out says).
+            raise ConfigError(f"limits.{name}: must be 0 (no such window) or more")
     _check_positive(lim.window_seconds, "limits.window_seconds")
     if lim.day_seconds < lim.window_seconds:
         raise ConfigError("limits.day_seconds: must be at least limits.window_seconds")
+    _validate_windows(lim)
+    registry.check_scopes(lim.windows, auth.scheme, known)
     if not 0 < lim.fallback_share <= 1:
         raise ConfigError(f"limits.fallback_share: must be in (0, 1] (got {lim.fallback_share})")
     if lim.backend == "redis" and urlsplit(lim.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -650,6 +712,45 @@ def _validate_jobs(jobs: JobsConfig) -> None:
         )
     if jobs.callback_secret is not None and len(jobs.callback_secret.get()) < 16:
         raise ConfigError("jobs.callback_secret: use at least 16 characters")
+
+
+def _validate_windows(lim: LimitsConfig) -> None:
+    """limits.windows on its own (its scopes are the scheme's to judge: registry)."""
+    if not lim.windows:
+        return
+    if len(lim.windows) > MAX_WINDOWS:
+        raise ConfigError(f"limits.windows: at most {MAX_WINDOWS} windows")
+    # The shorthand's windows beside the list (a budget of 0 is none).
+    seen: dict[tuple[str, float], str] = {}
+    for name, scope, per in (
+        ("user_per_minute", "user", lim.window_seconds),
+        ("account_per_minute", "account", lim.window_seconds),
+        ("per_day", "all", lim.day_seconds),
+    ):
+        if getattr(lim, name):
+            seen[(scope, per)] = f"limits.{name}"
+    for i, window in enumerate(lim.windows):
+        key = f"limits.windows[{i}]"
+        if window.requests < 1:
+            raise ConfigError(
+                f"{key}.requests: required, the most requests a window may hold (at least 1)"
+            )
+        if window.per == 0:
+            raise ConfigError(f"{key}.per: required, the window's length such as 1s, 1m, 1h")
+        if window.per < 1:
+            # The API's clock is learnt from Date headers, to the second: a shorter window
+            # cannot be placed on it.
+            raise ConfigError(
+                f"{key}.per: must be at least 1s (the API's clock is known to the second)"
+            )
+        if window.per > 366 * 86400:
+            raise ConfigError(f"{key}.per: must be at most 366d")
+        earlier = seen.setdefault((window.scope, window.per), key)
+        if earlier != key:
+            raise ConfigError(
+                f"{key}: the same scope and per as {earlier}; "
+                "give each window once, with the smaller of the two budgets"
+            )
 
 
 def _check_url(url: str, key: str, allow_insecure: bool, example: str = "") -> SplitResult:
@@ -866,6 +967,12 @@ def state_key_from_env(data: dict[str, Any], env: Mapping[str, str]) -> bool:
 
 def build(data: dict[str, Any], schemes: Mapping[str, SchemeKind] | None = None) -> Config:
     """A validated Config from sections of plain values (whatever their source)."""
+    limits = data.get("limits")
+    if isinstance(limits, dict) and limits.get("windows"):
+        # Beside a list of windows, the shorthand's are only those given: a default (60 a
+        # minute, 6000 a day) must not cap, unseen, an API the list describes.
+        for name in SHORTHAND_BUDGETS:
+            limits.setdefault(name, 0)
     return validate(_build(Config, data, ""), schemes)
 
 

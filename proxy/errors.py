@@ -19,6 +19,7 @@
     │   ├── QueueFull             503 queue_full
     │   ├── QueueTimeout          503 queue_timeout
     │   ├── DailyLimit            503 daily_limit
+    │   ├── BudgetSpent           503 budget_spent
     │   ├── ShuttingDown          503 shutting_down
     │   ├── TooManyConnections    503 too_many_connections
     │   ├── JobsFull              503 jobs_full
@@ -128,7 +129,15 @@ class QueueTimeout(Unavailable):
 
 
 class DailyLimit(Unavailable):
+    """The day's budget (limits.per_day, or a limits.windows window of a day or more)."""
+
     reason = "daily_limit"
+
+
+class BudgetSpent(Unavailable):
+    """A limits.windows window of an hour or more, under a day: spent, it is not waited for."""
+
+    reason = "budget_spent"
 
 
 class ShuttingDown(Unavailable):

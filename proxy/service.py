@@ -18,8 +18,10 @@ from aiohttp import web
 from proxy import egress, preflight
 from proxy.clock import ServerClock
 from proxy.config import (
+    SHORTHAND_BUDGETS,
     Config,
     ConfigError,
+    LimitsConfig,
     described_changes,
     differences,
     spool_dir,
@@ -30,9 +32,10 @@ from proxy.http.body import Spool
 from proxy.http.client import Upstream
 from proxy.http.server import Listener
 from proxy.limits import Backend, Lane, MemoryBackend, RateLimiter
+from proxy.limits.plan import windows_of
 from proxy.observe.admin import create_admin_app
 from proxy.observe.log import Logs
-from proxy.observe.metrics import Metrics, ReloadState, ScopeState, StateSources
+from proxy.observe.metrics import Metrics, ReloadState, ScopeState, StateSources, WindowState
 from proxy.pipeline.admission import AccessPolicy, Admission
 from proxy.pipeline.attempts import Attempts, Sender
 from proxy.pipeline.forward import Forwarder
@@ -180,6 +183,12 @@ class StateCheck:
         }
 
 
+def _window_shape(limits: LimitsConfig) -> tuple[bool, tuple[str, ...]]:
+    """Which windows a config counts in, budgets aside (the shorthand's lengths are restart
+    keys of their own): whether it lists any, and their names."""
+    return bool(limits.windows), tuple(w.name for w in windows_of(limits))
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
@@ -243,7 +252,8 @@ class ProxyService:
                 code_age=self.scheme.credential_age,
                 session_valid=self.scheme.valid,
                 client_depths=self.limiter.client_depths,
-                daily_limit=lambda: self.cfg.limits.per_day,
+                daily_limit=self.limiter.day_limit,
+                windows=self._window_states,
                 code_lifetime=self._code_lifetime,
                 limits_fallback=lambda: bool(self.limiter.status().get("fallback")),
                 ready=lambda: self.readiness()[0],
@@ -340,6 +350,12 @@ class ProxyService:
             )
             for scope, bucket in self.limiter.buckets.items()
         }
+
+    def _window_states(self) -> list[WindowState]:
+        return [
+            WindowState(w["scope"], w["per"], w["limit"], w["used"])
+            for w in self.limiter.window_states()
+        ]
 
     def _code_lifetime(self) -> float | None:
         """auth.code_lifetime, for the schemes whose credential ages (luxsci)."""
@@ -588,8 +604,15 @@ class ProxyService:
             for name in ("listen", "admin", "upstream", "jobs")
             if getattr(new, name) != getattr(old, name)
         ]
-        fixed_limits = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
+        fixed_limits: dict[str, Any] = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
         restart += [f"limits.{k}" for k, v in fixed_limits.items() if getattr(new.limits, k) != v]
+        if _window_shape(new.limits) != _window_shape(old.limits):
+            # Which windows there are shapes what is counted (Redis keys, the state file,
+            # the limiter's path); their budgets apply at once. A shorthand budget turned
+            # to or from 0 beside limits.windows adds or drops a window too.
+            restart.append("limits.windows")
+            fixed_limits["windows"] = old.limits.windows
+            fixed_limits.update((k, getattr(old.limits, k)) for k in SHORTHAND_BUDGETS)
         auth = new.auth
         if auth.scheme != old.auth.scheme:
             restart.append("auth.scheme")

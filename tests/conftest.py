@@ -19,6 +19,8 @@ from aiohttp import web
 from proxy.config import (
     Config,
     Secret,
+    WindowConfig,
+    parse_duration,
     validate,
 )
 from proxy.sandbox import SandboxConfig, SandboxServer, start_sandbox
@@ -106,6 +108,25 @@ def proxy_config(upstream_url: str, **sections: Any) -> Config:
         },
         "logging": {"level": "debug"},
     }
+    limits = sections.get("limits")
+    if isinstance(limits, dict) and limits.get("windows"):
+        # Beside limits.windows only the shorthand windows a test gives hold (as in a file),
+        # and windows may be written as in the file ({requests, per: "1s", scope}).
+        defaults["limits"] = {
+            "state_file": "",
+            **{name: 0 for name in ("user_per_minute", "account_per_minute", "per_day")},
+        }
+        sections["limits"] = {
+            **limits,
+            "windows": tuple(
+                w
+                if isinstance(w, WindowConfig)
+                else WindowConfig(
+                    w["requests"], parse_duration(w["per"], "per"), w.get("scope", "all")
+                )
+                for w in limits["windows"]
+            ),
+        }
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         given = sections.pop(f.name, None)

@@ -507,6 +507,9 @@ limits:
   window_seconds: 60
   day_seconds: 86400
   key: shared-limits
+  windows:
+    - {{requests: 10, per: 1s}}
+    - {{requests: 1000, per: 1h, scope: user}}
 queue: {{max_size: 100, max_wait: 10, aging: 5}}
 retry: {{max_attempts: 3, max_time: 20, backoff_base: 0.5, backoff_max: 4}}
 logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
@@ -600,6 +603,10 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
     assert printed["auth"]["grant"] == "refresh_token"
     assert printed["auth"]["user"] == USER
     assert printed["auth"]["auth_cookie"] is True
+    assert printed["limits"]["windows"] == [
+        {"requests": 10, "per": 1.0, "scope": "all"},
+        {"requests": 1000, "per": 3600.0, "scope": "user"},
+    ]
     assert printed["access"]["client_token"] == "********"
     assert printed["access"]["clients"] == [
         {"name": "portal", "token": "********", "max_priority": "high", "max_queued": 10}

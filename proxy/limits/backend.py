@@ -1,10 +1,13 @@
 """Where permits are counted: the Backend protocol and the in-memory backend.
 
-A backend counts per-window permits per scope and one per-day total, and the
-reserve that a window's end takes from the next window (see `Backend.acquire`).
-The memory backend serves one process; its day count survives restarts through
-a small state file (written at most once a second, and on close), so a restart
-does not forget how much of today's budget is spent.
+A backend counts permits per window, and the reserve that a window's end takes
+from the next window (see `Backend.acquire`). The shorthand's windows (one per
+scope, and the day) take `acquire`: one call, the counts and Redis keys they have
+always had. `limits.windows` take `take`: a permit counted in every window of its
+scope at once, or in none. The memory backend serves one process; its day count,
+and the count of every window of an hour or more, survive restarts through a
+small state file (written at most once a second, and on close), so a restart does
+not forget how much of a long budget is spent.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import enum
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
+from proxy.limits.plan import DAY_NAME, Window
 from proxy.throttle import Throttled
 
 log = structlog.get_logger("proxy.limits")
@@ -66,8 +71,26 @@ class Backend(Protocol):
         """
         ...
 
+    async def take(
+        self,
+        windows: Sequence[Window],
+        indexes: Sequence[int],
+        limits: Sequence[int],
+        caps: Sequence[int],
+    ) -> tuple[Verdict, int]:
+        """Count one permit in every one of `windows` (window `indexes[i]` of each) if all
+        have room, atomically: all counted, or none.
+
+        `limits[i]` and `caps[i]` are as `acquire`'s `limit` and `carry_cap`, per window;
+        a cap under 0 is a window's end where no reserve may be made: CARRY_FULL there.
+        Returns (GRANTED, -1), or the first window in `windows`'s order that refused:
+        (WINDOW_FULL, i), or (CARRY_FULL, i) when its reserve in the next window is spent.
+        """
+        ...
+
     async def raise_used(self, scope: str, window: int, used: int) -> None:
-        """The server says at least `used` permits of this window are gone (reserve included)."""
+        """The server says at least `used` permits of this window are gone (reserve included).
+        `scope` names the counts: the shorthand's scope, or a Window's name."""
         ...
 
     def known_used(self, scope: str, window: int) -> int:
@@ -91,16 +114,22 @@ class _Count:
 
     __slots__ = ("carried", "reserved", "used", "window")
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, used: int = 0, carried: int = 0, reserved: int = 0) -> None:
         self.window = window
-        self.used = 0  # permits granted in this window
-        self.carried = 0  # reserved in this window by the end of the one before
-        self.reserved = 0  # reserved in the next window by this one's end
+        self.used = used  # permits granted in this window
+        self.carried = carried  # reserved in this window by the end of the one before
+        self.reserved = reserved  # reserved in the next window by this one's end
+
+    def as_saved(self) -> tuple[int, int, int, int]:
+        return (self.window, self.used, self.carried, self.reserved)
 
     def move_to(self, window: int) -> None:
         # The reserve for the window that now begins still holds; any older one is over.
         self.carried = self.reserved if window == self.window + 1 else 0
         self.window, self.used, self.reserved = window, 0, 0
+
+
+_TAKEN = (Verdict.GRANTED, -1)
 
 
 class MemoryBackend:
@@ -113,6 +142,11 @@ class MemoryBackend:
         self._state_file = Path(state_file) if state_file else None
         self._key = key
         self._saved: tuple[int, int] | None = None
+        # Long windows (Window.long) by name: their counts go to the state file. Filled
+        # as they are first used; a restart finds their counts in `_saved_windows`.
+        self._long: set[str] = set()
+        # name -> (window, used, carried, reserved), as last read from or written to the file.
+        self._saved_windows: dict[str, tuple[int, int, int, int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         # Set when the day count changes: the flusher waits for it, so an idle process
         # has no timer at all (it used to wake every second to find nothing to write).
@@ -172,10 +206,52 @@ class MemoryBackend:
         self._changed.set()
         return Verdict.GRANTED
 
+    async def take(
+        self,
+        windows: Sequence[Window],
+        indexes: Sequence[int],
+        limits: Sequence[int],
+        caps: Sequence[int],
+    ) -> tuple[Verdict, int]:
+        return self.take_now(windows, indexes, limits, caps)
+
+    def take_now(
+        self,
+        windows: Sequence[Window],
+        indexes: Sequence[int],
+        limits: Sequence[int],
+        caps: Sequence[int],
+    ) -> tuple[Verdict, int]:
+        """Backend.take: every window checked first, then every one counted (one process,
+        no await in between, so nothing else can count between the two)."""
+        counts = self._counts
+        for i, w in enumerate(windows):
+            count = counts.get(w.name)
+            if count is None or count.window != indexes[i]:
+                if w.long:
+                    self._long.add(w.name)  # its counts go to the state file
+                count = self._count_at(w.name, indexes[i])
+            if count.used + count.carried >= limits[i]:
+                return Verdict.WINDOW_FULL, i
+            if caps[i] and count.reserved >= caps[i]:
+                return Verdict.CARRY_FULL, i
+        for i, w in enumerate(windows):
+            count = counts[w.name]
+            count.used += 1
+            if caps[i] > 0:
+                count.reserved += 1
+        if self._long:
+            self._changed.set()  # the flusher saves the long windows a second later
+        return _TAKEN
+
     def known_used(self, scope: str, window: int) -> int:
         count = self._counts.get(scope)
         if count is None:
-            return 0
+            # Not used since a restart: what the state file kept of it, if anything.
+            saved = self._saved_of(scope)
+            if saved is not None and saved[0] == window:
+                return saved[1] + saved[2]
+            return saved[3] if saved is not None and saved[0] + 1 == window else 0
         if count.window == window:
             return count.used + count.carried
         # A window not begun yet: what the current one's end reserved in it.
@@ -193,10 +269,21 @@ class MemoryBackend:
     def _count_at(self, scope: str, window: int) -> _Count:
         count = self._counts.get(scope)
         if count is None:
-            count = self._counts[scope] = _Count(window)
+            count = self._counts[scope] = self._restored(scope, window)
         else:
             count.move_to(window)
         return count
+
+    def _restored(self, name: str, window: int) -> _Count:
+        """A long window's counts as the state file kept them, on its first use after a
+        restart (the file holds nothing else)."""
+        saved = self._saved_of(name)
+        if saved is None:
+            return _Count(window)
+        if saved[0] == window:
+            return _Count(*saved)
+        # The window after the one kept: only what that one reserved in it holds.
+        return _Count(window, carried=saved[3] if saved[0] + 1 == window else 0)
 
     async def day_used(self, day: int) -> int:
         return self.known_day_used(day)
@@ -207,7 +294,14 @@ class MemoryBackend:
     def status(self) -> dict[str, Any]:
         return {"ok": True, "backend": self.name}
 
-    # -- the day count across restarts ---------------------------------------------
+    # -- the day count (and long windows') across restarts ------------------------
+
+    def _saved_of(self, name: str) -> tuple[int, int, int, int] | None:
+        """What the state file keeps of a window: (window, used, carried, reserved). The
+        shorthand's day is kept as it always was, whichever way its permits are taken."""
+        if name != DAY_NAME:
+            return self._saved_windows.get(name)
+        return None if self._saved is None else (self._saved[0], self._saved[1], 0, 0)
 
     def _loaded_count(self, day: int) -> int:
         return self._saved[1] if self._saved is not None and self._saved[0] == day else 0
@@ -217,20 +311,45 @@ class MemoryBackend:
             return
         try:
             data = json.loads(self._state_file.read_text())
-            if data.get("key") == self._key:
+            if data.get("key") != self._key:
+                return
+            if "day" in data:  # the shorthand's day (a windows config has none)
                 self._saved = (int(data["day"]), int(data["used"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            windows = data.get("windows", {})
+            self._saved_windows = {
+                str(name): (int(w), int(used), int(carried), int(reserved))
+                for name, (w, used, carried, reserved) in windows.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("limits_state_unreadable", path=str(self._state_file), error=str(e))
 
     def save(self) -> None:
-        """Write the day count to the state file (the flusher does, a second after a change,
-        and close)."""
-        if self._state_file is None or self._day < 0:
+        """Write the day count and the long windows' counts to the state file (the flusher
+        does, a second after a change, and close)."""
+        if self._state_file is None:
             return
-        state = (self._day, self._day_count)
-        if state == self._saved:
+        day: tuple[int, int] | None = None
+        if self._day >= 0:
+            day = (self._day, self._day_count)
+        elif DAY_NAME in self._long:  # the shorthand's day, beside limits.windows
+            count = self._counts[DAY_NAME]
+            day = (count.window, count.used + count.carried)
+        # Those not used since the restart keep what the file had of them.
+        windows = dict(self._saved_windows)
+        windows.update(
+            (name, self._counts[name].as_saved()) for name in sorted(self._long) if name != DAY_NAME
+        )
+        if day is None and not windows:
             return
-        text = json.dumps({"key": self._key, "day": state[0], "used": state[1]})
+        if day == self._saved and windows == self._saved_windows:
+            return
+        data: dict[str, Any] = {"key": self._key}
+        if day is not None:
+            # The shorthand's day as it always was written, so an older version reads it.
+            data.update(day=day[0], used=day[1])
+        if windows:
+            data["windows"] = windows
+        text = json.dumps(data)
         tmp = None
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +364,8 @@ class MemoryBackend:
                     os.unlink(tmp)
             self.not_saved(path=str(self._state_file), error=e.strerror)
             return
-        self._saved = state
+        self._saved = day
+        self._saved_windows = windows
         self.not_saved.flush()
 
     async def _flush_every_second(self) -> None:

@@ -27,12 +27,20 @@ The server's rate-limit headers (X-RateLimit-* or the IETF RateLimit fields, rea
 by limits/headers.py) correct the local count (another client of the same
 integration may be spending it too); a rate-limit 403 closes the scope until the
 reset it names, and so does a spent window of the API's that is not ours.
+
+With `limits.windows` (plan.py) a scope's permit counts in every window of the
+scope and of `all`, of any length: the backend takes it in all of them at once or
+in none (`Backend.take`), a spent window makes the line wait for that window's
+end, and a spent window of an hour or more answers at once, as the day always
+has. The shorthand keeps its own path (`Backend.acquire`, one window and the day),
+unchanged, so configs that use it behave exactly as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,11 +51,13 @@ import structlog
 from proxy.clock import ServerClock
 from proxy.config import LimitsConfig, QueueConfig
 from proxy.debugflag import DebugFlag
-from proxy.errors import DailyLimit, QueueFull, QueueTimeout
+from proxy.errors import BudgetSpent, DailyLimit, QueueFull, QueueTimeout, Unavailable
 from proxy.limits import headers as rate_headers
+from proxy.limits import plan
 from proxy.limits.backend import CARRY_SHARE, Backend, Verdict
 from proxy.limits.lanes import AGING, PROXY_CLIENT, Client, Lane, LaneQueue, Waiter
-from proxy.limits.windows import Windows
+from proxy.limits.plan import Window
+from proxy.limits.windows import DAY, Period, Windows
 
 log = structlog.get_logger("proxy.limits")
 
@@ -86,12 +96,58 @@ class _Bucket:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # The pump naps only to pace background work: any other arrival must wake it.
     pacing: bool = False
+    # limits.windows: every window a permit of this scope counts in, longest first (see
+    # plan.for_scope; empty: this scope is not limited). None: the shorthand, whose window
+    # and day take the backend's `acquire`.
+    windows: tuple[Window, ...] | None = None
+    # Position in `windows` of the one `limit` and `server_limit` are about (plan.primary).
+    primary: int = 0
+    # The API's limit for each window, where its headers name that window's length.
+    learned: list[int | None] = field(default_factory=list)
+    # Each window's budget now (limit_of, kept up to date by set_windows and observe) and
+    # length, so the fast path reads them without a call per window.
+    limits: list[int] = field(default_factory=list)
+    lengths: tuple[float, ...] = ()
+    # Scratch for each permit (window index, reserve cap per window): reused, so the fast
+    # path allocates nothing of its own.
+    indexes: list[int] = field(default_factory=list)
+    caps: list[int] = field(default_factory=list)
+    # Position of the window that refused last: the pump naps to its end, or the
+    # request is answered at once when it is a long one.
+    blocked: int = 0
 
     @property
     def effective_limit(self) -> int:
         if self.server_limit is None:
             return self.limit
         return min(self.limit, self.server_limit)
+
+    def limit_of(self, i: int) -> int:
+        """Window i's budget: the configured one, or less where the API says less."""
+        assert self.windows is not None
+        limit = self.windows[i].limit
+        cap = self.server_limit if i == self.primary else self.learned[i]
+        return limit if cap is None or cap >= limit else cap
+
+    def refresh_limits(self) -> None:
+        """`limits` anew, after a reload or the API's word changed a budget."""
+        self.limits = [self.limit_of(i) for i in range(len(self.limits))]
+
+    def set_windows(self, windows: tuple[Window, ...]) -> None:
+        """Take `windows` (all of the config's) as this scope's from now on."""
+        mine = plan.for_scope(windows, self.scope)
+        if self.windows is None or [w.name for w in mine] != [w.name for w in self.windows]:
+            # New windows (at start): nothing learnt of them yet. A reload that changes
+            # budgets only keeps what the API said of each window.
+            n = len(mine)
+            self.learned = [None] * n
+            self.indexes, self.limits, self.caps = [0] * n, [0] * n, [0] * n
+            self.blocked = 0
+        self.windows = mine
+        self.lengths = tuple(w.period.length for w in mine)
+        self.primary = plan.primary(mine, self.scope) if mine else 0
+        self.limit = mine[self.primary].limit if mine else 0
+        self.refresh_limits()
 
 
 class RateLimiter:
@@ -112,21 +168,40 @@ class RateLimiter:
         self._ticks = ticks
         # On: each wait is explained (which budget, why, how long) at debug.
         self.debug = debug if debug is not None else DebugFlag()
-        self.windows = Windows.of(limits.window_seconds, limits.day_seconds)
+        self.all_windows = plan.windows_of(limits)
+        self.windows = self._windows_of(limits, self.all_windows)
         self.buckets = {
             "user": _Bucket("user", limits.user_per_minute),
             "account": _Bucket("account", limits.account_per_minute),
         }
+        if limits.windows:
+            for bucket in self.buckets.values():
+                bucket.set_windows(self.all_windows)
         self.waiting = 0
         # Requests waiting per client name, in all scopes (names: the configured ones).
         self.queued_by: dict[str, int] = {}
 
+    @staticmethod
+    def _windows_of(limits: LimitsConfig, windows: tuple[Window, ...]) -> Windows:
+        """The shorthand's window and day; with limits.windows, the shortest window and a day
+        at least as long as the longest (what holds are capped at)."""
+        if not limits.windows:
+            return Windows.of(limits.window_seconds, limits.day_seconds)
+        lengths = [w.period.length for w in windows]
+        return Windows.of(min(lengths), max(DAY, *lengths))
+
     def reconfigure(self, limits: LimitsConfig, queue: QueueConfig) -> None:
-        """Reload: new budgets and queue bounds apply from the next permit on."""
+        """Reload: new budgets and queue bounds apply from the next permit on (the service
+        keeps the windows themselves, their lengths and scopes, until a restart)."""
         self.cfg = limits
         self.queue = queue
-        self.buckets["user"].limit = limits.user_per_minute
-        self.buckets["account"].limit = limits.account_per_minute
+        self.all_windows = plan.windows_of(limits)
+        if limits.windows:
+            for bucket in self.buckets.values():
+                bucket.set_windows(self.all_windows)
+        else:
+            self.buckets["user"].limit = limits.user_per_minute
+            self.buckets["account"].limit = limits.account_per_minute
         for bucket in self.buckets.values():
             # A pump asleep until the next window must look again now: a raised
             # budget may have room in this one.
@@ -164,7 +239,7 @@ class RateLimiter:
                 if verdict is Verdict.GRANTED:
                     return 0.0
                 if verdict is Verdict.DAY_FULL:
-                    raise self._daily_limit()
+                    raise self._spent(bucket)
                 why = "window_full" if verdict is Verdict.WINDOW_FULL else "reserve_full"
             else:
                 why = "held" if now < bucket.held_until else "paced"
@@ -260,7 +335,16 @@ class RateLimiter:
     def _paced(self, bucket: _Bucket, now: float) -> float:
         """Seconds until background work may take a permit: the window's n-th permit
         (counting from 0, whoever took the others) no earlier than n permit intervals
-        into the window."""
+        into the window (with limits.windows, into each of the scope's windows)."""
+        if bucket.windows is not None:
+            pause = 0.0
+            for i, w in enumerate(bucket.windows):
+                period = w.period
+                window = period.index(now)
+                used = self.backend.known_used(w.name, window)
+                start = period.start(window) + used * period.length / bucket.limits[i]
+                pause = max(pause, start - now)
+            return pause
         windows = self.windows
         window = windows.index(now)
         used = self.backend.known_used(bucket.scope, window)
@@ -277,6 +361,8 @@ class RateLimiter:
         end, however much budget was left. `now` is read once by the caller: the fast path
         pays for one clock reading and one guard test per permit.
         """
+        if bucket.windows is not None:
+            return await self._try_windows(bucket, now)
         windows = self.windows
         window = windows.index(now)
         limit = bucket.effective_limit
@@ -289,6 +375,60 @@ class RateLimiter:
         return await self.backend.acquire(
             bucket.scope, window, limit, windows.day(now), self.cfg.per_day, carry_cap
         )
+
+    async def _try_windows(self, bucket: _Bucket, now: float) -> Verdict:
+        """_try with limits.windows: a permit in every window of the scope, or none.
+
+        Each window has its own guard and reserve, as the shorthand's window has. One more
+        case, for windows as short as the clock is uncertain (a 1 s window, before answers
+        have shown the clock the server's second ticking closely): most of the window is
+        guard, so a budget too small for a tenth would hardly ever be granted, and the clock
+        learns only from answers. There a permit is reserved in the next window up to half
+        its budget, so the two windows share it until the clock knows better; and where even
+        the next window's end is within reach of the uncertainty, nothing is granted (a
+        permit is counted in two windows at most).
+        DAY_FULL: a long window is spent (`bucket.blocked` says which).
+        """
+        windows = bucket.windows
+        assert windows is not None
+        if not windows:
+            return Verdict.GRANTED  # no window counts this scope
+        uncertainty = self.clock.uncertainty
+        indexes, limits, caps = bucket.indexes, bucket.limits, bucket.caps
+        for i, length in enumerate(bucket.lengths):
+            window = math.floor(now / length)
+            indexes[i] = window
+            end = (window + 1) * length
+            # The common case first: not near the window's end (guard <= 0.5 s).
+            if now < end - 0.5 and now < end - uncertainty:
+                caps[i] = 0
+                continue
+            w = windows[i]
+            reach = max(w.period.guard, uncertainty)  # how late the API may count it
+            if not w.carry or now < end - reach:
+                caps[i] = 0
+            elif now + reach >= end + length:
+                caps[i] = -1  # it may be counted two windows on: it waits
+            elif reach > length / 2:
+                caps[i] = max(1, limits[i] // 2)
+            else:
+                # -1 (under CARRY_SHARE, no reserve): a reserve always spent, so
+                # CARRY_FULL once the longer windows before this one have been looked at.
+                caps[i] = limits[i] // CARRY_SHARE or -1
+        verdict, at = await self.backend.take(windows, indexes, limits, caps)
+        if verdict is Verdict.GRANTED:
+            return verdict
+        bucket.blocked = at
+        if verdict is Verdict.WINDOW_FULL and windows[at].long:
+            return Verdict.DAY_FULL
+        return verdict
+
+    def _window_end(self, bucket: _Bucket, now: float) -> float:
+        """The end of the window the last refusal named (the shorthand: the scope's window)."""
+        if bucket.windows:
+            period = bucket.windows[bucket.blocked].period
+            return period.end(period.index(now))
+        return self.windows.end(self.windows.index(now))
 
     def _ensure_pump(self, bucket: _Bucket) -> None:
         if bucket.pump is None or bucket.pump.done():
@@ -319,7 +459,7 @@ class RateLimiter:
                     self._left(bucket, waiter.lane)
                     waiter.future.set_result(None)
             elif verdict is Verdict.DAY_FULL:
-                error = self._daily_limit()
+                error = self._spent(bucket)
                 for queue in bucket.lanes:
                     for gone in queue.drain():
                         if not gone.future.done():
@@ -328,7 +468,7 @@ class RateLimiter:
             else:
                 # WINDOW_FULL, or CARRY_FULL in the guard, which ends with the window: both
                 # end with the window tried, which the backend's answer may have outlived.
-                end = self.windows.end(self.windows.index(now))
+                end = self._window_end(bucket, now)
                 await self._nap(bucket, max(0.0, end - self.clock.now()))
 
     def _next(self, bucket: _Bucket) -> Waiter | None:
@@ -379,6 +519,9 @@ class RateLimiter:
         assert view.limit is not None and view.remaining is not None
         assert view.reset_at is not None
         bucket = self.buckets[scope]
+        if bucket.windows is not None:
+            await self._observe_windows(bucket, view, now)
+            return
         cap = view.cap_per(self.windows.length)
         bucket.server_limit = cap if cap else None
         bucket.remaining = view.remaining
@@ -401,14 +544,73 @@ class RateLimiter:
             # be refused. Capped at a day: a misread reset must not close a scope for good.
             self.hold_for(scope, min(view.reset_at - now, self.windows.day_length))
 
+    async def _observe_windows(
+        self, bucket: _Bucket, view: rate_headers.RateView, now: float
+    ) -> None:
+        """observe() with limits.windows: the API's window is the one of ours of its length
+        (the primary one when it names none); the limit it states caps that window, and,
+        scaled (cap_per), the primary one as it capped the shorthand's minute."""
+        windows = bucket.windows
+        assert windows is not None and view.remaining is not None and view.reset_at is not None
+        if not windows:
+            return
+        first = windows[bucket.primary]
+        cap = view.cap_per(first.period.length)
+        bucket.server_limit = cap if cap else None
+        bucket.remaining = view.remaining
+        if view.window is not None:
+            for i, w in enumerate(windows):
+                if i != bucket.primary and w.period.length == view.window:
+                    bucket.learned[i] = view.limit or None
+        bucket.refresh_limits()
+        matched = await self._correct_windows(bucket, view, now)
+        if not matched and view.remaining == 0 and view.reset_at > max(now, bucket.held_until):
+            # A window of the API's that none of ours is: nothing fits in it until its reset.
+            self.hold_for(bucket.scope, min(view.reset_at - now, self.windows.day_length))
+
+    async def _correct_windows(
+        self, bucket: _Bucket, view: rate_headers.RateView, now: float
+    ) -> bool:
+        """The API's word on the window of ours it is about (if any): at most `remaining`
+        more fit in it. Returns whether one of ours is that window."""
+        windows = bucket.windows
+        assert windows is not None and view.remaining is not None and view.reset_at is not None
+        matched = False
+        for i, w in enumerate(windows):
+            period = w.period
+            if view.window is None and i != bucket.primary:
+                continue  # a window it does not name is the primary one
+            if view.window is not None and view.window != period.length:
+                continue
+            current = period.index(now)
+            if abs(view.reset_at - period.end(current)) > min(_ALIGNED, period.length / 2):
+                continue
+            matched = True
+            # At most `remaining` more fit in this window, whoever spent the rest.
+            used = bucket.limits[i] - view.remaining
+            if used > self.backend.known_used(w.name, current):
+                await self.backend.raise_used(w.name, current, used)
+        return matched
+
+    def _primary(self, bucket: _Bucket) -> tuple[str, Period | Windows]:
+        """The name of the scope's counts the API's unnamed window is, and its arithmetic."""
+        if bucket.windows:
+            w = bucket.windows[bucket.primary]
+            return w.name, w.period
+        return bucket.scope, self.windows
+
     async def hold(self, scope: str, headers: Mapping[str, str]) -> float:
         """The API refused for rate: close `scope` until its reset; returns seconds until then."""
         now = self.clock.now()
-        window = self.windows.index(now)
+        bucket = self.buckets[scope]
+        name, period = self._primary(bucket)
+        window = period.index(now)
         reset = _int_header(headers, "X-RateLimit-Reset")
-        until = float(reset) if reset is not None and reset > now else self.windows.end(window)
-        # This window is spent, whatever the local count says.
-        await self.backend.raise_used(scope, window, self.buckets[scope].effective_limit)
+        until = float(reset) if reset is not None and reset > now else period.end(window)
+        # This window is spent, whatever the local count says (a scope no window counts
+        # has none to spend: the hold alone keeps its requests back).
+        if bucket.windows != ():
+            await self.backend.raise_used(name, window, bucket.effective_limit)
         return self.hold_for(scope, until - now)
 
     def hold_for(self, scope: str, seconds: float) -> float:
@@ -426,8 +628,9 @@ class RateLimiter:
         now = self.clock.now()
         ahead = sum(bucket.depth[: lane + 1])
         windows_ahead = ahead // max(1, bucket.effective_limit)
-        return max(bucket.held_until - now, self.windows.until_next(now)) + (
-            windows_ahead * self.windows.length
+        _, period = self._primary(bucket)
+        return max(bucket.held_until - now, period.until_next(now)) + (
+            windows_ahead * period.length
         )
 
     def _queue_timeout(self, bucket: _Bucket, waited: float, lane: Lane) -> QueueTimeout:
@@ -437,11 +640,24 @@ class RateLimiter:
             retry_after=self._retry_after(bucket, lane),
         )
 
-    def _daily_limit(self) -> DailyLimit:
-        wait = self.windows.until_next_day(self.clock.now())
-        return DailyLimit(
-            f"the day's budget of {self.cfg.per_day} API requests is spent (limits.per_day); "
-            "it renews at the next day boundary (UTC midnight by the API's clock)",
+    def _spent(self, bucket: _Bucket) -> Unavailable:
+        """The answer to a request that found a long budget spent: the day (daily_limit),
+        or with limits.windows the window that refused (daily_limit from a day on, else
+        budget_spent), renewing at its end."""
+        now = self.clock.now()
+        if bucket.windows is None:
+            return DailyLimit(
+                f"the day's budget of {self.cfg.per_day} API requests is spent "
+                "(limits.per_day); it renews at the next day boundary (UTC midnight by the "
+                "API's clock)",
+                retry_after=self.windows.until_next_day(now),
+            )
+        w = bucket.windows[bucket.blocked]
+        error = DailyLimit if w.period.length >= DAY else BudgetSpent
+        wait = w.period.until_next(now)
+        return error(
+            f"the budget of {w.limit} API requests per {w.per} is spent ({w.key}); it "
+            f"renews in {math.ceil(wait)} s, at the window's end by the API's clock",
             retry_after=wait,
         )
 
@@ -465,10 +681,36 @@ class RateLimiter:
         await self.backend.close()
 
     def status(self) -> dict[str, Any]:
-        return self.backend.status()
+        """For /readyz: the backend's health, and each window's count as last seen."""
+        return {**self.backend.status(), "windows": self.window_states()}
+
+    def window_states(self) -> list[dict[str, Any]]:
+        """Every window of the config: its scope, length, budget and count in the current
+        window as this process last saw it (no I/O: for /readyz and the metrics)."""
+        now = self.clock.now()
+        states = []
+        for w in self.all_windows:
+            index = w.period.index(now)
+            if self.cfg.windows or w.name != plan.DAY_NAME:
+                used = self.backend.known_used(w.name, index)
+            else:
+                used = self.backend.known_day_used(index)
+            states.append({"scope": w.scope, "per": w.per, "limit": w.limit, "used": used})
+        return states
 
     def day_used_known(self) -> int:
-        return self.backend.known_day_used(self.windows.day(self.clock.now()))
+        """The day's count (the shorthand's per_day, or an `all` window of a day; 0 without)."""
+        if not self.cfg.windows:
+            return self.backend.known_day_used(self.windows.day(self.clock.now()))
+        day = plan.day_window(self.all_windows)
+        if day is None:
+            return 0
+        return self.backend.known_used(day.name, day.period.index(self.clock.now()))
+
+    def day_limit(self) -> int | None:
+        """The day's budget that day_used_known counts against, None without one."""
+        day = plan.day_window(self.all_windows)
+        return None if day is None else day.limit
 
     def queue_depth(self, scope: str) -> int:
         return self.buckets[scope].queued

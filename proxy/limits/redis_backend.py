@@ -3,12 +3,18 @@
 Each acquisition is one Lua script, so concurrent processes can never both take
 the last permit of a window, nor both the last place in a window's reserve (the
 permits that the end of the window before may have put in it: a second counter
-per window that comes off its limit). When Redis is unreachable the backend keeps
-serving from an in-memory backend limited to `fallback_share` of each limit:
-N processes on their own share then stay inside the real limits without
-talking to each other. While in fallback, Redis is probed at most once a
-second from within `acquire`; permits granted locally meanwhile are added to
-Redis's counts when it answers again, so the day's budget stays honest.
+per window that comes off its limit). The shorthand's windows use `_ACQUIRE`, its
+keys unchanged; `limits.windows` use `_TAKE`, one script over every window of the
+permit's scope, so a permit is counted in all of them or in none. Every key starts
+with the prefix `luxsci-proxy:{<key>}`, one hash tag: in a Redis Cluster all of an
+integration's keys live in one slot, as a script's keys must.
+
+When Redis is unreachable the backend keeps serving from an in-memory backend
+limited to `fallback_share` of each limit: N processes on their own share then stay
+inside the real limits without talking to each other. While in fallback, Redis is
+probed at most once a second from within `acquire` (and `take`); permits granted
+locally meanwhile are added to Redis's counts when it answers again, so the day's
+budget (and every long window's) stays honest.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -29,6 +35,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from proxy.limits.backend import CARRY_SHARE, MemoryBackend, Verdict
+from proxy.limits.plan import DAY_NAME, Window
 
 log = structlog.get_logger("proxy.limits")
 
@@ -71,6 +78,42 @@ redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return {0, used + 1, day, reserved}
 """
 
+# KEYS: for each window, three: its count, its reserve (made by the end of the window
+# before), the next window's reserve. ARGV: for each window, three: its limit, its keys'
+# ttl ms, its carry cap (as _ACQUIRE's; under 0: no reserve may be made, so the window's
+# end refuses as reserve full). Every window is checked before any is counted,
+# in the order given, so a permit is counted in all of them or in none. Returns
+# {0, count with its reserve, next window's reserve, ... for each window} afterwards when
+# granted, else {verdict, position (from 0) of the window that refused, its count, its
+# next window's reserve}: verdict 1 window full, 3 reserve full (_VERDICTS).
+_TAKE = """
+local values = redis.call('MGET', unpack(KEYS))
+local n = #KEYS / 3
+local used, reserved = {}, {}
+for i = 1, n do
+  local k = 3 * i - 2
+  local u = tonumber(values[k] or '0') + tonumber(values[k + 1] or '0')
+  local r = tonumber(values[k + 2] or '0')
+  if u >= tonumber(ARGV[k]) then return {1, i - 1, u, r} end
+  local cap = tonumber(ARGV[k + 2])
+  if cap ~= 0 and r >= cap then return {3, i - 1, u, r} end
+  used[i], reserved[i] = u + 1, r
+end
+local out = {0}
+for i = 1, n do
+  local k = 3 * i - 2
+  if tonumber(ARGV[k + 2]) > 0 then
+    reserved[i] = redis.call('INCR', KEYS[k + 2])
+    redis.call('PEXPIRE', KEYS[k + 2], ARGV[k + 1])
+  end
+  redis.call('INCR', KEYS[k])
+  redis.call('PEXPIRE', KEYS[k], ARGV[k + 1])
+  out[2 * i] = used[i]
+  out[2 * i + 1] = reserved[i]
+end
+return out
+"""
+
 # KEYS: window, the window's reserve. ARGV: used (as the API counts it: reserve
 # included), window ttl ms. Returns the window's count with its reserve afterwards.
 _RAISE = """
@@ -84,17 +127,14 @@ end
 return current
 """
 
-# KEYS: day, then window counts and reserves. ARGV: window ttl ms, day ttl ms, day count,
-# then a count for each window key. Adds permits granted (and reserved) during a fallback.
-# Returns the day's count afterwards.
+# KEYS: counts (days, windows, reserves). ARGV: for each key, the count to add, then its
+# ttl ms. Adds the permits granted (and reserved) during a fallback.
 _SETTLE = """
-for i = 2, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[i + 2])
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[2 * i - 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2 * i])
 end
-local day = redis.call('INCRBY', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return day
+return 0
 """
 
 _VERDICTS = {
@@ -103,6 +143,7 @@ _VERDICTS = {
     2: Verdict.DAY_FULL,
     3: Verdict.CARRY_FULL,
 }
+_TAKEN = (Verdict.GRANTED, -1)
 
 
 def _ttl_ms(seconds: float) -> int:
@@ -120,15 +161,15 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-@dataclass
-class _Local:
-    """Permits granted from the local share and not yet added to Redis."""
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """Permits granted from the local share and not yet added to one Redis key."""
 
-    day: int = -1
-    day_count: int = 0
-    # Redis key (a window count or reserve) -> (its window, count to add): only windows
-    # not over yet still matter.
-    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # What the key counts (a window's name, or the day) and which of its windows.
+    series: str
+    window: int
+    count: int
+    ttl_ms: int
 
 
 class RedisBackend:
@@ -166,12 +207,17 @@ class RedisBackend:
         self._acquire_script: AsyncScript = self._client.register_script(_ACQUIRE)
         self._raise_script: AsyncScript = self._client.register_script(_RAISE)
         self._settle_script: AsyncScript = self._client.register_script(_SETTLE)
+        self._take_script: AsyncScript = self._client.register_script(_TAKE)
         self._memory = MemoryBackend()
         # scope -> (window, count with its reserve, next window's reserve): the shared
         # counts as the last script saw them.
         self._known: dict[str, tuple[int, int, int]] = {}
         self._known_day = (-1, 0)
-        self._pending = _Local()
+        # limits.windows: each window's keys' ttl by its name (the shorthand's: _window_ttl).
+        self._ttls: dict[str, int] = {}
+        # Redis key -> permits the local share granted (and reserved) there meanwhile:
+        # only windows not over yet still matter.
+        self._pending: dict[str, _Pending] = {}
         # Why Redis is not used now (None: it is), and when it was last asked.
         self._down: str | None = None
         self._down_since = 0.0
@@ -182,6 +228,9 @@ class RedisBackend:
         # ...less what they may have reserved in that one if it was lost at the window's
         # end (see acquire).
         self._outage_at_end = False
+        # The same for limits.windows, per window name (lengths differ): (the window in
+        # which the loss was noticed, whether at its end).
+        self._outages: dict[str, tuple[int, bool]] = {}
         self._watchdog: asyncio.Task[None] | None = None
 
     # -- life cycle ------------------------------------------------------------------
@@ -271,6 +320,78 @@ class RedisBackend:
             self._remember_local(scope, window, day, reserved=local_cap > 0)
         return verdict
 
+    async def take(
+        self,
+        windows: Sequence[Window],
+        indexes: Sequence[int],
+        limits: Sequence[int],
+        caps: Sequence[int],
+    ) -> tuple[Verdict, int]:
+        if self._down is None or await self._recovered():
+            keys: list[str] = []
+            args: list[int] = []
+            for i, w in enumerate(windows):
+                index = indexes[i]
+                keys += (
+                    self._count_key(w.name, index),
+                    self._carry_key(w.name, index),
+                    self._carry_key(w.name, index + 1),
+                )
+                ttl = self._ttls[w.name] = _ttl_ms(w.period.length)
+                args += (limits[i], ttl, caps[i])
+            try:
+                out = await self._bounded(self._take_script(keys=keys, args=args))
+            except _UNAVAILABLE as e:
+                self._fall_back(e)
+            else:
+                code = int(out[0])
+                if code:
+                    at = int(out[1])
+                    self._known[windows[at].name] = (indexes[at], int(out[2]), int(out[3]))
+                    return _VERDICTS[code], at
+                for i, w in enumerate(windows):
+                    self._known[w.name] = (indexes[i], int(out[2 * i + 1]), int(out[2 * i + 2]))
+                return _TAKEN
+        return self._take_locally(windows, indexes, limits, caps)
+
+    def _take_locally(
+        self,
+        windows: Sequence[Window],
+        indexes: Sequence[int],
+        limits: Sequence[int],
+        caps: Sequence[int],
+    ) -> tuple[Verdict, int]:
+        """`take` on this process's share while Redis is unreachable (as `acquire` does:
+        a long window, like the day, gets its share from the start; a shorter one none in
+        the window the loss was noticed in, since the others may have spent it)."""
+        local_limits = [0] * len(windows)
+        local_caps = [0] * len(windows)
+        for i, w in enumerate(windows):
+            limit = limits[i]
+            if not w.long:
+                first, at_end = self._outages.setdefault(w.name, (indexes[i], caps[i] != 0))
+                if indexes[i] <= first:
+                    limit = 0  # refused as full, once the longer windows have had their say
+                elif indexes[i] == first + 1 and at_end:
+                    limit -= limit // CARRY_SHARE
+            local_limits[i] = self._local(limit) if limit else 0
+            # Each process reserves within its share of the reserve, as it counts within
+            # its share of the window; a share too small for one is a reserve always spent.
+            local_caps[i] = math.floor(caps[i] * self._share) if caps[i] > 0 else caps[i]
+            if caps[i] > 0 and not local_caps[i]:
+                local_caps[i] = -1
+        verdict, at = self._memory.take_now(windows, indexes, local_limits, local_caps)
+        if verdict is Verdict.GRANTED:
+            for i, w in enumerate(windows):
+                ttl = _ttl_ms(w.period.length)
+                self._forget_over(w.name, indexes[i])
+                self._add_pending(self._count_key(w.name, indexes[i]), w.name, indexes[i], ttl)
+                if local_caps[i] > 0:
+                    self._add_pending(
+                        self._carry_key(w.name, indexes[i] + 1), w.name, indexes[i] + 1, ttl
+                    )
+        return verdict, at
+
     def known_used(self, scope: str, window: int) -> int:
         if self._down is not None:
             return self._memory.known_used(scope, window)
@@ -296,8 +417,8 @@ class RedisBackend:
             try:
                 count = await self._bounded(
                     self._raise_script(
-                        keys=[self._window_key(scope, window), self._carry_key(scope, window)],
-                        args=[used, self._window_ttl],
+                        keys=[self._count_key(scope, window), self._carry_key(scope, window)],
+                        args=[used, self._ttls.get(scope, self._window_ttl)],
                     )
                 )
                 known = self._known.get(scope)
@@ -326,6 +447,11 @@ class RedisBackend:
 
     def _window_key(self, scope: str, window: int) -> str:
         return f"{self._prefix}:w:{scope}:{window}"
+
+    def _count_key(self, name: str, window: int) -> str:
+        """A window's count; the shorthand's day is the day's count, whichever way a
+        permit is taken (a config that adds limits.windows keeps today's count)."""
+        return self._day_key(window) if name == DAY_NAME else self._window_key(name, window)
 
     def _carry_key(self, scope: str, window: int) -> str:
         """The reserve in `window`: permits granted at the end of the window before."""
@@ -377,50 +503,50 @@ class RedisBackend:
         self._down = None
         self._outage_window = None
         self._outage_at_end = False
+        self._outages.clear()
         return True
 
     def _remember_local(self, scope: str, window: int, day: int, reserved: bool) -> None:
-        pending = self._pending
-        if day != pending.day:
-            pending.day, pending.day_count = day, 0
-        pending.day_count += 1
-        counts = pending.counts
-        for key in [k for k, (w, _) in counts.items() if w < window]:
-            del counts[key]  # a window that is over: nothing left to protect in it
-        self._add_pending(self._window_key(scope, window), window)
+        self._forget_over("day", day)
+        self._forget_over(scope, window)
+        self._add_pending(self._day_key(day), "day", day, self._day_ttl)
+        self._add_pending(self._window_key(scope, window), scope, window, self._window_ttl)
         if reserved:
             # Settled into the next window's reserve, not its count: either takes the
             # permit off that window's budget, but only the reserve also keeps the others
             # from reserving past the cap there if Redis is back before this window ends.
-            self._add_pending(self._carry_key(scope, window + 1), window + 1)
+            key = self._carry_key(scope, window + 1)
+            self._add_pending(key, scope, window + 1, self._window_ttl)
 
-    def _add_pending(self, key: str, window: int) -> None:
-        _, count = self._pending.counts.get(key, (window, 0))
-        self._pending.counts[key] = (window, count + 1)
+    def _forget_over(self, series: str, window: int) -> None:
+        """Drop what is pending for `series`'s windows before `window`: they are over,
+        nothing is left to protect in them."""
+        pending = self._pending
+        for key in [k for k, p in pending.items() if p.series == series and p.window < window]:
+            del pending[key]
+
+    def _add_pending(self, key: str, series: str, window: int, ttl_ms: int) -> None:
+        earlier = self._pending.get(key)
+        count = 1 if earlier is None else earlier.count + 1
+        self._pending[key] = _Pending(series, window, count, ttl_ms)
 
     async def _settle(self) -> None:
         """Add the permits the local share granted (and reserved) to Redis's counts."""
-        pending = self._pending
-        if pending.day_count == 0:
+        if not self._pending:
             return
-        counts = list(pending.counts.items())
-        day, day_count = pending.day, pending.day_count
-        await self._bounded(
-            self._settle_script(
-                keys=[self._day_key(day)] + [key for key, _ in counts],
-                args=[self._window_ttl, self._day_ttl, day_count] + [n for _, (_, n) in counts],
-            )
-        )
+        settling = list(self._pending.items())
+        args: list[int] = []
+        for _, p in settling:
+            args += (p.count, p.ttl_ms)
+        await self._bounded(self._settle_script(keys=[k for k, _ in settling], args=args))
         # Acquisitions that went local while the script ran stay pending.
-        if pending.day == day:
-            pending.day_count -= day_count
-        for key, (window, count) in counts:
-            now_window, now_count = pending.counts.get(key, (window, 0))
-            if now_window == window:
-                if now_count > count:
-                    pending.counts[key] = (window, now_count - count)
+        for key, p in settling:
+            now = self._pending.get(key)
+            if now is not None and now.window == p.window:
+                if now.count > p.count:
+                    self._pending[key] = _Pending(p.series, p.window, now.count - p.count, p.ttl_ms)
                 else:
-                    pending.counts.pop(key, None)
+                    del self._pending[key]
 
     def _describe(self, error: BaseException) -> str:
         """A short reason for logs and /readyz, never with the URL's password."""

@@ -130,6 +130,19 @@ class ScopeState:
 
 
 @dataclass(frozen=True)
+class WindowState:
+    """What the scrape reads for one rate window of the config (limits.windows, or the
+    shorthand's three): bounded by the config, so fit for labels."""
+
+    scope: str
+    # Its length as the config writes it: 1s, 1m, 1h, 1d.
+    per: str
+    limit: int
+    # Counted in the current window, as this process last saw it.
+    used: int
+
+
+@dataclass(frozen=True)
 class ReloadState:
     successful: bool
     # Unix time of the last load that applied (start-up counts as one).
@@ -149,6 +162,8 @@ class StateSources:
     # Operator gauges; the defaults export nothing, for callers that do not know them.
     # limits.per_day as configured (the day's budget the count is measured against).
     daily_limit: Callable[[], int | None] = lambda: None
+    # Every rate window's budget and count.
+    windows: Callable[[], Sequence[WindowState]] = lambda: ()
     # The life of an auth code (auth.code_lifetime); None where credentials do not age.
     code_lifetime: Callable[[], float | None] = lambda: None
     # True while the Redis backend serves on its local fallback share.
@@ -246,6 +261,21 @@ class _StateCollector(Collector):
             "API requests counted against today's budget (limits.per_day)",
             value=s.daily_used(),
         )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_window_requests_used",
+            "Requests counted in each rate window's current period (reserve included)",
+            labels=["scope", "per"],
+        )
+        budget = GaugeMetricFamily(
+            f"{PREFIX}_window_requests_limit",
+            "Each rate window's budget as configured (limits.windows, or the shorthand's)",
+            labels=["scope", "per"],
+        )
+        for window in s.windows():
+            used.add_metric([window.scope, window.per], window.used)
+            budget.add_metric([window.scope, window.per], window.limit)
+        yield used
+        yield budget
         age = s.code_age()
         code_age = GaugeMetricFamily(
             f"{PREFIX}_auth_code_age_seconds", "Age of the newest auth code in use"

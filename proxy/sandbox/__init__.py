@@ -5,7 +5,7 @@ server = await start_sandbox(SandboxConfig(), port=0)
 await server.close()
 """
 
-from proxy.sandbox.config import SandboxConfig
+from proxy.sandbox.config import SandboxConfig, SandboxWindow
 from proxy.sandbox.faults import FaultRule
 from proxy.sandbox.server import SandboxServer, start_sandbox
 from proxy.sandbox.state import Sandbox, SandboxStats
@@ -16,5 +16,6 @@ __all__ = [
     "SandboxConfig",
     "SandboxServer",
     "SandboxStats",
+    "SandboxWindow",
     "start_sandbox",
 ]

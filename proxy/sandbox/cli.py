@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import ssl
 
@@ -20,6 +21,7 @@ from proxy.sandbox.config import (
     TOKEN_PATH,
     OAuthSettings,
     SandboxConfig,
+    SandboxWindow,
 )
 from proxy.sandbox.server import start_sandbox
 
@@ -33,6 +35,24 @@ def _user(text: str) -> tuple[str, str]:
     if not sep or not login:
         raise argparse.ArgumentTypeError("expected LOGIN:PASSWORD")
     return login, password
+
+
+# The stand-in reads its own durations (it shares no code with the proxy's limits).
+_PER = re.compile(r"(\d+)([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _window(text: str) -> SandboxWindow:
+    """REQUESTS/PER[/SCOPE]: 10/1s, 1000/1h/all, 30/1m/user."""
+    parts = text.split("/")
+    per = _PER.fullmatch(parts[1]) if len(parts) in (2, 3) else None
+    try:
+        if not parts[0].isdigit() or per is None:
+            raise ValueError("expected REQUESTS/PER[/SCOPE]")
+        seconds = int(per.group(1)) * _UNIT[per.group(2)]
+        return SandboxWindow(int(parts[0]), seconds, parts[2] if len(parts) == 3 else "all")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (e.g. 10/1s or 1000/1h/all)") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--account-per-window", type=int, default=60)
     parser.add_argument("--per-day", type=int, default=6000)
     parser.add_argument("--day-seconds", type=int, default=86400)
+    parser.add_argument(
+        "--window",
+        type=_window,
+        action="append",
+        metavar="REQUESTS/PER[/SCOPE]",
+        help="one more window enforced beside the above, e.g. 10/1s or 1000/1h/all "
+        "(scope user, account or all; repeatable)",
+    )
     parser.add_argument("--expected-host", help="refuse requests whose Host differs (403)")
     parser.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key (default: inside --tls-cert)")
@@ -99,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         account_per_window=args.account_per_window,
         per_day=args.per_day,
         day_seconds=args.day_seconds,
+        windows=tuple(args.window or ()),
         expected_host=args.expected_host,
         oauth=_oauth_settings(args),
     )

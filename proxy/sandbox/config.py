@@ -75,6 +75,25 @@ class OAuthSettings:
             raise ValueError("token_delay must be 0 to 60 seconds")
 
 
+@dataclass(frozen=True)
+class SandboxWindow:
+    """One more fixed window the API enforces beside its minute and day: at most
+    `requests` per `seconds` (aligned to the epoch on its clock) for the requests of
+    `scope`: "user", "account" (logins included) or "all"."""
+
+    requests: int
+    seconds: float
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.requests < 0:
+            raise ValueError("a window's requests must not be negative")
+        if not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise ValueError("a window's seconds must be a positive number")
+        if self.scope not in ("user", "account", "all"):
+            raise ValueError("a window's scope must be user, account or all")
+
+
 def _default_users() -> dict[str, str]:
     return dict(DEFAULT_USERS)
 
@@ -98,6 +117,10 @@ class SandboxConfig:
     account_per_window: int = 60
     per_day: int = 6000
     day_seconds: int = 86400
+    # More windows, each enforced beside the above: a request is refused unless all of
+    # its scope's have room (several periods at once, as APIs with limits per second
+    # and per hour have).
+    windows: tuple[SandboxWindow, ...] = ()
     # The API refuses requests addressed to any host but the integration's own.
     expected_host: str | None = None
     # Set: the OAuth 2.0 mode (see OAuthSettings) instead of LuxSci's signed requests.

@@ -1,7 +1,10 @@
 """Fixed-window rate limits, aligned to the server clock like LuxSci's minutes.
 
 Two per-window buckets ("user" for /perl/api/v2/user/..., "account" for the
-rest, auth included) and one per-day counter shared by both.
+rest, auth included) and one per-day counter shared by both; and any further
+windows the config lists (SandboxWindow), each for one bucket or for all. A
+request is counted in every one of them or refused by the first without room,
+costing nothing: the stand-in judges a client's shaping by the API's own rule.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.sandbox.config import SandboxConfig
+from proxy.sandbox.config import SandboxConfig, SandboxWindow
 
 Bucket = Literal["user", "account"]
 
@@ -51,11 +54,21 @@ class RateLimiter:
         self._config = config
         self._windows: dict[Bucket, _Counter] = {}
         self._day = _Counter()
+        self._extra: list[tuple[SandboxWindow, _Counter]] = []
         self.reset()
 
     def reset(self) -> None:
         self._windows = {"user": _Counter(), "account": _Counter()}
         self._day = _Counter()
+        self._extra = [(w, _Counter()) for w in self._config.windows]
+
+    def _more(self, bucket: Bucket, now: float) -> list[tuple[SandboxWindow, _Counter, int]]:
+        """The further windows a request of `bucket` counts in, each with its index now."""
+        return [
+            (w, counter, math.floor(now / w.seconds))
+            for w, counter in self._extra
+            if w.scope in (bucket, "all")
+        ]
 
     def _limit(self, bucket: Bucket) -> int:
         if bucket == "user":
@@ -90,8 +103,20 @@ class RateLimiter:
             return self._decision(bucket, index, exceeded="day")
         if window.current(index) >= self._limit(bucket):
             return self._decision(bucket, index, exceeded="window")
+        more = self._more(bucket, now)
+        for w, counter, at in more:
+            if counter.current(at) >= w.requests:
+                # The headers name the window that refused, as an API with several does.
+                return RateDecision(
+                    limit=w.requests,
+                    remaining=0,
+                    reset=math.ceil((at + 1) * w.seconds),
+                    exceeded="window",
+                )
         window.count += 1
         self._day.count += 1
+        for _, counter, _ in more:
+            counter.count += 1
         return self._decision(bucket, index)
 
     def charge(self, bucket: Bucket, now: float) -> RateDecision:
@@ -101,4 +126,7 @@ class RateLimiter:
         self._day.current(day)
         self._windows[bucket].count += 1
         self._day.count += 1
+        for _, counter, at in self._more(bucket, now):
+            counter.current(at)
+            counter.count += 1
         return self._decision(bucket, index)

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from proxy.clock import ServerClock
-from proxy.config import AuthConfig, ConfigError
+from proxy.config import AuthConfig, ConfigError, WindowConfig
 from proxy.debugflag import DebugFlag
 from proxy.http.client import Upstream
 from proxy.limits import RateLimiter
@@ -62,6 +62,10 @@ class SchemeKind:
     # The file the scheme keeps across restarts, if any: `check` and /readyz say whether
     # its folder can be written (proxy/preflight.py).
     state_file: Callable[[AuthConfig], Path | None] = _no_state
+    # The budgets a limits.windows entry may name: those its scheme's `budget()` returns,
+    # and "all" (every request of the integration). A scheme with one budget for its
+    # whole API names only "all", so its config cannot name a budget nothing spends.
+    scopes: tuple[str, ...] = ("all",)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -206,7 +210,7 @@ def _oauth2_state(auth: AuthConfig) -> Path | None:
     return state_path(auth)
 
 
-LUXSCI = SchemeKind("luxsci", _check_luxsci, _build_luxsci)
+LUXSCI = SchemeKind("luxsci", _check_luxsci, _build_luxsci, scopes=("user", "account", "all"))
 BEARER = SchemeKind("bearer", _check_bearer, _build_bearer)
 OAUTH2 = SchemeKind("oauth2", _check_oauth2, _build_oauth2, _oauth2_state)
 
@@ -219,3 +223,16 @@ def check(auth: AuthConfig, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> Non
     if kind is None:
         raise ConfigError(f"auth.scheme: must be one of {', '.join(schemes)} (got {auth.scheme!r})")
     kind.check(auth)
+
+
+def check_scopes(
+    windows: Iterable[WindowConfig], scheme: str, schemes: Mapping[str, SchemeKind] = BUILT_IN
+) -> None:
+    """Each limits.windows entry names a budget its scheme has; ConfigError naming the key."""
+    kind = schemes[scheme]
+    for i, window in enumerate(windows):
+        if window.scope not in kind.scopes:
+            raise ConfigError(
+                f"limits.windows[{i}].scope: scheme {scheme} has the budgets "
+                f"{', '.join(kind.scopes)} (got {window.scope!r})"
+            )
