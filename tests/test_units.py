@@ -97,6 +97,11 @@ def test_downstream_block_keeps_repeated_set_cookie_and_drops_framing(
         (["theme=dark; signature=a:b; lang=en"], "theme=dark; lang=en"),
         (["signature2=x", "signature = y"], "signature2=x"),
         ([], None),
+        # Other spellings a server may read as the same name (issue 12, defect 3).
+        (["a=b,signature=EVIL"], "a=b"),
+        (["Signature=X; SIGNATURE=Y"], None),
+        (['"signature"=Z; k=v'], "k=v"),
+        (["a=1,2; b=3"], "a=1,2; b=3"),  # no match: kept byte for byte, comma and all
     ],
 )
 def test_only_the_signature_cookie_is_stripped(cookies: list[str], expected: str | None) -> None:

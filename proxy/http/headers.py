@@ -83,14 +83,32 @@ def _drop_set(
     return always | tokens
 
 
+def _cookie_name(pair: str) -> str:
+    """A cookie pair's name as a server might read it: trimmed, unquoted, lower case."""
+    return pair.split("=", 1)[0].strip().strip('"').strip().lower()
+
+
 def strip_cookies(cookie_headers: list[str], names: tuple[str, ...]) -> str | None:
-    """The cookies of `cookie_headers` (joined into one value) minus those called `names`."""
+    """The cookies of `cookie_headers` (joined into one value) minus those called `names`.
+
+    Names match as a server might read them: in any case, quoted or not, and also inside
+    an item that old clients joined with commas (`a=b,signature=EVIL`), so no spelling
+    of a cookie the proxy makes itself gets through. An item with no such name is kept
+    byte for byte (a comma may be part of a value)."""
+    wanted = {n.lower() for n in names}
     kept = []
     for header in cookie_headers:
         for item in header.split(";"):
             pair = item.strip()
-            if pair and pair.split("=", 1)[0].strip() not in names:
+            if not pair:
+                continue
+            pieces = pair.split(",")
+            if not any(_cookie_name(piece) in wanted for piece in pieces):
                 kept.append(pair)
+                continue
+            rest = [p.strip() for p in pieces if p.strip() and _cookie_name(p) not in wanted]
+            if rest:
+                kept.append(",".join(rest))
     return "; ".join(kept) if kept else None
 
 

@@ -1279,6 +1279,26 @@ SLOW = [
     ),
 ]
 
+# -- cookies: the signature cookie is the proxy's to make ------------------------------------------
+
+COOKIES = [
+    case(
+        name,
+        "RFC 6265 5.4",
+        get("/c", f"Cookie: {value}"),
+        (200,),
+        closed=False,
+        upstream=(Seen("GET", "/c", never=(b"EVIL",)),),
+        why="any spelling a server might read as `signature` is dropped, not only the exact one",
+    )
+    for name, value in (
+        ("cookie-signature-after-a-comma", "a=b,signature=EVIL"),
+        ("cookie-signature-in-capitals", "Signature=EVIL; SIGNATURE=EVIL2"),
+        ("cookie-signature-quoted-name", '"signature"=EVIL'),
+        ("cookie-signature-spaced", "theme=dark;  signature = EVIL ; lang=en"),
+    )
+]
+
 CLIENT_CASES: list[Case] = [
     *CONTENT_LENGTH,
     *TRANSFER_ENCODING,
@@ -1288,6 +1308,7 @@ CLIENT_CASES: list[Case] = [
     *TARGET,
     *HOST,
     *HOP_BY_HOP,
+    *COOKIES,
     *EXPECT,
     *PIPELINING,
     *UPGRADE,
