@@ -248,6 +248,25 @@ app a wrong body, and a reused connection after one is how response desynchronis
     ),
     # -- both allowed; the proxy is stricter ------------------------------------------------------
     Theme(
+        "The client's own signature cookie, in any spelling",
+        STRICTER,
+        (
+            "cookie-signature-after-a-comma",
+            "cookie-signature-in-capitals",
+            "cookie-signature-quoted-name",
+            "cookie-signature-spaced",
+        ),
+        """
+nginx passes every `Cookie` on as sent, as a plain proxy should: it knows nothing of the API's
+`signature` cookie. The proxy makes that cookie itself (the auth code and the request's HMAC),
+so a client's own must never reach the API, in whatever spelling a server might read as the
+same name: after a comma (`a=b,signature=EVIL`, the old cookie syntax), in capitals, quoted,
+with spaces. The case expects none of them upstream (RFC 6265 5.4 describes the header; which
+names are the proxy's is its own rule), hence nginx's ✗; an item naming no such cookie goes on
+byte for byte.
+""",
+    ),
+    Theme(
         "Bare LF line endings",
         STRICTER,
         ("bare-lf-request-line", "bare-lf-header-line", "chunk-bare-lf", "bare-lf-line-endings"),
