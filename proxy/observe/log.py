@@ -106,14 +106,8 @@ def _needs_patterns(text: str) -> bool:
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50, "exception": 40}
 _INFO = _LEVELS["info"]
-_USER_SEGMENT = re.compile(r"^(/perl/api/v2/user/)[^/]+")
 # How much of a body log_bodies writes.
 BODY_LOG_LIMIT = 2048
-
-
-def mask_user(path: str) -> str:
-    """/perl/api/v2/user/joe@example.com/profile -> /perl/api/v2/user/[user]/profile"""
-    return _USER_SEGMENT.sub(r"\1[user]", path)
 
 
 def body_text(body: bytes) -> str:
