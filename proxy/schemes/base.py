@@ -75,6 +75,18 @@ class Decision:
 DONE = Decision(Action.DONE)
 
 
+def login_reason(has_current: bool, ever_authenticated: bool, failing: bool) -> str:
+    """Why a session fetches new credentials now (the `reason` of its log events): the
+    current ones aged out, the first login, a retry after a failure, or a 401."""
+    if has_current:
+        return "expired"
+    if not ever_authenticated:
+        return "startup"
+    if failing:
+        return "retry"
+    return "after_401"
+
+
 class AnswerWatch(Protocol):
     """Reads a success answer on its way to the client (never holds it whole)."""
 

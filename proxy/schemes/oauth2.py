@@ -48,7 +48,14 @@ from proxy.http.client import Upstream
 from proxy.http.headers import header_line, header_lines
 from proxy.jsonbounds import PARSE_LIMIT
 from proxy.observe.metrics import Metrics
-from proxy.schemes.base import Action, AnswerWatch, Credential, Decision, Outbound
+from proxy.schemes.base import (
+    Action,
+    AnswerWatch,
+    Credential,
+    Decision,
+    Outbound,
+    login_reason,
+)
 from proxy.schemes.bearer import judge_rate_limit
 from proxy.schemes.oauth2_state import (
     StateUnreadable,
@@ -212,14 +219,9 @@ class OAuth2Session:
         if self._failure is not None and now < self._retry_at and self._task is None:
             raise self._failure
         if self._task is None:
-            if current is not None:
-                reason = "expired"
-            elif not self.ever_authenticated:
-                reason = "startup"
-            elif self._failure is not None:
-                reason = "retry"
-            else:
-                reason = "after_401"
+            reason = login_reason(
+                current is not None, self.ever_authenticated, self._failure is not None
+            )
             self._start(reason)
         assert self._task is not None
         return await asyncio.shield(self._task)

@@ -41,7 +41,7 @@ from proxy.http.client import Upstream
 from proxy.http.headers import header_line, header_lines
 from proxy.limits import Lane, RateLimiter
 from proxy.observe.metrics import Metrics
-from proxy.schemes.base import Credential
+from proxy.schemes.base import Credential, login_reason
 from proxy.schemes.luxsci import rules, signing
 from proxy.target import AUTH_PATH
 
@@ -172,14 +172,9 @@ class LuxSciSession:
         if self._failure is not None and now < self._retry_at and self._auth_task is None:
             raise self._failure
         if self._auth_task is None:
-            if current is not None:
-                reason = "expired"
-            elif not self.ever_authenticated:
-                reason = "startup"
-            elif self._failure is not None:
-                reason = "retry"
-            else:
-                reason = "after_401"
+            reason = login_reason(
+                current is not None, self.ever_authenticated, self._failure is not None
+            )
             self._start_login(reason)
         assert self._auth_task is not None
         return await asyncio.shield(self._auth_task)
