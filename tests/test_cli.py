@@ -540,11 +540,13 @@ def _config_keys() -> dict[str, set[str]]:
     """Every key of the config file format, per section ("" for the top level)."""
     import dataclasses
 
-    from proxy.config import Config
+    from proxy.config import Config, key_fields
 
     keys: dict[str, set[str]] = {"": set()}
-    for f in dataclasses.fields(Config):
-        if f.name == "warnings":  # not a key of the file
+    for f in key_fields(Config):  # warnings & co. are not keys of the file
+        if f.name == "integrations":
+            # The file's other form (the sections per integration): its own tests check
+            # `check` on it (tests/test_integrations_cli.py).
             continue
         keys[""].add(f.name)
         section = getattr(Config(), f.name)
