@@ -108,9 +108,18 @@ class Reloader:
                 return
             # Key names only: what changed to what is a debug event of the service's.
             changed = differences(self.service.cfg, new)
-            restart = await self.service.reload(new)  # logging settings included
+            try:
+                restart = await self.service.reload(new)  # logging settings included
+            except ConfigError as e:
+                self.log.error("config_reload_rejected", error=str(e), path=self.source)
+                return
+            refused = {"refused": [name for name, _ in new.refused]} if new.refused else {}
             self.log.info(
-                "config_reloaded", path=self.source, changed=changed, needs_restart=restart
+                "config_reloaded",
+                path=self.source,
+                changed=changed,
+                needs_restart=restart,
+                **refused,
             )
 
 
@@ -205,7 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = resolved.source or "flags and environment"
 
     def reload() -> Config:
-        return resolve(inputs, os.environ).config
+        # Lenient: an integration whose section is bad is refused alone (config.build).
+        return resolve(inputs, os.environ, lenient=True).config
 
     return in_logs_context(
         logs,
