@@ -26,6 +26,7 @@ from proxy.config import (
     Secret,
     UpstreamConfig,
     differences,
+    integrations_of,
     validate,
 )
 from proxy.jobs.errors import StoreError
@@ -233,7 +234,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         console.say(f"warning: {finding.message}", sys.stderr)
     source = resolved.source or "flags and environment (no config file)"
     # A reader that stops early (`check | head -1`) is not an error: the config is valid.
-    if console.say(f"# {source}: OK") and console.say(_SOURCES_NOTE):
+    if not console.say(f"# {source}: OK"):
+        return 0
+    for view in integrations_of(resolved.config) if resolved.config.integrations else ():
+        listen = f"{view.listen.host}:{view.listen.port}"
+        if not console.say(f"# integrations[{view.name}]: OK ({view.auth.scheme}, {listen})"):
+            return 0
+    if console.say(_SOURCES_NOTE):
         console.say(annotated_yaml(resolved))
     return 0
 
