@@ -663,17 +663,21 @@ def validate_integration(cfg: Config, schemes: Mapping[str, SchemeKind] | None =
 _STATE_KEYS = ("limits.key", "limits.state_file", "jobs.store", "auth.state_file")
 
 
+def _check_name(name: str, index: int) -> None:
+    if not _INTEGRATION_NAME.fullmatch(name):
+        raise ConfigError(
+            f"integrations[{index}].name: required, a short name of a-z, 0-9, _ and - "
+            f"starting with a letter or digit (got {name!r})"
+        )
+
+
 def check_integrations(entries: Sequence[IntegrationConfig]) -> None:
     """What the entries of `integrations:` may not share: a name, an address, state."""
     names: set[str] = set()
     addresses: dict[tuple[str, int], str] = {}
     state: dict[tuple[str, str], str] = {}
     for i, entry in enumerate(entries):
-        if not _INTEGRATION_NAME.fullmatch(entry.name):
-            raise ConfigError(
-                f"integrations[{i}].name: required, a short name of a-z, 0-9, _ and - "
-                f"starting with a letter or digit (got {entry.name!r})"
-            )
+        _check_name(entry.name, i)
         if entry.name in names:
             raise ConfigError(f"integrations[{i}].name: {entry.name!r} is given twice")
         names.add(entry.name)
@@ -1150,7 +1154,7 @@ def build(
             if isinstance(item, dict):
                 _window_defaults(item)
             entry: IntegrationConfig = _build(IntegrationConfig, item, f"integrations[{i}]")
-            check_integrations([entry])  # its name, before the error names it
+            _check_name(entry.name, i)  # before an error names the entry by it
             (view,) = integrations_of(dataclasses.replace(process, integrations=(entry,)))
             validate_integration(view, schemes)
         except ConfigError as e:
