@@ -263,6 +263,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = resolve(Inputs(file or None), os.environ).config
     for warning in cfg.warnings:
         console.say(f"warning: {warning}", sys.stderr)
+    cfg = _integration_named(cfg, args.integration)
     path = jobs_store(cfg)
     if not jobs_operator.exists(path):
         return EXIT_RUNTIME
@@ -270,9 +271,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return code
 
 
+def _integration_named(cfg: Config, name: str | None) -> Config:
+    """The integration whose jobs the verb reads: the one of a config without
+    `integrations:`, else the one --integration names."""
+    if not cfg.integrations:
+        if name not in (None, cfg.name):
+            raise ConfigError(f"--integration: the config has one integration, {cfg.name!r}")
+        return cfg
+    views = {view.name: view for view in integrations_of(cfg)}
+    if name not in views:
+        raise ConfigError(
+            f"--integration: give one of the config's integrations: {', '.join(views)}"
+        )
+    return views[name]
+
+
 def _jobs_options(parser: argparse.ArgumentParser) -> None:
     from proxy.jobs import operator as jobs_operator  # as for the sandbox: only when asked
 
+    parser.add_argument(
+        "--integration", metavar="NAME", help="whose jobs, when the config lists integrations"
+    )
     jobs_operator.add_arguments(parser)
 
 

@@ -151,3 +151,23 @@ def test_check_says_each_integrations_verdict_and_names_the_bad_one(
         "config error: integrations[crm].listen.port: 127.0.0.1:8081 is "
         "integrations[mail]'s address already"
     )
+
+
+def test_the_jobs_verb_reads_the_store_of_the_integration_named(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    upstream = "http://127.0.0.1:9"
+    path.write_text(config(9100, entry("mail", 8081, upstream), entry("crm", 8082, upstream)))
+    env = env_with(
+        LUXSCI_API_TOKEN=TOKEN, LUXSCI_API_SECRET=SECRET, LUXSCI_PROXY_STATE_DIR=str(tmp_path)
+    )
+
+    def jobs(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [*PROXY, "jobs", *args, "list", "--config", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    result = jobs()
+    assert result.returncode == 2
+    assert "--integration: give one of the config's integrations: mail, crm" in result.stderr
+    result = jobs("--integration", "crm")
+    assert result.returncode == 1  # no store yet: but the one named after crm
+    assert f"no jobs store at {tmp_path}/jobs-crm-" in result.stderr

@@ -210,3 +210,20 @@ def test_the_list_can_come_from_the_environment_as_json() -> None:
     cfg = resolve(Inputs(None), env).config
     assert [e.name for e in cfg.integrations] == ["mail"]
     assert isinstance(cfg.integrations[0], IntegrationConfig)
+
+
+def test_the_examples_commented_integrations_block_is_a_valid_config(tmp_path: Path) -> None:
+    example = (Path(__file__).parent.parent / "config.example.yaml").read_text()
+    block = example[example.index("# integrations:") :]
+    text = "\n".join(line.removeprefix("#").removeprefix(" ") for line in block.splitlines())
+    (tmp_path / "crm-client-secret").write_text("s3cret\n")
+    text = text.replace("/run/secrets/", f"{tmp_path}/")
+    cfg = parse(text, {"LUXSCI_API_TOKEN": "t", "LUXSCI_API_SECRET": "s"})
+    mail, crm = integrations_of(cfg)
+    assert (mail.name, mail.auth.scheme, crm.name, crm.auth.scheme) == (
+        "mail",
+        "luxsci",
+        "crm",
+        "oauth2",
+    )
+    assert [w.per for w in crm.limits.windows] == [1.0, 3600.0]
