@@ -116,7 +116,8 @@ class Reloader:
             except ConfigError as e:
                 self.log.error("config_reload_rejected", error=str(e), path=self.source)
                 return
-            refused = {"refused": [name for name, _ in new.refused]} if new.refused else {}
+            names = self.service.last_reload.refused
+            refused = {"refused": list(names)} if names else {}
             self.log.info(
                 "config_reloaded",
                 path=self.source,

@@ -310,17 +310,17 @@ class ProxyService:
         entry the reload refused (new.refused) stays exactly as it was.
         """
         try:
-            restart = await self._in_context(self._reload(new))
+            restart, refused = await self._in_context(self._reload(new))
         except BaseException:
             self.reload_refused()
             raise
-        refused = tuple(name for name, _ in new.refused)
         self.last_reload = ReloadState(
-            successful=not refused, success_time=time.time(), refused=refused
+            successful=not refused, success_time=time.time(), refused=tuple(refused)
         )
         return restart
 
-    async def _reload(self, new: Config) -> list[str]:
+    async def _reload(self, new: Config) -> tuple[list[str], list[str]]:
+        """The keys that need a restart, and the integrations refused."""
         old = self.cfg
         if bool(new.integrations) != bool(old.integrations):
             raise ConfigError(
@@ -332,10 +332,10 @@ class ProxyService:
         if not new.integrations:
             restart = await self.first.reload(new)
             self.cfg = self.first.cfg
-            return restart
+            return restart, []
         return await self._reload_listed(old, new)
 
-    async def _reload_listed(self, old: Config, new: Config) -> list[str]:
+    async def _reload_listed(self, old: Config, new: Config) -> tuple[list[str], list[str]]:
         restart = ["admin"] if new.admin != old.admin else []
         refused = dict(new.refused)
         for name, error in refused.items():
@@ -346,10 +346,18 @@ class ProxyService:
             await self._remove(name)
         for name, view in views.items():
             current = self.integrations.get(name)
-            if current is None:
-                await self._add(view)
-            else:
+            if current is not None:
                 restart += await current.reload(dataclasses.replace(view, admin=old.admin))
+                continue
+            try:
+                await self._add(view)
+            except OSError as e:
+                # Its port is taken (or the like): refused like a bad section, the others
+                # applied all the same.
+                where = f"{view.listen.host}:{view.listen.port}"
+                error = f"integrations[{name}].listen: cannot listen on {where}: {e.strerror or e}"
+                self.log.error("config_reload_rejected", integration=name, error=error)
+                refused[name] = error
         # The config now in force: every applied entry, and each refused one as it was.
         entries = [self.integrations[name].cfg for name in self.integrations]
         self.cfg = dataclasses.replace(
@@ -358,7 +366,7 @@ class ProxyService:
             integrations=tuple(_entry(view) for view in entries),
             refused=(),
         )
-        return restart
+        return restart, list(refused)
 
     async def _add(self, view: Config) -> None:
         """A new integration: started while the others serve."""

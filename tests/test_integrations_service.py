@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import SECRET, TOKEN, USER, MakeSandbox
+from conftest import SECRET, TOKEN, USER, MakeSandbox, eventually
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, parse
@@ -222,3 +223,45 @@ async def test_status_json_shows_each_integration_and_the_page_one_at_a_time(
     assert resp.status == 200 and 'href="?integration=mail"' in page
     async with http.get(running.admin + "/status.json?integration=nope") as resp:
         assert resp.status == 404
+
+
+async def test_a_reload_removes_one_after_draining_and_refuses_an_address_in_use_alone(
+    sandboxes: tuple[SandboxServer, SandboxServer], running: Running
+) -> None:
+    luxsci, oauth = sandboxes
+    service = running.service
+    mail_port = service.integrations["mail"].port
+    # A request in flight through crm when the reload removes it: it is served, not cut.
+    oauth.sandbox.add_fault(delay=1.0, times=1, path_prefix=OAUTH_PATH)
+    async with aiohttp.ClientSession() as http:
+        slow = asyncio.create_task(fetch(http, running.url("crm") + OAUTH_PATH))
+        await eventually(lambda: oauth.sandbox.stats.inflight == 1, within=10)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            text = two_integrations(luxsci, oauth)
+            kept = text[: text.index("  - name: crm")]  # mail alone
+            added = kept + (
+                "  - name: extra\n"
+                f"    listen: {{port: {port}}}\n"
+                f'    upstream: {{url: "{luxsci.url}", allow_insecure: true}}\n'
+                '    auth: {token: "${TOKEN}", secret: "${SECRET}"}\n'
+                '    limits: {state_file: ""}\n'
+            )
+            await service.reload(parse(added, ENV))
+        status, body = await slow
+        assert status == 200 and body["success"] == 1  # drained, then closed
+        assert set(service.integrations) == {"mail"}
+        assert service.last_reload.refused == ("extra",)
+        assert service.last_reload.successful is False
+        status, _ = await fetch(http, f"http://127.0.0.1:{mail_port}{LUXSCI_PATH}")
+        assert status == 200
+        async with http.get(running.admin + "/readyz?integration=crm") as resp:
+            assert resp.status == 404
+    events = running.events()
+    removed = [e for e in events if e["event"] == "integration_removed"]
+    assert [(e["integration"], e["cut_off"]) for e in removed] == [("crm", 0)]
+    rejected = [e for e in events if e["event"] == "config_reload_rejected"]
+    assert [e["integration"] for e in rejected] == ["extra"]
+    assert rejected[0]["error"].startswith("integrations[extra].listen: cannot listen on")

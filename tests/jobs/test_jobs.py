@@ -102,7 +102,7 @@ async def test_a_request_preferring_async_is_stored_answered_202_then_run_once(
     assert answer["data"]["json"] == {"note": marker}
     assert sent_to_sandbox(sandbox, "POST", marker) == 1
     text = await metrics(proxy)
-    assert "luxsci_proxy_jobs_submitted_total 1.0" in text
+    assert 'luxsci_proxy_jobs_submitted_total{integration="default"} 1.0' in text
     assert 'luxsci_proxy_jobs_completed_total{integration="default",state="succeeded"} 1.0' in text
 
 
