@@ -20,8 +20,10 @@ from aiohttp import web
 
 from proxy import egress, preflight
 from proxy.config import (
+    INTEGRATION_SECTIONS,
     Config,
     ConfigError,
+    IntegrationConfig,
     integrations_of,
     url_passwords,
 )
@@ -425,13 +427,7 @@ class ProxyService:
         self.logs.flush()
 
 
-def _sections(view: Config) -> dict[str, Any]:
-    from proxy.config import INTEGRATION_SECTIONS
-
-    return {section: getattr(view, section) for section in INTEGRATION_SECTIONS}
-
-
-def _entry(view: Config) -> Any:
-    from proxy.config import IntegrationConfig
-
-    return IntegrationConfig(name=view.name, **_sections(view))
+def _entry(view: Config) -> IntegrationConfig:
+    """An integration's view as its entry of `integrations:` again."""
+    sections = {section: getattr(view, section) for section in INTEGRATION_SECTIONS}
+    return IntegrationConfig(name=view.name, **sections)
