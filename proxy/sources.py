@@ -50,6 +50,7 @@ import yaml
 from proxy.config import (
     _VAR,
     CONFIG_ENV,
+    INTEGRATION_SECTIONS,
     STATE_DIR_ENV,
     STATE_KEY_ENV,
     Config,
@@ -340,8 +341,20 @@ def resolve(
     unknown = unknown_env(env, by_env)
     if unknown:
         cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, *unknown))
-    every = {k.target: origins.get(k.target, "default") for k in all_keys if k.target == k.dotted}
+    every = {
+        k.target: origins.get(k.target, "default")
+        for k in all_keys
+        if k.target == k.dotted and _in_form(k.target, bool(cfg.integrations))
+    }
     return Resolved(cfg, types.MappingProxyType(every), source)
+
+
+def _in_form(dotted: str, listed: bool) -> bool:
+    """Whether the key belongs to the config's form (as `check` prints it): the list of
+    integrations, or the one integration's sections."""
+    if dotted == "integrations":
+        return listed
+    return not (listed and dotted.split(".")[0] in INTEGRATION_SECTIONS)
 
 
 def unknown_env(env: Mapping[str, str], known: Mapping[str, Key]) -> list[str]:
