@@ -34,6 +34,9 @@ from urllib.parse import SplitResult, unquote_plus, urlsplit
 
 import yaml
 
+from proxy.redis_connect import RedisURLError
+from proxy.redis_connect import parse_url as parse_redis_url
+
 if TYPE_CHECKING:
     from proxy.schemes.registry import SchemeKind
 
@@ -760,11 +763,14 @@ def _validate_integration(cfg: Config, schemes: Mapping[str, SchemeKind] | None)
     registry.check_scopes(lim.windows, auth.scheme, known)
     if not 0 < lim.fallback_share <= 1:
         raise ConfigError(f"limits.fallback_share: must be in (0, 1] (got {lim.fallback_share})")
-    if lim.backend == "redis" and urlsplit(lim.redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"limits.redis_url: must be a redis://, rediss:// or unix:// URL "
-            f"(got {lim.redis_url!r})"
-        )
+    if lim.backend == "redis":
+        try:
+            parse_redis_url(lim.redis_url)
+        except RedisURLError as e:
+            # The URL masked: it may hold a password.
+            raise ConfigError(
+                f"limits.redis_url: {e} (got {mask_url_password(lim.redis_url)!r})"
+            ) from None
     _check_positive(cfg.queue.max_size, "queue.max_size")
     _check_positive(cfg.queue.max_wait, "queue.max_wait")
     _check_positive(cfg.queue.aging, "queue.aging")
@@ -1236,7 +1242,8 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
 
 # Query parameters redis-py (and most URL-configured clients) read as a password.
-_URL_PASSWORD_PARAMS = frozenset({"password", "pass", "passwd", "pwd"})
+# sentinel_password: the sentinels' own, in a redis+sentinel:// URL (proxy/redis_connect.py).
+_URL_PASSWORD_PARAMS = frozenset({"password", "pass", "passwd", "pwd", "sentinel_password"})
 MASK = "********"
 
 

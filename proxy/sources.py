@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import re
 import sys
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -357,13 +356,22 @@ def _in_form(dotted: str, listed: bool) -> bool:
     return not (listed and dotted.split(".")[0] in INTEGRATION_SECTIONS)
 
 
+def _close_matches(name: str, names: Iterable[str], cutoff: float = 0.6) -> list[str]:
+    """The best guess at what a misspelt `name` meant, if any is close enough."""
+    # Imported here: only a mistake needs it, and a running proxy would carry its
+    # ~140 kB for nothing (tests/test_light.py).
+    import difflib
+
+    return difflib.get_close_matches(name, list(names), n=1, cutoff=cutoff)
+
+
 def unknown_env(env: Mapping[str, str], known: Mapping[str, Key]) -> list[str]:
     """A warning for each LUXSCI_PROXY_* variable that names nothing (with a guess)."""
     names = [*known, *OWN_ENV]
     found = []
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name not in known and name not in OWN_ENV:
-            close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+            close = _close_matches(name, names, cutoff=0.8)
             guess = f"; did you mean {close[0]}?" if close else ""
             found.append(
                 f"{name}: not a setting of luxsci-proxy, ignored (a key is "
@@ -407,7 +415,7 @@ def _from_flags(settings: Sequence[Setting], all_keys: list[Key]) -> Iterator[tu
                 )
             key = by_dotted.get(name)
             if key is None:
-                close = difflib.get_close_matches(name, by_dotted, n=1)
+                close = _close_matches(name, by_dotted)
                 guess = f"; did you mean {close[0]}?" if close else ""
                 raise ConfigError(f"{name}: unknown key (--set){guess}")
             yield _no_secret(key, value, "--set"), value, label

@@ -91,6 +91,8 @@ def test_a_bearer_proxy_with_the_memory_backend_runs_without_the_optional_module
     assert "proxy.schemes.bearer" in modules  # what it does need is there
     # The admin port's status page: loaded when first asked for.
     assert _loaded(modules, ("proxy.observe.status",)) == []
+    # The config's spelling suggestions: loaded only for a mistake.
+    assert _loaded(modules, ("difflib",)) == []
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,8 @@ def test_a_key_and_its_file_form_are_one_setting_across_sources(tmp_path: Path) 
         ("--set", "auth.state_key=hunter2-hunter2"),
         ("--set", "limits.redis_url=redis://app:hunter2-hunter2@redis/0"),
         ("--set", "limits.redis_url=redis://redis/0?password=hunter2-hunter2"),
+        ("--set", "limits.redis_url=redis+sentinel://s1,s2/m?sentinel_password=hunter2-hunter2"),
+        ("--set", "limits.redis_url=redis+cluster://app:hunter2-hunter2@n1,n2"),
     ],
 )
 def test_secrets_are_never_taken_from_the_command_line(argv: tuple[str, ...]) -> None:

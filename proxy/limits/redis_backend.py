@@ -25,9 +25,8 @@ import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
-import redis.asyncio
 import structlog
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -36,6 +35,9 @@ from redis.retry import Retry
 
 from proxy.limits.backend import CARRY_SHARE, MemoryBackend, Verdict
 from proxy.limits.plan import DAY_NAME, Window
+from proxy.redis_connect import connect, parse_url, redact_url
+
+__all__ = ["RedisBackend", "redact_url"]
 
 log = structlog.get_logger("proxy.limits")
 
@@ -151,16 +153,6 @@ def _ttl_ms(seconds: float) -> int:
     return math.ceil(2 * seconds * 1000) + 1000
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) masked, fit for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 @dataclass(frozen=True, slots=True)
 class _Pending:
     """Permits granted from the local share and not yet added to one Redis key."""
@@ -192,15 +184,20 @@ class RedisBackend:
         self._share = fallback_share
         self._op_timeout = op_timeout
         self._watch_interval = watch_interval
-        password = urlsplit(url).password
-        # Both spellings: redis-py unquotes the password, an error could show either.
-        self._secrets = {p for p in (password, unquote(password or "")) if p}
-        # No retries of its own: a failed call goes to the local share at once,
-        # and the probe is the retry. Nothing connects before the first command.
-        self._client = redis.asyncio.Redis.from_url(
+        target = parse_url(url)
+        # Both spellings: the URL holds them percent-encoded, an error could show either.
+        self._secrets = {
+            p
+            for password in (target.password, target.sentinel_password)
+            if password
+            for p in (password, quote(password, safe=""), unquote(password))
+        }
+        # No retries of its own: a failed call goes to the local share at once, and the
+        # probe is the retry (with Sentinel, the probe's new connection asks the sentinels
+        # where the master is now). Nothing connects before the first command.
+        self._client: Any = connect(
             url,
-            socket_timeout=op_timeout,
-            socket_connect_timeout=op_timeout,
+            op_timeout=op_timeout,
             health_check_interval=30,
             retry=Retry(NoBackoff(), 0),
         )

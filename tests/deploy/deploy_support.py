@@ -66,11 +66,15 @@ def promql_metric_names(expr: str) -> set[str]:
 
 
 async def scrape_names(http: aiohttp.ClientSession, admin_url: str) -> set[str]:
-    """Every sample name on /metrics (with _bucket, _sum, _count, _total as exposed)."""
+    """Every sample name on /metrics (with _bucket, _sum, _count, _total as exposed), and
+    each gauge declared with no sample at the moment (queue_depth_by_client while no
+    client waits): its series appear under that name once there is something to count."""
     async with http.get(admin_url + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    families = list(text_string_to_metric_families(text))
+    empty = {f.name for f in families if f.type == "gauge" and not f.samples}
+    return {s.name for family in families for s in family.samples} | empty
 
 
 async def exported_names(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import tomllib
 from typing import Any
+from urllib.parse import urlsplit
 
 from deploy_support import DEPLOY
 
@@ -39,11 +40,26 @@ def test_the_classifiers_list_every_supported_python() -> None:
     assert versions == {"3.11", "3.12", "3.13"}
 
 
-def test_the_project_urls_point_at_its_home() -> None:
-    urls = project()["urls"]
-    assert set(urls) >= {"Homepage", "Documentation", "Issues"}
-    home = urls["Homepage"]
-    assert all(url.startswith(home) for url in urls.values())
+# Reserved for examples and tests (RFC 2606, RFC 6761): a link there points nowhere.
+_PLACEHOLDER = re.compile(r"(^|\.)(example(\.(com|net|org))?|invalid|test|localhost)$")
+
+
+def test_the_project_lists_no_url_that_points_nowhere() -> None:
+    """A package index shows project URLs as the project's own links: none may be a
+    placeholder. (There is no public home yet, so there are none; once there is, every
+    link must be on one host.)"""
+    urls: dict[str, str] = project().get("urls", {})
+    for label, url in urls.items():
+        host = urlsplit(url).hostname or ""
+        assert url.startswith("https://") and not _PLACEHOLDER.search(host), (label, url)
+    assert len({urlsplit(url).hostname for url in urls.values()}) <= 1
+
+
+def test_the_placeholder_rule_knows_a_placeholder() -> None:
+    assert _PLACEHOLDER.search("git.example.com")
+    assert _PLACEHOLDER.search("example.org")
+    assert not _PLACEHOLDER.search("github.com")
+    assert not _PLACEHOLDER.search("example.company.com")
 
 
 def test_the_image_build_copies_every_file_the_wheel_needs() -> None:
