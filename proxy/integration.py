@@ -248,6 +248,7 @@ class Integration:
             cfg.queue.max_wait,
             redact=logs.redactor.remember,
             debug=debug,
+            integration=cfg.integration,
         )
         self.schemes = schemes
         self.scheme = schemes[cfg.auth.scheme].build(deps)
