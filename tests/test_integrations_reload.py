@@ -5,6 +5,7 @@ old one serving and the reload says that integration was refused."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -200,3 +201,51 @@ def test_a_new_auth_scheme_replaces_the_integration(sandbox_process: str, tmp_pa
     (done,) = reloaded(events)
     assert done["needs_restart"] == []
     assert CLIENT_SECRET not in json.dumps(events)
+
+
+JOBS_KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def test_a_replaced_integration_hands_its_jobs_store_and_queued_jobs_to_the_new_one(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    old_api = sandbox_process
+    admin, a = free_port(), free_port()
+    store = tmp_path / "jobs.db"
+    jobs = f'jobs: {{enabled: true, store: "{store}", keys: ["{JOBS_KEY}"], concurrency: 1}}\n'
+    path = tmp_path / "proxy.yaml"
+
+    def write(upstream: str) -> None:
+        path.write_text(config(admin, entry("a", a, upstream) + "    " + jobs))
+        path.chmod(0o600)
+
+    write(old_api)
+    with another_sandbox() as new_api:
+        proc = start_proxy(path)
+        try:
+            wait_until(lambda: ready(admin) == 200)
+            # The first job is held at the old API; with one at a time, the others queue.
+            fault = json.dumps({"delay": 2, "path_prefix": PATH})
+            curl("-X", "POST", "--data", fault, f"{old_api}/_sandbox/faults")
+            ids = []
+            for _ in range(3):
+                status, body = curl("-H", "Prefer: respond-async", f"http://127.0.0.1:{a}{PATH}")
+                assert status == 202, body
+                ids.append(json.loads(body)["id"])
+            wait_until(lambda: stats(old_api)["inflight"] == 1)
+
+            write(new_api)
+            proc.send_signal(signal.SIGHUP)
+
+            def state(job: str) -> str:
+                answer = curl(f"http://127.0.0.1:{a}/_proxy/jobs/{job}")[1]
+                return str(json.loads(answer).get("state"))
+
+            wait_until(lambda: all(state(job) == "succeeded" for job in ids), timeout=30)
+            # The one under way finished at the old API; the queued ones ran at the new.
+            assert served(old_api) == 1 and served(new_api) == 2
+        finally:
+            events = stop_proxy(proc)
+    assert [e["event"] for e in events].count("integration_replaced") == 1
+    assert not [e for e in events if e["event"] == "config_reload_rejected"]
+    assert JOBS_KEY not in json.dumps(events)
