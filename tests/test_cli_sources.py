@@ -125,6 +125,9 @@ limits: {{state_file: ""}}
         LUXSCI_PROXY_LISTEN_PORT=str(env_port),
         LUXSCI_PROXY_QUEUE_MAX_WAIT="4",
     )
+    # Run from "/" (the *_file paths must follow the config, not the working directory);
+    # the package comes from this checkout whether or not it is installed.
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     argv = ["--config", str(config), "--listen", str(flag_port)]
     result = subprocess.run(
         [*PROXY, "check", *argv], capture_output=True, text=True, timeout=30, env=env, cwd="/"
