@@ -9,7 +9,6 @@ import hashlib
 import os
 import time
 from collections.abc import Coroutine, Mapping
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
@@ -98,11 +97,11 @@ def state_file(cfg: Config, key: str) -> str | None:
     return str(state_dir() / f"limits-{key}.json")
 
 
-def jobs_store(cfg: Config) -> Path:
-    """The jobs' SQLite file (the CLI's `jobs` verb opens the same one)."""
-    from proxy.jobs.durable import store_path  # jobs are opt-in: no SQLite until asked
+def jobs_store(cfg: Config) -> str:
+    """The jobs' SQLite file or Redis URL (the CLI's `jobs` verb opens the same one)."""
+    from proxy.jobs.durable import store_location  # jobs are opt-in: no SQLite until asked
 
-    return store_path(cfg.jobs, state_dir(), limits_key(cfg))
+    return store_location(cfg.jobs, state_dir(), limits_key(cfg))
 
 
 def make_backend(cfg: Config, key: str) -> Backend:
@@ -329,6 +328,7 @@ class ProxyService:
         jobs = DurableJobs(
             cfg,
             jobs_store(cfg),
+            self.limits_key,
             forwarder.admission,
             forwarder.attempts.sender,
             self.scheme,
