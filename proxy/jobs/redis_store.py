@@ -647,7 +647,12 @@ class RedisStore:
         )
         if reply[0] == 2:
             return Submitted(None, created=False, full=True)
-        return Submitted(self._parse(reply[1]), created=reply[0] == 1)
+        job = self._parse(reply[1])
+        if job is None:
+            # The job an idempotency key names cannot be read (reported above): neither
+            # it nor a second job can be answered for; the gateway says unavailable.
+            raise StoreError(f"jobs store {self._where}: the job under this key is unreadable")
+        return Submitted(job, created=reply[0] == 1)
 
     # -- the runner's transitions ---------------------------------------------------------
 

@@ -205,3 +205,18 @@ async def test_redis_down_is_a_store_error_naming_no_password(tmp_path: Path) ->
     with pytest.raises(StoreError):
         await store.submit(new(1))
     await store.close()
+
+
+async def test_a_key_naming_an_unreadable_job_is_a_store_error_not_a_second_job(
+    server: RedisServer, raw: redis.asyncio.Redis
+) -> None:
+    store = await opened(server)
+    try:
+        await store.submit(new(1, "POST", idem="k"))
+        await raw.hset(f"{{luxsci-proxy:jobs:{NAME}}}:job:{jid(1)}", "state", "nonsense")
+        with capture_logs() as logs, pytest.raises(StoreError, match="unreadable"):
+            await store.submit(new(2, "POST", idem="k"))
+        assert any(e.get("job_id") == jid(1) for e in logs)
+        assert await store.get(jid(2)) is None
+    finally:
+        await store.close()
