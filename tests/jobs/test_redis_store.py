@@ -17,7 +17,7 @@ from test_store import jid, new
 from proxy.jobs.errors import StoreError
 from proxy.jobs.model import State
 from proxy.jobs.redis_store import RedisStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, cluster_node, create_cluster
 
 NAME = "test"
 
@@ -180,6 +180,7 @@ async def test_acknowledged_jobs_survive_kill_9_of_redis(tmp_path: Path) -> None
             await store.submit(new(999))
     finally:
         await store.close()
+        server.stop()
     again = RedisServer(port=server.port, extra_args=server.extra_args)
     again.start()
     store = await opened(again)
@@ -220,3 +221,48 @@ async def test_a_key_naming_an_unreadable_job_is_a_store_error_not_a_second_job(
         assert await store.get(jid(2)) is None
     finally:
         await store.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    nodes = [cluster_node(str(tmp_path)) for _ in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        create_cluster(nodes)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def test_the_store_runs_on_a_redis_cluster_every_script_in_one_slot(
+    cluster: list[RedisServer],
+) -> None:
+    url = f"redis+cluster://127.0.0.1:{cluster[0].port},127.0.0.1:{cluster[1].port}"
+    dead = RedisStore(url, NAME, 100, runner=False)
+    other = RedisStore(url, NAME, 100, visibility_timeout=0.5)
+    await dead.open()
+    await other.open()
+    try:
+        assert (await dead.submit(new(1, "POST", idem="k", callback=b"c"))).created
+        assert not (await dead.submit(new(2, "POST", idem="k"))).created
+        await dead.submit(new(3, "GET"))
+        taken = await dead.due(time.time(), 10)
+        assert [j.id for j in taken] == [jid(1), jid(3)]
+        assert await dead.mark_running(jid(1), time.time())
+        assert await dead.mark_running(jid(3), time.time())
+        # No CROSSSLOT anywhere: the take-over, the settling, the counts, the lists.
+        assert await reclaimed(other) == (1, [jid(1)])
+        [again] = await other.due(time.time(), 10)
+        assert again.id == jid(3) and await other.mark_running(jid(3), time.time())
+        assert await other.requeue(jid(3), time.time() + 60, "later")
+        assert await other.expire(time.time()) == 0
+        assert len(await other.callbacks_due(time.time(), 10)) == 1
+        stats = await other.stats()
+        assert stats.by_state["outcome_unknown"] == 1 and stats.by_state["queued"] == 1
+        assert {j.id for j in await other.list()} == {jid(1), jid(3)}
+        assert await other.purge(time.time() + 1) == 1
+    finally:
+        await dead.close()
+        await other.close()
