@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -21,12 +22,14 @@ from proxy.config import (
     AuthConfig,
     Config,
     ConfigError,
+    IntegrationConfig,
     LimitsConfig,
     ListenConfig,
     LoggingConfig,
     Secret,
     UpstreamConfig,
     differences,
+    integrations_of,
     is_redis_store,
     validate,
 )
@@ -110,9 +113,19 @@ class Reloader:
                 return
             # Key names only: what changed to what is a debug event of the service's.
             changed = differences(self.service.cfg, new)
-            restart = await self.service.reload(new)  # logging settings included
+            try:
+                restart = await self.service.reload(new)  # logging settings included
+            except ConfigError as e:
+                self.log.error("config_reload_rejected", error=str(e), path=self.source)
+                return
+            names = self.service.last_reload.refused
+            refused = {"refused": list(names)} if names else {}
             self.log.info(
-                "config_reloaded", path=self.source, changed=changed, needs_restart=restart
+                "config_reloaded",
+                path=self.source,
+                changed=changed,
+                needs_restart=restart,
+                **refused,
             )
 
 
@@ -207,7 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = resolved.source or "flags and environment"
 
     def reload() -> Config:
-        return resolve(inputs, os.environ).config
+        # Lenient: an integration whose section is bad is refused alone (config.build).
+        return resolve(inputs, os.environ, lenient=True).config
 
     return in_logs_context(
         logs,
@@ -225,7 +239,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         console.say(f"warning: {finding.message}", sys.stderr)
     source = resolved.source or "flags and environment (no config file)"
     # A reader that stops early (`check | head -1`) is not an error: the config is valid.
-    if console.say(f"# {source}: OK") and console.say(_SOURCES_NOTE):
+    if not console.say(f"# {source}: OK"):
+        return 0
+    for view in integrations_of(resolved.config) if resolved.config.integrations else ():
+        listen = f"{view.listen.host}:{view.listen.port}"
+        if not console.say(f"# integrations[{view.name}]: OK ({view.auth.scheme}, {listen})"):
+            return 0
+    if console.say(_SOURCES_NOTE):
         console.say(annotated_yaml(resolved))
     return 0
 
@@ -247,6 +267,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = resolve(Inputs(file or None), os.environ).config
     for warning in cfg.warnings:
         console.say(f"warning: {warning}", sys.stderr)
+    cfg = _integration_named(cfg, args.integration)
     location = jobs_store(cfg)
     if not is_redis_store(location) and not jobs_operator.exists(Path(location)):
         return EXIT_RUNTIME
@@ -255,9 +276,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return code
 
 
+def _integration_named(cfg: Config, name: str | None) -> Config:
+    """The integration whose jobs the verb reads: the one of a config without
+    `integrations:`, else the one --integration names."""
+    if not cfg.integrations:
+        if name not in (None, cfg.name):
+            raise ConfigError(f"--integration: the config has one integration, {cfg.name!r}")
+        return cfg
+    views = {view.name: view for view in integrations_of(cfg)}
+    if name not in views:
+        raise ConfigError(
+            f"--integration: give one of the config's integrations: {', '.join(views)}"
+        )
+    return views[name]
+
+
 def _jobs_options(parser: argparse.ArgumentParser) -> None:
     from proxy.jobs import operator as jobs_operator  # as for the sandbox: only when asked
 
+    parser.add_argument(
+        "--integration", metavar="NAME", help="whose jobs, when the config lists integrations"
+    )
     jobs_operator.add_arguments(parser)
 
 
@@ -272,40 +311,69 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 _DEMO_LOGGING = LoggingConfig(format="console")
 
 
-async def _demo(port: int, admin_port: int, token: str, secret: str, logs: Logs) -> int:
+async def _demo(port: int, admin_port: int, creds: _DemoSecrets, logs: Logs) -> int:
     from proxy.sandbox import SandboxConfig, start_sandbox
+    from proxy.sandbox.config import OAuthSettings
 
-    sandbox = await start_sandbox(
-        SandboxConfig(token=token, secret=secret), host="127.0.0.1", port=0
+    luxsci = await start_sandbox(
+        SandboxConfig(token=creds.token, secret=creds.secret), host="127.0.0.1", port=0
+    )
+    oauth = await start_sandbox(
+        SandboxConfig(
+            oauth=OAuthSettings(client_id=creds.client_id, client_secret=creds.client_secret)
+        ),
+        host="127.0.0.1",
+        port=0,
+    )
+    # The sandboxes are on this machine: never sent through an HTTPS_PROXY of the shell's.
+    # Throw-away integrations: no day count or token worth keeping on disk.
+    mail = IntegrationConfig(
+        name="mail",
+        listen=ListenConfig(port=port),
+        upstream=UpstreamConfig(url=luxsci.url, allow_insecure=True, proxy=""),
+        auth=AuthConfig(scheme="luxsci", token=Secret(creds.token), secret=Secret(creds.secret)),
+        limits=LimitsConfig(state_file=""),
+    )
+    crm = IntegrationConfig(
+        name="crm",
+        listen=ListenConfig(port=0),
+        upstream=UpstreamConfig(url=oauth.url, allow_insecure=True, proxy=""),
+        auth=AuthConfig(
+            scheme="oauth2",
+            token_url=oauth.url + "/oauth/token",
+            client_id=creds.client_id,
+            client_secret=Secret(creds.client_secret),
+            state_file="",
+        ),
+        limits=LimitsConfig(state_file=""),
     )
     cfg = validate(
-        Config(
-            listen=ListenConfig(port=port),
-            admin=AdminConfig(port=admin_port),
-            # The sandbox is on this machine: never sent through an HTTPS_PROXY of the shell's.
-            upstream=UpstreamConfig(url=sandbox.url, allow_insecure=True, proxy=""),
-            auth=AuthConfig(scheme="luxsci", token=Secret(token), secret=Secret(secret)),
-            # A throw-away integration: no day count worth keeping on disk.
-            limits=LimitsConfig(state_file=""),
-            logging=_DEMO_LOGGING,
-        )
+        Config(admin=AdminConfig(port=admin_port), logging=_DEMO_LOGGING, integrations=(mail, crm))
     )
 
     def banner(service: ProxyService) -> None:
-        base = f"http://127.0.0.1:{service.port}"
+        base = f"http://127.0.0.1:{service.integrations['mail'].port}"
+        api = f"http://127.0.0.1:{service.integrations['crm'].port}"
+        admin = f"http://127.0.0.1:{service.admin_port}"
         user = "joe@example.com"
         # Nobody reading stdout (`demo | head -3`) does not stop the demo: it keeps serving.
         console.say(
             f"""
-LuxSci sandbox  {sandbox.url}   (a local simulator of the LuxSci REST API)
-luxsci-proxy    {base}   (admin: http://127.0.0.1:{service.admin_port})
+LuxSci sandbox     {luxsci.url}   (a local simulator of the LuxSci REST API)
+OAuth 2.0 sandbox  {oauth.url}   (an API secured with OAuth 2.0 client credentials)
+luxsci-proxy       integration mail: {base}   (signs LuxSci requests)
+                   integration crm:  {api}   (adds an OAuth 2.0 access token)
+                   admin: {admin}
 
 Your app sends plain requests; the proxy signs them. Try:
   curl -s {base}/perl/api/v2/user/{user}/profile
+  curl -s '{api}/v1/contacts?page=1'
   curl -s -X POST {base}/perl/api/v2/account/1234/echo -d '{{"hello": "world"}}'
+  curl -s -X POST {api}/v1/contacts -H 'Content-Type: application/json' -d '{{"name": "Ann"}}'
   curl -s -F 'json={{"subject":"hi"}};filename=json.js;type=application/json' \\
        -F 'files=@README.md' {base}/perl/api/v2/user/{user}/email/compose/secureline/send
-  curl -s http://127.0.0.1:{service.admin_port}/readyz
+  curl -s {admin}/readyz
+  curl -s '{admin}/readyz?integration=crm'
 Press Ctrl-C to stop.
 """
         )
@@ -313,16 +381,27 @@ Press Ctrl-C to stop.
     try:
         return await serve(cfg, logs, announce=banner)
     finally:
-        await sandbox.close()
+        await oauth.close()
+        await luxsci.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _DemoSecrets:
+    """The demo's throw-away credentials, made fresh each run."""
+
+    token: str = dataclasses.field(default_factory=lambda: "demo-" + secrets.token_hex(8))
+    secret: str = dataclasses.field(default_factory=lambda: secrets.token_hex(24))
+    client_id: str = "demo-client"
+    client_secret: str = dataclasses.field(default_factory=lambda: secrets.token_hex(24))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    token, secret = "demo-" + secrets.token_hex(8), secrets.token_hex(24)
-    # Made before the sandbox's address is known (the config needs it), so the sandbox
-    # runs in the log context too.
-    logs = Logs(_DEMO_LOGGING.level, _DEMO_LOGGING.format, [secret])
+    creds = _DemoSecrets()
+    # Made before the sandboxes' addresses are known (the config needs them), so the
+    # sandboxes run in the log context too.
+    logs = Logs(_DEMO_LOGGING.level, _DEMO_LOGGING.format, [creds.secret, creds.client_secret])
     return in_logs_context(
-        logs, lambda: asyncio.run(_demo(args.port, args.admin_port, token, secret, logs))
+        logs, lambda: asyncio.run(_demo(args.port, args.admin_port, creds, logs))
     )
 
 
@@ -390,8 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.set_defaults(func=cmd_sandbox)
 
-    demo = verbs.add_parser("demo", help="run the sandbox and the proxy wired together")
-    demo.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
+    demo = verbs.add_parser(
+        "demo", help="run a LuxSci and an OAuth 2.0 sandbox and the proxy wired to both"
+    )
+    demo.add_argument(
+        "--port", type=int, default=0, help="the LuxSci integration's port (default: a free one)"
+    )
     demo.add_argument("--admin-port", type=int, default=0, help="admin port (default: a free one)")
     demo.set_defaults(func=cmd_demo)
     return parser

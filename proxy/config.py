@@ -26,7 +26,7 @@ import stat
 import tempfile
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -333,6 +333,29 @@ class JobsConfig:
     callback_max_attempts: int = 10
 
 
+# The sections each integration has its own of (`integrations:` entries); the others
+# (admin, logging, shutdown_timeout, event_loop) belong to the process.
+INTEGRATION_SECTIONS = ("listen", "upstream", "auth", "access", "limits", "queue", "retry", "jobs")
+# The one integration of a config without `integrations:`.
+DEFAULT_INTEGRATION = "default"
+_INTEGRATION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True)
+class IntegrationConfig:
+    """One entry of `integrations:`: an API the process serves on a port of its own."""
+
+    name: str = ""
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+
+
 @dataclass(frozen=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -349,8 +372,40 @@ class Config:
     shutdown_timeout: float = 30.0
     # auto: uvloop when installed (the `speed` extra), else asyncio's own loop.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    # Several APIs from one process; empty: the sections above are the one integration.
+    integrations: tuple[IntegrationConfig, ...] = ()
     # Things worth a warning at start-up (literal secrets, a world-readable file).
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata=DERIVED)
+    # One integration's view (integrations_of): its name; "" for a config without
+    # `integrations:`, whose state files keep the names they had before the list existed.
+    integration: str = field(default="", compare=False, metadata=DERIVED)
+    # Entries a reload could not apply (build(..., lenient=True)): name -> the error.
+    refused: tuple[tuple[str, str], ...] = field(default=(), compare=False, metadata=DERIVED)
+
+    @property
+    def name(self) -> str:
+        """The integration's name as metrics, logs and /readyz show it."""
+        return self.integration or DEFAULT_INTEGRATION
+
+
+def integrations_of(cfg: Config) -> list[Config]:
+    """Each integration as a whole Config of its own: its sections, the process's others.
+
+    The components take a Config as before; a config without `integrations:` is its
+    own single integration, unchanged.
+    """
+    if not cfg.integrations:
+        return [cfg]
+    return [
+        dataclasses.replace(
+            cfg,
+            integrations=(),
+            refused=(),
+            integration=entry.name,
+            **{section: getattr(entry, section) for section in INTEGRATION_SECTIONS},
+        )
+        for entry in cfg.integrations
+    ]
 
 
 # Keys that may be given as `<key>_file` instead (a path whose content is the value); the
@@ -386,6 +441,7 @@ _SECRET_KEYS = (
     "jobs.keys",
 )
 _INDEX = re.compile(r"\[\d+\]")
+_ENTRY = re.compile(r"^integrations\[[^\]]*\]\.")
 # auth.state_key when the config gives none (nor a state_key_file).
 STATE_KEY_ENV = "LUXSCI_PROXY_STATE_KEY"
 STATE_DIR_ENV = "LUXSCI_PROXY_STATE_DIR"
@@ -424,8 +480,14 @@ def _expand_all(node: Any, env: Mapping[str, str], key: str) -> Any:
     return node
 
 
+def _section_of(name: str) -> str:
+    """The section a key path names, without list indexes or its integration entry:
+    `integrations[1].access.clients[0]` -> `access.clients`."""
+    return _INDEX.sub("", _ENTRY.sub("", name))
+
+
 def _read_secret_files(section: dict[str, Any], name: str) -> None:
-    for key in _FILE_KEYS.get(_INDEX.sub("", name), ()):
+    for key in _FILE_KEYS.get(_section_of(name), ()):
         file_key = f"{key}_file"
         if file_key not in section:
             continue
@@ -440,7 +502,7 @@ def _read_secret_files(section: dict[str, Any], name: str) -> None:
             text = Path(str(path)).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{name}.{file_key}: cannot read {path}: {e.strerror}") from None
-        if key in _LIST_FILE_KEYS.get(name, ()):
+        if key in _LIST_FILE_KEYS.get(_section_of(name), ()):
             section[key] = [line.strip() for line in text.splitlines() if line.strip()]
         else:
             # Mounted secrets usually end with a newline that is not part of the secret.
@@ -571,16 +633,90 @@ def _check_positive(value: float, key: str) -> None:
 
 
 def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Config:
-    """Checks that span keys or need more than a type; returns cfg unchanged."""
-    _check_port(cfg.listen.port, "listen.port")
+    """Checks that span keys or need more than a type; returns cfg unchanged. With
+    `integrations:`, an entry's error names it: `integrations[crm].auth.scheme: ...`."""
+    _validate_process(cfg)
+    if not cfg.integrations:
+        return validate_integration(cfg, schemes)
+    check_integrations(cfg.integrations)
+    for view in integrations_of(cfg):
+        validate_integration(view, schemes)
+    return cfg
+
+
+def _validate_process(cfg: Config) -> None:
+    """The keys of the process, whatever integrations it serves."""
     _check_port(cfg.admin.port, "admin.port")
+    _check_positive(cfg.shutdown_timeout, "shutdown_timeout")
+
+
+def _named(cfg: Config, error: ConfigError) -> ConfigError:
+    """An integration's error, naming its entry when the config lists several."""
+    if not cfg.integration:
+        return error
+    return ConfigError(f"integrations[{cfg.integration}].{error}")
+
+
+def validate_integration(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Config:
+    """One integration's sections (integrations_of's view); returns cfg unchanged."""
+    try:
+        _validate_integration(cfg, schemes)
+    except ConfigError as e:
+        raise _named(cfg, e) from None
+    return cfg
+
+
+# Keys naming where an integration keeps state: two entries giving the same one would
+# count, store or rotate into each other's.
+_STATE_KEYS = ("limits.key", "limits.state_file", "jobs.store", "auth.state_file")
+
+
+def _check_name(name: str, index: int) -> None:
+    if not _INTEGRATION_NAME.fullmatch(name):
+        raise ConfigError(
+            f"integrations[{index}].name: required, a short name of a-z, 0-9, _ and - "
+            f"starting with a letter or digit (got {name!r})"
+        )
+
+
+def check_integrations(entries: Sequence[IntegrationConfig]) -> None:
+    """What the entries of `integrations:` may not share: a name, an address, state."""
+    names: set[str] = set()
+    addresses: dict[tuple[str, int], str] = {}
+    state: dict[tuple[str, str], str] = {}
+    for i, entry in enumerate(entries):
+        _check_name(entry.name, i)
+        if entry.name in names:
+            raise ConfigError(f"integrations[{i}].name: {entry.name!r} is given twice")
+        names.add(entry.name)
+        address = (entry.listen.host, entry.listen.port)
+        if entry.listen.port and address in addresses:
+            raise ConfigError(
+                f"integrations[{entry.name}].listen.port: {address[0]}:{address[1]} is "
+                f"integrations[{addresses[address]}]'s address already"
+            )
+        addresses[address] = entry.name
+        for dotted in _STATE_KEYS:
+            section, key = dotted.split(".")
+            value = getattr(getattr(entry, section), key)
+            if not value:
+                continue
+            other = state.setdefault((dotted, value), entry.name)
+            if other != entry.name:
+                raise ConfigError(
+                    f"integrations[{entry.name}].{dotted}: integrations[{other}] uses "
+                    f"{value!r} already; give each integration its own"
+                )
+
+
+def _validate_integration(cfg: Config, schemes: Mapping[str, SchemeKind] | None) -> None:
+    _check_port(cfg.listen.port, "listen.port")
     _check_positive(cfg.listen.max_body_bytes, "listen.max_body_bytes")
     _check_positive(cfg.listen.spool_threshold, "listen.spool_threshold")
     _check_positive(cfg.listen.max_buffered_bytes, "listen.max_buffered_bytes")
     _check_positive(cfg.upstream.connect_timeout, "upstream.connect_timeout")
     _check_positive(cfg.upstream.read_timeout, "upstream.read_timeout")
     _check_positive(cfg.upstream.pool_size, "upstream.pool_size")
-    _check_positive(cfg.shutdown_timeout, "shutdown_timeout")
     if cfg.listen.max_header_bytes < 1024:
         raise ConfigError("listen.max_header_bytes: must be at least 1024")
     if cfg.upstream.max_header_bytes < 1024:
@@ -653,7 +789,6 @@ def validate(cfg: Config, schemes: Mapping[str, SchemeKind] | None = None) -> Co
         raise ConfigError("auth.retry_max: must be at least auth.retry_min")
     if cfg.jobs.enabled:
         _validate_jobs(cfg.jobs)
-    return cfg
 
 
 # AES-128, -192 and -256.
@@ -900,9 +1035,13 @@ def _validate_clients(access: AccessConfig) -> None:
             raise ConfigError(f"{key}.max_queued: must be at least 1 (got {client.max_queued})")
 
 
-def literal_secrets(raw: dict[str, Any]) -> list[str]:
+def literal_secrets(raw: dict[str, Any], prefix: str = "") -> list[str]:
     """Secret keys written into the file itself rather than taken from ${VAR} or a file."""
     found = []
+    entries = raw.get("integrations")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(entry, dict):
+            found += literal_secrets(entry, f"integrations[{i}].")
     given: list[tuple[str, str, Any]] = []
     for dotted in _SECRET_KEYS:
         section, key = dotted.split(".")
@@ -917,7 +1056,7 @@ def literal_secrets(raw: dict[str, Any]) -> list[str]:
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, str | int) and str(v) and "${" not in str(v) for v in values):
             found.append(
-                f"{dotted}: a literal secret in the config file; take it from the "
+                f"{prefix}{dotted}: a literal secret in the config file; take it from the "
                 f"environment (${{VAR}}) or a file ({key}_file) instead"
             )
     return found
@@ -998,6 +1137,11 @@ def state_key_from_env(data: dict[str, Any], env: Mapping[str, str]) -> bool:
     """auth.state_key from LUXSCI_PROXY_STATE_KEY when none is given; True when it was."""
     if STATE_KEY_ENV not in env:
         return False
+    entries = data.get("integrations")
+    if isinstance(entries, list) and entries:
+        # Each integration's auth: the top level has none beside the list.
+        found = [state_key_from_env(e, env) for e in entries if isinstance(e, dict)]
+        return any(found)
     auth = data.setdefault("auth", {})
     if not isinstance(auth, dict):
         return False  # `auth: 5`: _build names the key
@@ -1008,15 +1152,65 @@ def state_key_from_env(data: dict[str, Any], env: Mapping[str, str]) -> bool:
     return True
 
 
-def build(data: dict[str, Any], schemes: Mapping[str, SchemeKind] | None = None) -> Config:
-    """A validated Config from sections of plain values (whatever their source)."""
-    limits = data.get("limits")
+def _window_defaults(sections: dict[str, Any]) -> None:
+    limits = sections.get("limits")
     if isinstance(limits, dict) and limits.get("windows"):
         # Beside a list of windows, the shorthand's are only those given: a default (60 a
         # minute, 6000 a day) must not cap, unseen, an API the list describes.
         for name in SHORTHAND_BUDGETS:
             limits.setdefault(name, 0)
-    return validate(_build(Config, data, ""), schemes)
+
+
+def build(
+    data: dict[str, Any],
+    schemes: Mapping[str, SchemeKind] | None = None,
+    lenient: bool = False,
+) -> Config:
+    """A validated Config from sections of plain values (whatever their source).
+
+    `lenient` (a reload): an entry of `integrations:` that does not build or validate
+    is left out and named in `refused`, so the others still apply; what spans the list
+    (names, addresses, shared state) and the process's own keys are never lenient.
+    """
+    if data.get("integrations") in (None, ""):
+        data.pop("integrations", None)
+        _window_defaults(data)
+        return validate(_build(Config, data, ""), schemes)
+    entries = data["integrations"]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(
+            "integrations: must be a list of integrations, each a mapping with a name "
+            "(leave the key out for one integration)"
+        )
+    beside = [name for name in INTEGRATION_SECTIONS if name in data]
+    if beside:
+        raise ConfigError(
+            f"{beside[0]}: a section of each integration, not of the process, when "
+            f"integrations: is given; move it into the entries (integrations[N].{beside[0]})"
+        )
+    process: Config = _build(Config, {k: v for k, v in data.items() if k != "integrations"}, "")
+    _validate_process(process)
+    built: list[IntegrationConfig] = []
+    refused: list[tuple[str, str]] = []
+    for i, item in enumerate(entries):
+        try:
+            if isinstance(item, dict):
+                _window_defaults(item)
+            entry: IntegrationConfig = _build(IntegrationConfig, item, f"integrations[{i}]")
+            _check_name(entry.name, i)  # before an error names the entry by it
+            (view,) = integrations_of(dataclasses.replace(process, integrations=(entry,)))
+            validate_integration(view, schemes)
+        except ConfigError as e:
+            name = item.get("name") if isinstance(item, dict) else None
+            if not lenient or not isinstance(name, str) or not _INTEGRATION_NAME.fullmatch(name):
+                raise
+            refused.append((name, str(e)))
+            continue
+        built.append(entry)
+    if not built:
+        raise ConfigError(refused[0][1])
+    check_integrations(built)
+    return dataclasses.replace(process, integrations=tuple(built), refused=tuple(refused))
 
 
 def parse(
@@ -1042,9 +1236,13 @@ def check_egress_env(cfg: Config, env: Mapping[str, str]) -> None:
     HTTPS_PROXY (read when upstream.proxy is not set) stops start-up like a bad key."""
     from proxy import egress
 
-    origins = [cfg.upstream.url] + ([cfg.auth.token_url] if cfg.auth.token_url else [])
-    for url in origins:
-        egress.choose(dataclasses.replace(cfg.upstream, url=url), env)
+    for view in integrations_of(cfg):
+        origins = [view.upstream.url] + ([view.auth.token_url] if view.auth.token_url else [])
+        try:
+            for url in origins:
+                egress.choose(dataclasses.replace(view.upstream, url=url), env)
+        except ConfigError as e:
+            raise _named(view, e) from None
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -1145,6 +1343,13 @@ def masked(cfg: Config) -> dict[str, Any]:
         raise TypeError(f"masked(): no plain form for {type(obj).__name__}")
 
     result: dict[str, Any] = walk(cfg)
+    # One form or the other: the sections of the one integration, or the list (the
+    # top level's sections are unused defaults beside it).
+    if cfg.integrations:
+        for section in INTEGRATION_SECTIONS:
+            del result[section]
+    else:
+        del result["integrations"]
     return result
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, state_dir
+from proxy.config import Config, integrations_of, state_dir
 from proxy.pipeline.admission import AccessPolicy
 from proxy.schemes.registry import BUILT_IN, SchemeKind
 
@@ -55,6 +55,36 @@ def _loopback(host: str) -> bool:
 def findings(cfg: Config, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> list[Finding]:
     """Every warning the config deserves, in the order `run` logs them."""
     found = [Finding("config_warning", w, {"warning": w}) for w in cfg.warnings]
+    views = integrations_of(cfg)
+    for view in views:
+        found += [_named(view, f) for f in _integration_findings(view)]
+    if cfg.logging.log_bodies:
+        note = (
+            "request and response bodies go to the log; they may hold protected "
+            "health information: turn logging.log_bodies off outside debugging"
+        )
+        found.append(Finding("log_bodies_enabled", f"logging.log_bodies: {note}", {"note": note}))
+    for view in views:
+        for use in state_uses(view, schemes):
+            problem = state_problem(use.folder)
+            if problem is not None:
+                found.append(_named(view, state_finding(use, problem)))
+    return found
+
+
+def _named(cfg: Config, finding: Finding) -> Finding:
+    """An integration's finding, naming it when the config lists several."""
+    if not cfg.integration:
+        return finding
+    return Finding(
+        finding.event,
+        f"integrations[{cfg.integration}].{finding.message}",
+        {"integration": cfg.integration, **finding.fields},
+    )
+
+
+def _integration_findings(cfg: Config) -> list[Finding]:
+    found = []
     if not _loopback(cfg.listen.host) and AccessPolicy(cfg.access).open_to_anyone:
         note = (
             "anyone who can reach this port acts with the integration's full rights: "
@@ -76,16 +106,6 @@ def findings(cfg: Config, schemes: Mapping[str, SchemeKind] = BUILT_IN) -> list[
                 {"upstream": cfg.upstream.url, "note": note},
             )
         )
-    if cfg.logging.log_bodies:
-        note = (
-            "request and response bodies go to the log; they may hold protected "
-            "health information: turn logging.log_bodies off outside debugging"
-        )
-        found.append(Finding("log_bodies_enabled", f"logging.log_bodies: {note}", {"note": note}))
-    for use in state_uses(cfg, schemes):
-        problem = state_problem(use.folder)
-        if problem is not None:
-            found.append(state_finding(use, problem))
     return found
 
 

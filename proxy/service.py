@@ -1,58 +1,76 @@
-"""Wiring: build every component from one Config, start and stop them in order."""
+"""Wiring: build every component from one Config, start and stop them in order.
+
+The process owns the admin port, the logs, the metrics registry and the drain; each
+integration (proxy/integration.py) owns its listener and everything behind it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import dataclasses
-import hashlib
 import os
 import time
 from collections.abc import Coroutine, Mapping
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
+import structlog
 from aiohttp import web
 
 from proxy import egress, preflight
-from proxy.clock import ServerClock
 from proxy.config import (
-    SHORTHAND_BUDGETS,
+    INTEGRATION_SECTIONS,
     Config,
     ConfigError,
-    LimitsConfig,
-    described_changes,
-    differences,
-    spool_dir,
-    state_dir,
+    IntegrationConfig,
+    integrations_of,
     url_passwords,
 )
-from proxy.http.body import Spool
-from proxy.http.client import Upstream
-from proxy.http.server import Listener
-from proxy.limits import Backend, Lane, MemoryBackend, RateLimiter
-from proxy.limits.plan import windows_of
+from proxy.integration import (
+    Integration,
+    StateCheck,
+    jobs_store,
+    limits_key,
+    make_backend,
+    state_file,
+)
 from proxy.observe.admin import create_admin_app
 from proxy.observe.log import Logs
-from proxy.observe.metrics import Metrics, ReloadState, ScopeState, StateSources, WindowState
-from proxy.pipeline.admission import AccessPolicy, Admission
-from proxy.pipeline.attempts import Attempts, Sender
-from proxy.pipeline.forward import Forwarder
-from proxy.pipeline.inflight import Gate
-from proxy.pipeline.relay import Relay
-from proxy.schemes.registry import BUILT_IN, SchemeDeps, SchemeKind
+from proxy.observe.metrics import ProcessMetrics, ReloadState
+from proxy.schemes.registry import BUILT_IN, SchemeKind
+
+# What other modules (the CLI, tests) take from here; they live with the integration.
+__all__ = [
+    "ProxyService",
+    "StateCheck",
+    "jobs_store",
+    "limits_key",
+    "make_backend",
+    "make_logs",
+    "secrets_of",
+    "state_file",
+]
 
 if TYPE_CHECKING:
+    from proxy.clock import ServerClock
+    from proxy.http.body import Spool
+    from proxy.http.client import Upstream
+    from proxy.http.server import Listener
     from proxy.jobs.durable import DurableJobs
-
-    # The status page's module is imported when the page is first asked for (status()).
-    from proxy.observe.status import AuthView, BudgetView, DayView, JobsView, QueueView
+    from proxy.limits import RateLimiter
+    from proxy.observe.metrics import Metrics
+    from proxy.pipeline.forward import Forwarder
+    from proxy.schemes.base import AuthScheme
 
 T = TypeVar("T")
 
 
 def secrets_of(cfg: Config) -> list[str]:
-    """Every secret value in the config: the logs mask them wherever they appear."""
+    """Every secret value in the config, every integration's: the logs mask them wherever
+    they appear."""
+    if cfg.integrations:
+        return [s for view in integrations_of(cfg) for s in secrets_of(view)]
     auth = cfg.auth
     values = [
         auth.secret,
@@ -82,119 +100,13 @@ def make_logs(cfg: Config, stream: IO[str] | None = None) -> Logs:
     return Logs(cfg.logging.level, cfg.logging.format, secrets_of(cfg), stream)
 
 
-def limits_key(cfg: Config) -> str:
-    """Names the integration's shared limits: from the token (never the secret) or the host."""
-    if cfg.limits.key:
-        return cfg.limits.key
-    basis = cfg.auth.token.get() if cfg.auth.token is not None else cfg.upstream.url
-    return hashlib.sha256(basis.encode()).hexdigest()[:16]
-
-
-def state_file(cfg: Config, key: str) -> str | None:
-    """Where the memory backend keeps today's count; "" in the config turns it off."""
-    if cfg.limits.state_file is not None:
-        return cfg.limits.state_file or None
-    return str(state_dir() / f"limits-{key}.json")
-
-
-def jobs_store(cfg: Config) -> str:
-    """The jobs' SQLite file or Redis URL (the CLI's `jobs` verb opens the same one)."""
-    from proxy.jobs.durable import store_location  # jobs are opt-in: no SQLite until asked
-
-    return store_location(cfg.jobs, state_dir(), limits_key(cfg))
-
-
-def make_backend(cfg: Config, key: str) -> Backend:
-    if cfg.limits.backend == "redis":
-        from proxy.limits.redis_backend import RedisBackend
-
-        return RedisBackend(
-            cfg.limits.redis_url,
-            key,
-            cfg.limits.window_seconds,
-            cfg.limits.day_seconds,
-            cfg.limits.fallback_share,
-        )
-    return MemoryBackend(state_file(cfg, key), key)
-
-
-# Limits keys a reload cannot change: they shape state already counted.
-_RESTART_LIMITS = (
-    "backend",
-    "redis_url",
-    "key",
-    "state_file",
-    "window_seconds",
-    "day_seconds",
-    "fallback_share",
-)
-
-
-class StateCheck:
-    """/readyz's view of the folders the proxy keeps state in (proxy/preflight.py).
-
-    Judged at start-up, where `run` warns once, and again while a problem lasts, at
-    most every RECHECK seconds (a fixed permission clears it without a restart; a
-    readiness probe every second costs no more than one look in that time). A change
-    either way is logged once.
-    """
-
-    RECHECK = 10.0
-
-    def __init__(self, uses: list[preflight.StateUse], log: Any) -> None:
-        self.uses = uses
-        self.log = log
-        self._problems: dict[str, str] = {}
-        self._checked = -self.RECHECK
-
-    def start(self) -> None:
-        """Look once at start-up; run's warnings already said what is wrong."""
-        self._problems = self._look()
-
-    def _look(self) -> dict[str, str]:
-        self._checked = time.monotonic()
-        found = {}
-        for use in self.uses:
-            problem = preflight.state_problem(use.folder)
-            if problem is not None:
-                found[use.key] = problem
-        return found
-
-    def status(self) -> dict[str, Any]:
-        if self._problems and time.monotonic() - self._checked >= self.RECHECK:
-            before = self._problems
-            self._problems = self._look()
-            for use in self.uses:
-                if use.key in before and use.key not in self._problems:
-                    self.log.info("state_dir_writable", key=use.key, dir=str(use.folder))
-                elif use.key in self._problems and use.key not in before:
-                    finding = preflight.state_finding(use, self._problems[use.key])
-                    self.log.warning(finding.event, **finding.fields)
-        failing = [use for use in self.uses if use.key in self._problems]
-        if not failing:
-            return {"ok": True, "dirs": sorted({str(use.folder) for use in self.uses})}
-        return {
-            "ok": False,
-            "error": "; ".join(f"{use.key}: {self._problems[use.key]}" for use in failing),
-            "dirs": sorted({str(use.folder) for use in failing}),
-            # Does /readyz fail for it (see preflight.StateUse.required)?
-            "required": any(use.required for use in failing),
-        }
-
-
-def _window_shape(limits: LimitsConfig) -> tuple[bool, tuple[str, ...]]:
-    """Which windows a config counts in, budgets aside (the shorthand's lengths are restart
-    keys of their own): whether it lists any, and their names."""
-    return bool(limits.windows), tuple(w.name for w in windows_of(limits))
-
-
 def _bound_port(runner: web.BaseRunner) -> int:
     port: int = runner.addresses[0][1]
     return port
 
 
 class ProxyService:
-    """The running proxy: listeners, upstream pool, auth session and its logs.
+    """The running proxy: its integrations, the admin port and the logs.
 
     Its events go to `logs`, made from the config unless given (the CLI makes it
     first, to run the whole event loop in its context). start, reload and stop run
@@ -214,492 +126,308 @@ class ProxyService:
         self.log = self.logs.logger()
         # The config this process started with is the first load that applied.
         self.last_reload = ReloadState(successful=True, success_time=time.time())
-        self.clock = ServerClock()
-        self.upstream = Upstream(cfg.upstream)
-        self.metrics = Metrics()
-        self.limits_key = limits_key(cfg)
-        # Follows logging.level (the Logs sets it): the components that explain their
-        # decisions at debug read it once per decision.
-        debug = self.logs.debug_flag
-        self.limiter = RateLimiter(
-            cfg.limits, cfg.queue, make_backend(cfg, self.limits_key), self.clock, debug=debug
-        )
-        # The scheme is fixed for the life of the process (a reload cannot switch it).
-        deps = SchemeDeps(
-            cfg.auth,
-            self.upstream,
-            self.clock,
-            self.limiter,
-            self.metrics,
-            cfg.queue.max_wait,
-            redact=self.logs.redactor.remember,
-            debug=debug,
-        )
+        self.process_metrics = ProcessMetrics()
+        self.process_metrics.watch_reload(lambda: self.last_reload)
         self.schemes = schemes
-        self.scheme = schemes[cfg.auth.scheme].build(deps)
-        listen = cfg.listen
-        self.spool = Spool(spool_dir(listen), listen.spool_threshold, listen.max_buffered_bytes)
-        self.forwarder = self._pipeline(cfg)
-        self.jobs = self._jobs(cfg) if cfg.jobs.enabled else None
-        self.metrics.describe(self.scheme.name, cfg.limits.backend)
-        self._expect_lane_waits()
-        self.metrics.watch(
-            StateSources(
-                scopes=self._scope_states,
-                inflight=lambda: self.forwarder.inflight_count,
-                daily_used=lambda: self.limiter.day_used_known(),
-                code_age=self.scheme.credential_age,
-                session_valid=self.scheme.valid,
-                client_depths=self.limiter.client_depths,
-                daily_limit=self.limiter.day_limit,
-                windows=self._window_states,
-                code_lifetime=self._code_lifetime,
-                limits_fallback=lambda: bool(self.limiter.status().get("fallback")),
-                ready=lambda: self.readiness()[0],
-                queue_max_size=lambda: self.cfg.queue.max_size,
-                queue_max_wait=lambda: self.cfg.queue.max_wait,
-                reload=lambda: self.last_reload,
-            )
-        )
-        self.listener = Listener(
-            self.forwarder,
-            max_connections=listen.max_connections,
-            client_timeout=listen.client_timeout,
-            max_header_bytes=listen.max_header_bytes,
-        )
+        self.integrations: dict[str, Integration] = {
+            view.name: Integration(view, self.logs, self.process_metrics, schemes)
+            for view in integrations_of(cfg)
+        }
         self._born = time.monotonic()
         self._admin_runner = web.AppRunner(
-            create_admin_app(self.readiness, self.metrics.registry, self.status),
+            create_admin_app(
+                self.readiness,
+                self.process_metrics.registry,
+                self.status,
+                integration_readiness=self.integration_readiness,
+            ),
             access_log=None,
             shutdown_timeout=5,
         )
-        self.port = 0
         self.admin_port = 0
-        self.state = StateCheck(preflight.state_uses(cfg, schemes), self.log)
         self._hurried = asyncio.Event()
-        # Which checks /readyz requires (limits: the shared Redis, when used).
-        self._ready_needs = {"auth", "shutdown", "listen"} | (
-            {"limits"}
-            if cfg.limits.backend == "redis" and cfg.admin.ready_requires_redis
-            else set()
-        )
+        self._started = False
 
-    def _expect_lane_waits(self) -> None:
-        """Every synchronous lane each client may wait in, exported at zero from the start."""
-        self.metrics.expect_lane_waits(
-            (lane.label, client.name)
-            for client in self.forwarder.admission.policy.clients
-            for lane in (Lane.HIGH, Lane.NORMAL, Lane.LOW)
-            if lane >= client.max_lane
-        )
+    # -- the one integration of a config without `integrations:` (and the first of a list):
+    # what callers of a single-integration service read.
 
-    def _pipeline(self, cfg: Config) -> Forwarder:
-        """The forwarding steps, each with its few collaborators."""
-        debug = self.logs.debug_flag
-        sender = Sender(
-            self.upstream,
-            Gate(cfg.limits.max_inflight),
-            self.clock,
-            self.limiter,
-            self.metrics,
-            debug,
-        )
-        return Forwarder(
-            Admission(
-                AccessPolicy(cfg.access, cfg.queue.max_size),
-                self.scheme,
-                cfg.queue,
-                cfg.listen.encoded_slashes,
-            ),
-            Attempts(sender, self.scheme, self.limiter, self.clock, self.metrics, cfg.retry, debug),
-            Relay(self.scheme, cfg.logging.log_bodies),
-            self.metrics,
-            self.logs,
-            cfg,
-            self.spool,
-        )
+    @property
+    def first(self) -> Integration:
+        return next(iter(self.integrations.values()))
 
-    def _jobs(self, cfg: Config) -> DurableJobs:
-        """Durable jobs: beside the pipeline, sharing its admission, sender and limiter."""
-        # Imported only when enabled: the jobs bring SQLite and cryptography (AES-GCM).
-        from proxy.jobs.durable import DurableJobs
+    @property
+    def port(self) -> int:
+        return self.first.port
 
-        forwarder = self.forwarder
-        jobs = DurableJobs(
-            cfg,
-            jobs_store(cfg),
-            self.limits_key,
-            forwarder.admission,
-            forwarder.attempts.sender,
-            self.scheme,
-            self.limiter,
-            self.clock,
-            self.metrics,
-        )
-        forwarder.jobs = jobs.gateway
-        self.metrics.watch_jobs(jobs.state)
-        return jobs
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.first.limiter
 
-    def _scope_states(self) -> dict[str, ScopeState]:
-        return {
-            scope: ScopeState(
-                queue_depth=self.limiter.queue_depth(scope),
-                rate_limit_remaining=bucket.remaining,
-                rate_limit_limit=bucket.server_limit,
-                lane_depths=self.limiter.lane_depths(scope),
-            )
-            for scope, bucket in self.limiter.buckets.items()
-        }
+    @property
+    def scheme(self) -> AuthScheme:
+        return self.first.scheme
 
-    def _window_states(self) -> list[WindowState]:
-        return [
-            WindowState(w["scope"], w["per"], w["limit"], w["used"])
-            for w in self.limiter.window_states()
-        ]
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.first.forwarder
 
-    def _code_lifetime(self) -> float | None:
-        """auth.code_lifetime, for the schemes whose credential ages (luxsci)."""
-        if self.scheme.credential_age() is None:
-            return None
-        return float(self.cfg.auth.code_lifetime)
+    @property
+    def jobs(self) -> DurableJobs | None:
+        return self.first.jobs
 
-    # -- the status page (proxy/observe/status.py) ------------------------------------------
+    @property
+    def spool(self) -> Spool:
+        return self.first.spool
 
-    def status(self) -> dict[str, Any]:
-        """What the admin port's `/` and `/status.json` show, as plain JSON data: values
-        read from the components (observe may not import them), every string masked by
-        the log redactor."""
+    @property
+    def upstream(self) -> Upstream:
+        return self.first.upstream
+
+    @property
+    def clock(self) -> ServerClock:
+        return self.first.clock
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.first.metrics
+
+    @property
+    def limits_key(self) -> str:
+        return self.first.limits_key
+
+    @property
+    def state(self) -> StateCheck:
+        return self.first.state
+
+    @property
+    def listener(self) -> Listener:
+        return self.first.listener
+
+    # -- the admin port -----------------------------------------------------------------
+
+    def status(self, integration: str | None = None) -> dict[str, Any] | None:
+        """What the admin port's `/` and `/status.json` show, as plain JSON data, every
+        string masked by the log redactor: the one integration's (a config without
+        `integrations:`), the one named, or (None, with the list) an overview of each;
+        None for a name there is no integration of."""
         from proxy.observe import status
 
-        return status.snapshot(
-            status.StatusSources(
-                scheme=self.scheme.name,
-                backend=self.cfg.limits.backend,
-                readiness=self.readiness,
-                required=lambda: self._ready_needs,
-                auth=self._auth_view,
-                budgets=self._budget_views,
-                day=self._day_view,
-                queue=self._queue_view,
-                jobs=self._jobs_view,
-                errors=self.forwarder.recent_errors,
-                uptime=lambda: time.monotonic() - self._born,
-                scrub=self.logs.redactor.scrub,
-            )
-        )
+        def uptime() -> float:
+            return time.monotonic() - self._born
 
-    def _auth_view(self) -> AuthView:
-        from proxy.observe.status import AuthView
+        listed = bool(self.cfg.integrations)
+        if integration is not None or not listed:
+            found = self.integrations.get(integration or self.first.name)
+            if found is None:
+                return None
+            data = status.snapshot(found.status_sources(uptime))
+            if listed:
+                data["integration"] = found.name
+                data["integrations"] = list(self.integrations)
+            return data
+        every = {
+            name: status.snapshot(i.status_sources(uptime)) for name, i in self.integrations.items()
+        }
+        return {"ready": all(d["ready"] for d in every.values()), "integrations": every}
 
-        scheme = self.scheme
-        check = scheme.status()
-        expires = check.get("expires_in")  # oauth2: seconds left of the current token
-        count = self.metrics.auth_count
-        return AuthView(
-            scheme=scheme.name,
-            ok=bool(check.get("ok")),
-            message=check.get("error"),
-            valid=scheme.valid(),
-            credential_age=scheme.credential_age(),
-            credential_lifetime=self._code_lifetime(),
-            expires_in=float(expires) if isinstance(expires, int | float) else None,
-            logins=count("success"),
-            login_failures=count("rejected") + count("rate_limited") + count("error"),
-        )
-
-    def _budget_views(self) -> list[BudgetView]:
-        from proxy.observe.status import BudgetView
-
-        limiter = self.limiter
-        windows = limiter.windows
-        now = limiter.clock.now()
-        window = windows.index(now)
-        return [
-            BudgetView(
-                scope=scope,
-                used=limiter.backend.known_used(scope, window),
-                limit=bucket.effective_limit,
-                configured_limit=bucket.limit,
-                api_limit=bucket.server_limit,
-                api_remaining=bucket.remaining,
-                window=windows.length,
-                resets_in=windows.until_next(now),
-                held_for=bucket.held_until - now,
-                queued=bucket.queued,
-                queued_by_lane=limiter.lane_depths(scope),
-            )
-            for scope, bucket in limiter.buckets.items()
-        ]
-
-    def _day_view(self) -> DayView:
-        from proxy.observe.status import DayView
-
-        limiter = self.limiter
-        return DayView(
-            used=limiter.day_used_known(),
-            limit=self.cfg.limits.per_day,
-            length=limiter.windows.day_length,
-            resets_in=limiter.windows.until_next_day(limiter.clock.now()),
-        )
-
-    def _queue_view(self) -> QueueView:
-        from proxy.observe.status import ClientView, QueueView
-
-        depths = self.limiter.client_depths()
-        configured = self.forwarder.admission.policy.clients
-        clients = [
-            ClientView(c.name, depths.get(c.name, 0), c.max_queued, c.max_lane.label)
-            for c in configured
-        ]
-        # Others that waited: the proxy's own logins, a client a reload removed.
-        known = {c.name for c in configured}
-        clients += [
-            ClientView(name, waiting, None, None)
-            for name, waiting in sorted(depths.items())
-            if name not in known
-        ]
-        return QueueView(
-            waiting=self.limiter.waiting,
-            max_size=self.cfg.queue.max_size,
-            max_wait=self.cfg.queue.max_wait,
-            inflight=self.forwarder.inflight_count,
-            clients=clients,
-        )
-
-    def _jobs_view(self) -> JobsView | None:
-        """Durable jobs as the runner last counted them; None when jobs.enabled is off."""
-        from proxy.observe.status import JobsView
-
-        jobs = self.jobs
-        if jobs is None:
-            return None
-        state = jobs.state()
-        return JobsView(
-            ok=bool(jobs.status().get("ok", True)),
-            by_state=dict(state.by_state),
-            oldest_queued_age=state.oldest_queued_age,
-        )
-
-    def reload_refused(self) -> None:
-        """A SIGHUP's config did not load: the old config stays, and the metrics say so."""
-        self.last_reload = dataclasses.replace(self.last_reload, successful=False)
+    def reload_refused(self, refused: tuple[str, ...] = ()) -> None:
+        """A SIGHUP's config did not load (or some integrations' sections did not): what
+        was refused stays as it was, and the metrics say so."""
+        self.last_reload = dataclasses.replace(self.last_reload, successful=False, refused=refused)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready once logged in, while no later login failed and no drain is on; with a
-        Redis backend also while Redis answers (admin.ready_requires_redis), though the
-        proxy keeps serving on its local share either way."""
-        checks: dict[str, Any] = {
-            "auth": self.scheme.status(),
-            "limits": self.limiter.status(),
-        }
-        if self.state.uses:
-            # Shown always; failing readiness only for state the operator asked to keep
-            # (preflight.StateUse.required): the proxy serves either way.
-            checks["state"] = self.state.status()
-        if self.jobs is not None:
-            # Reported, not required: without the store the proxy still serves requests.
-            checks["jobs"] = self.jobs.status()
-        if self.forwarder.draining:
-            checks["shutdown"] = {"ok": False, "error": "draining: shutting down"}
-        if not self.port:
-            # The admin port opens first: until the proxy port listens, a scheme with
-            # nothing to log in to (Bearer) must not look ready.
-            checks["listen"] = {"ok": False, "error": "the proxy port is not listening yet"}
-        ready = all(check["ok"] for name, check in checks.items() if name in self._ready_needs)
-        state = checks.get("state")
-        if state is not None and not state["ok"] and state["required"]:
-            ready = False
+        """Ready when every integration is. Without `integrations:`, the one integration's
+        checks as they always were; with it, each integration's under its name."""
+        if not self.cfg.integrations:
+            return self.first.readiness()
+        checks: dict[str, Any] = {}
+        ready = True
+        for name, integration in self.integrations.items():
+            ok, its = integration.readiness()
+            checks[name] = {"ready": ok, "checks": its}
+            ready = ready and ok
         return ready, checks
 
-    def _prepare_spool(self) -> None:
-        """The spool directory, before any socket opens: made private, leftovers removed."""
-        spool = self.spool
-        try:
-            removed = spool.prepare()
-        except (OSError, ValueError) as e:
-            if not self.cfg.listen.spool_dir:
-                # The default under the state directory, which may be unusable: the proxy
-                # serves without its state (preflight warns), so bodies go to the system's
-                # temp directory instead of stopping the start.
-                fallback = spool_dir(self.cfg.listen, {})
-                if fallback != spool.directory:
-                    # Info, not a warning: state_dir_not_writable already says what is wrong.
-                    self.log.info(
-                        "spool_dir_fallback", unusable=str(spool.directory), using=str(fallback)
-                    )
-                    spool.directory = fallback
-                    self._prepare_spool()
-                    return
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise ConfigError(
-                f"listen.spool_dir: cannot use {spool.directory} for request bodies: {reason}; "
-                "give a directory this user can own (mode 0700)"
-            ) from None
-        if removed:
-            self.log.info("spool_leftovers_removed", directory=str(spool.directory), count=removed)
+    def integration_readiness(self, name: str) -> tuple[bool, dict[str, Any]] | None:
+        """/readyz?integration=NAME: that one alone; None for a name there is none of."""
+        integration = self.integrations.get(name)
+        return None if integration is None else integration.readiness()
+
+    # -- start, reload, stop --------------------------------------------------------------
 
     def _in_context(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """`coro` as a task of this service's log context (see the class docstring)."""
         return asyncio.get_running_loop().create_task(coro, context=self.logs.context())
 
+    def _integration_context(self, integration: Integration) -> contextvars.Context:
+        """The context an integration's tasks and connections run in: the service's,
+        binding `integration` for every event when the config lists several."""
+        context = self.logs.context()
+        if integration.cfg.integration:
+            context.run(structlog.contextvars.bind_contextvars, integration=integration.name)
+        return context
+
+    async def _start_integration(self, integration: Integration) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_task(integration.start(), context=self._integration_context(integration))
+
     async def start(self) -> None:
         await self._in_context(self._start())
 
     async def _start(self) -> None:
-        self._prepare_spool()
         # The warnings `check` prints too: one list for both (proxy/preflight.py).
         for finding in preflight.findings(self.cfg, self.schemes):
             self.log.warning(finding.event, **finding.fields)
-        self.state.start()
-        await self.upstream.start()
-        await self.limiter.start()
-        if self.jobs is not None:
-            # Before the listener: no job is acknowledged before the store is open, and
-            # what a previous process left running is settled before anything runs.
-            await self.jobs.start()
+        for integration in self.integrations.values():
+            integration.prepare_spool()
         await self._admin_runner.setup()
         admin = web.TCPSite(self._admin_runner, self.cfg.admin.host, self.cfg.admin.port)
         await admin.start()
         self.admin_port = _bound_port(self._admin_runner)
-        # Listen before the first login: requests wait for it (single flight) instead
-        # of being refused, and /readyz says 503 until it has succeeded.
-        self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port)
-        await self.scheme.start()
+        for integration in self.integrations.values():
+            await self._start_integration(integration)
+            self._started_event(integration)
+
+    def _started_event(self, integration: Integration) -> None:
+        cfg = integration.cfg
+        fields: dict[str, Any] = {"integration": integration.name} if cfg.integration else {}
         self.log.info(
             "proxy_started",
+            **fields,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
-            listen=f"{self.cfg.listen.host}:{self.port}",
+            listen=f"{cfg.listen.host}:{integration.port}",
             admin=f"{self.cfg.admin.host}:{self.admin_port}",
-            upstream=self.cfg.upstream.url,
+            upstream=cfg.upstream.url,
             # host:port only: the proxy's credentials are never logged.
-            egress=self.upstream.egress.where if self.upstream.egress else None,
-            scheme=self.scheme.name,
-            ready=self.readiness()[0],
+            egress=integration.upstream.egress.where if integration.upstream.egress else None,
+            scheme=integration.scheme.name,
+            ready=integration.readiness()[0],
         )
 
     async def reload(self, new: Config) -> list[str]:
         """Apply a new config without a restart; returns the keys that still need one.
 
-        Limits, queue, retry and logging settings apply at once; new credentials end
-        the old login and start a new one. Listeners, the upstream, the limiter's
-        backend and windows, and the auth scheme keep their old values.
+        Each integration applies its own sections (Integration.reload); integrations
+        the new config adds are started, those it leaves out drained and closed. An
+        entry the reload refused (new.refused) stays exactly as it was.
         """
         try:
-            restart = await self._in_context(self._reload(new))
+            restart, refused = await self._in_context(self._reload(new))
         except BaseException:
             self.reload_refused()
             raise
-        self.last_reload = ReloadState(successful=True, success_time=time.time())
+        self.last_reload = ReloadState(
+            successful=not refused, success_time=time.time(), refused=tuple(refused)
+        )
         return restart
 
-    async def _reload(self, new: Config) -> list[str]:
+    async def _reload(self, new: Config) -> tuple[list[str], list[str]]:
+        """The keys that need a restart, and the integrations refused."""
+        old = self.cfg
+        if bool(new.integrations) != bool(old.integrations):
+            raise ConfigError(
+                "integrations: a reload cannot turn a config without integrations: into "
+                "one with it, or back (the one integration's state would move); restart"
+            )
         # Logging first, so the reload's own events follow the new settings.
         self.logs.configure(new.logging.level, new.logging.format, secrets_of(new))
-        old = self.cfg
-        if differences(old, new):
-            # Debug: old and new values, every secret (and URL password) masked.
-            self.log.debug("config_changes", changes=described_changes(old, new))
-        restart = [
-            name
-            for name in ("listen", "admin", "upstream", "jobs")
-            if getattr(new, name) != getattr(old, name)
-        ]
-        fixed_limits: dict[str, Any] = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
-        restart += [f"limits.{k}" for k, v in fixed_limits.items() if getattr(new.limits, k) != v]
-        if _window_shape(new.limits) != _window_shape(old.limits):
-            # Which windows there are shapes what is counted (Redis keys, the state file,
-            # the limiter's path); their budgets apply at once. A shorthand budget turned
-            # to or from 0 beside limits.windows adds or drops a window too.
-            restart.append("limits.windows")
-            fixed_limits["windows"] = old.limits.windows
-            fixed_limits.update((k, getattr(old.limits, k)) for k in SHORTHAND_BUDGETS)
-        auth = new.auth
-        if auth.scheme != old.auth.scheme:
-            restart.append("auth.scheme")
-            auth = old.auth
-        elif auth.token != old.auth.token and not old.limits.key:
-            # The shared limits are named after the token: the old name stays till restart.
-            restart.append("limits.key")
-        applied = dataclasses.replace(
+        if not new.integrations:
+            restart = await self.first.reload(new)
+            self.cfg = self.first.cfg
+            return restart, []
+        return await self._reload_listed(old, new)
+
+    async def _reload_listed(self, old: Config, new: Config) -> tuple[list[str], list[str]]:
+        restart = ["admin"] if new.admin != old.admin else []
+        refused = dict(new.refused)
+        for name, error in refused.items():
+            self.log.error("config_reload_rejected", integration=name, error=error)
+        views = {view.name: view for view in integrations_of(new)}
+        # Removed first: a new integration may take a removed one's address.
+        for name in [n for n in self.integrations if n not in views and n not in refused]:
+            await self._remove(name)
+        for name, view in views.items():
+            current = self.integrations.get(name)
+            if current is not None:
+                restart += await current.reload(dataclasses.replace(view, admin=old.admin))
+                continue
+            try:
+                await self._add(view)
+            except OSError as e:
+                # Its port is taken (or the like): refused like a bad section, the others
+                # applied all the same.
+                where = f"{view.listen.host}:{view.listen.port}"
+                error = f"integrations[{name}].listen: cannot listen on {where}: {e.strerror or e}"
+                self.log.error("config_reload_rejected", integration=name, error=error)
+                refused[name] = error
+        # The config now in force: every applied entry, and each refused one as it was.
+        entries = [self.integrations[name].cfg for name in self.integrations]
+        self.cfg = dataclasses.replace(
             new,
-            listen=old.listen,
             admin=old.admin,
-            upstream=old.upstream,
-            jobs=old.jobs,
-            limits=dataclasses.replace(new.limits, **fixed_limits),
-            auth=auth,
+            integrations=tuple(_entry(view) for view in entries),
+            refused=(),
         )
-        self.limiter.reconfigure(applied.limits, applied.queue)
-        self.forwarder.reconfigure(applied)
-        self._expect_lane_waits()
-        if self.jobs is not None:
-            self.jobs.attempts.retries = applied.retry
-        self.cfg = applied
-        # auth.state_file may move with a reload (oauth2); /readyz looks at the new folder.
-        self.state = StateCheck(preflight.state_uses(applied, self.schemes), self.log)
-        self.state.start()
-        await self.scheme.reconfigure(auth)
-        return restart
+        return restart, list(refused)
+
+    async def _add(self, view: Config) -> None:
+        """A new integration: started while the others serve."""
+        integration = Integration(view, self.logs, self.process_metrics, self.schemes)
+        self.integrations[view.name] = integration
+        try:
+            await self._start_integration(integration)
+        except BaseException:
+            del self.integrations[view.name]
+            self.process_metrics.remove(view.name)
+            await integration.close(self._hurried)
+            raise
+        self._started_event(integration)
+        self.log.info("integration_added", integration=view.name, listen=integration.port)
+
+    async def _remove(self, name: str) -> None:
+        """An integration the new config leaves out: it stops accepting, its in-flight
+        requests get shutdown_timeout to finish, then it closes."""
+        integration = self.integrations.pop(name)
+        cut_off = await integration.drain(self.cfg.shutdown_timeout)
+        await integration.close(self._hurried)
+        self.process_metrics.remove(name)
+        self.log.info("integration_removed", integration=name, cut_off=cut_off)
 
     async def stop(self) -> None:
         """Stop accepting; let in-flight and queued requests finish within shutdown_timeout,
-        answer the rest 503; revoke the session; close everything; flush the log."""
+        answer the rest 503; revoke the sessions; close everything; flush the log."""
         await self._in_context(self._stop())
 
     def hurry(self) -> None:
         """A second stop signal: end the drain now, cutting off whatever is still in the
-        pipeline (each request answered 503 shutting_down), and give up the session's
+        pipelines (each request answered 503 shutting_down), and give up the sessions'
         revocation if it has to wait for the API (the code expires on its own)."""
         if self._hurried.is_set():
             return
         self._hurried.set()
-        self.forwarder.drain.hurry()
-        self.log.warning(
-            "shutdown_hurried",
-            count=len(self.forwarder.drain),
-            queued=self.limiter.waiting,
-            inflight=self.forwarder.inflight_count,
-        )
+        count = queued = inflight = 0
+        for integration in self.integrations.values():
+            c, q, i = integration.hurry()
+            count, queued, inflight = count + c, queued + q, inflight + i
+        self.log.warning("shutdown_hurried", count=count, queued=queued, inflight=inflight)
 
     async def _stop(self) -> None:
         self.log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
-        self.listener.stop_accepting()  # no new connections; idle ones closed
         grace = self.cfg.shutdown_timeout
-        if self.jobs is not None:
-            # Jobs under way get the same grace as requests; the rest stay stored.
-            cut_off, _ = await asyncio.gather(
-                self.forwarder.drain.drain(grace), self.jobs.stop(grace)
-            )
-        else:
-            cut_off = await self.forwarder.drain.drain(grace)
+        integrations = list(self.integrations.values())
+        cut_off = sum(await asyncio.gather(*(i.drain(grace) for i in integrations)))
         if cut_off:
             self.log.warning(
                 "shutdown_cut_off_requests", count=cut_off, hurried=self._hurried.is_set()
             )
-        await self.listener.close()
-        await self._unless_hurried(self.scheme.stop())
+        for integration in integrations:
+            await integration.close(self._hurried)
         await self._admin_runner.cleanup()
-        await self.limiter.close()
-        await self.upstream.close()
         self.log.info("shutdown_complete")
         self.logs.flush()
 
-    # After a second stop signal, what the session's revocation still gets: a moment (it
-    # is one small call, worth making), not the 10 s it may take when the API is slow.
-    HURRIED_REVOKE = 0.5
 
-    async def _unless_hurried(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run `coro`; after a second stop signal, for HURRIED_REVOKE seconds at most."""
-        task = asyncio.ensure_future(coro)
-        hurried = asyncio.ensure_future(self._hurried.wait())
-        try:
-            await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                await asyncio.wait({task}, timeout=self.HURRIED_REVOKE)
-        finally:
-            hurried.cancel()
-        task.cancel()  # no-op when done
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if task.cancelled():
-            self.log.warning("auth_not_revoked", reason="shutdown hurried by a second signal")
+def _entry(view: Config) -> IntegrationConfig:
+    """An integration's view as its entry of `integrations:` again."""
+    sections = {section: getattr(view, section) for section in INTEGRATION_SECTIONS}
+    return IntegrationConfig(name=view.name, **sections)

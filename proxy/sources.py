@@ -49,6 +49,7 @@ import yaml
 from proxy.config import (
     _VAR,
     CONFIG_ENV,
+    INTEGRATION_SECTIONS,
     STATE_DIR_ENV,
     STATE_KEY_ENV,
     Config,
@@ -129,10 +130,20 @@ def _is_secret(tp: Any) -> bool:
     for arg in typing.get_args(tp):
         if arg is Secret or _is_secret(arg):
             return True
-        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-            hints = typing.get_type_hints(arg)
-            if any(_is_secret(hints[f.name]) for f in key_fields(arg)):
-                return True
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg) and _holds_secret(arg):
+            return True
+    return False
+
+
+def _holds_secret(cls: type[Any]) -> bool:
+    """A section with a secret in it, however deep (an integration's auth.secret)."""
+    hints = typing.get_type_hints(cls)
+    for f in key_fields(cls):
+        tp = hints[f.name]
+        if _is_secret(tp):
+            return True
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and _holds_secret(tp):
+            return True
     return False
 
 
@@ -293,9 +304,10 @@ def resolve(
     inputs: Inputs,
     env: Mapping[str, str] | None = None,
     schemes: Mapping[str, SchemeKind] | None = None,
+    lenient: bool = False,
 ) -> Resolved:
     """One validated config from every source; ConfigError naming the key (and the
-    variable or flag that set it)."""
+    variable or flag that set it). `lenient`: see config.build (a reload's)."""
     env = os.environ if env is None else env
     by_env = env_names()
     all_keys = list(by_env.values())
@@ -317,7 +329,7 @@ def resolve(
     if state_key_from_env(data, env):
         origins["auth.state_key"] = f"env:{STATE_KEY_ENV}"
     try:
-        cfg = build(data, schemes)
+        cfg = build(data, schemes, lenient)
         check_egress_env(cfg, env)
     except ConfigError as e:
         raise _explained(e, origins, all_keys) from None
@@ -328,8 +340,20 @@ def resolve(
     unknown = unknown_env(env, by_env)
     if unknown:
         cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, *unknown))
-    every = {k.target: origins.get(k.target, "default") for k in all_keys if k.target == k.dotted}
+    every = {
+        k.target: origins.get(k.target, "default")
+        for k in all_keys
+        if k.target == k.dotted and _in_form(k.target, bool(cfg.integrations))
+    }
     return Resolved(cfg, types.MappingProxyType(every), source)
+
+
+def _in_form(dotted: str, listed: bool) -> bool:
+    """Whether the key belongs to the config's form (as `check` prints it): the list of
+    integrations, or the one integration's sections."""
+    if dotted == "integrations":
+        return listed
+    return not (listed and dotted.split(".")[0] in INTEGRATION_SECTIONS)
 
 
 def _close_matches(name: str, names: Iterable[str], cutoff: float = 0.6) -> list[str]:

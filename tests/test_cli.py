@@ -286,9 +286,15 @@ def test_demo_prints_curl_lines_that_work() -> None:
                 break
         commands = [line.strip() for line in lines if line.strip().startswith("curl ")]
         assert len(commands) >= 3
+        answers = []
         for command in commands[:2]:
             out = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=30)
-            assert json.loads(out.stdout)["success"] == 1, out.stdout
+            answers.append(json.loads(out.stdout))
+            assert answers[-1]["success"] == 1, out.stdout
+        # A LuxSci integration and an OAuth 2.0 one, side by side.
+        assert answers[0]["data"]["scope"] == "user"
+        assert answers[1]["data"]["path"] == "/v1/contacts"
+        assert any("readyz?integration=crm" in command for command in commands)
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=20)
@@ -541,11 +547,13 @@ def _config_keys() -> dict[str, set[str]]:
     """Every key of the config file format, per section ("" for the top level)."""
     import dataclasses
 
-    from proxy.config import Config
+    from proxy.config import Config, key_fields
 
     keys: dict[str, set[str]] = {"": set()}
-    for f in dataclasses.fields(Config):
-        if f.name == "warnings":  # not a key of the file
+    for f in key_fields(Config):  # warnings & co. are not keys of the file
+        if f.name == "integrations":
+            # The file's other form (the sections per integration): its own tests check
+            # `check` on it (tests/test_integrations_cli.py).
             continue
         keys[""].add(f.name)
         section = getattr(Config(), f.name)

@@ -297,7 +297,12 @@ def test_a_second_sigterm_during_the_drain_stops_at_once_and_says_what_it_cut_of
             text=True,
         )
         metrics = f"http://127.0.0.1:{admin}/metrics"
-        wait_until(lambda: 'luxsci_proxy_queue_depth{scope="user"} 1.0' in curl(metrics)[1])
+        wait_until(
+            lambda: (
+                'luxsci_proxy_queue_depth{integration="default",scope="user"} 1.0'
+                in curl(metrics)[1]
+            )
+        )
         proc.send_signal(signal.SIGTERM)  # drains: up to 60 s for the queued request
         wait_until(lambda: _status(f"http://127.0.0.1:{admin}/readyz") == 503)
         time.sleep(0.3)

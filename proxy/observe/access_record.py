@@ -60,6 +60,8 @@ class AccessRecord:
     # The line's order is this order; event, level and timestamp follow.
     request_id: str = field(metadata=_as(TEXT))
     method: str = field(metadata=_as(TEXT))
+    # Which of the config's `integrations:` served it (None without the list).
+    integration: str | None = field(default=None, metadata=_as(TEXT))
     path: str | None = field(default=None, metadata=_as(TEXT))
     scope: str | None = field(default=None, metadata=_as(TEXT))
     lane: str | None = field(default=None, metadata=_as(TEXT))

@@ -21,10 +21,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
-Status = Callable[[], dict[str, Any]]
+# One integration's readiness by name; None when there is no such integration.
+IntegrationReadiness = Callable[[str], tuple[bool, dict[str, Any]] | None]
+# The status of the integration named (None: all of them, or the only one); None when
+# there is no integration of that name.
+Status = Callable[[str | None], dict[str, Any] | None]
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 STATUS: web.AppKey[Status] = web.AppKey("status")
+INTEGRATION_READINESS: web.AppKey[IntegrationReadiness] = web.AppKey("integration_readiness")
 
 # Every status answer: never cached (it is a moment's state), never sniffed as another
 # type, never framed, and no Referer sent from the page.
@@ -45,8 +50,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, checks = request.app[READINESS]()
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    name = request.query.get("integration")
+    if name is None:
+        ready, checks = request.app[READINESS]()
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    found = request.app[INTEGRATION_READINESS](name)
+    if found is None:
+        return _no_integration(name)
+    ready, checks = found
+    return web.json_response(
+        {"integration": name, "ready": ready, "checks": checks}, status=200 if ready else 503
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -54,12 +68,30 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _no_integration(name: str) -> web.Response:
+    # The proxy's usual error shape (proxy/errors.py), as on the proxy port.
+    return web.json_response(
+        {"success": 0, "error_message": f"no integration named {name!r}"},
+        status=404,
+        headers={"X-Proxy-Error": "unknown_integration"},
+    )
+
+
 async def status_page(request: web.Request) -> web.Response:
     # The page's module is loaded when first asked for (a proxy nobody looks at never
     # loads it).
     from proxy.observe import status
 
-    page = status.render_html(request.app[STATUS]())
+    name = request.query.get("integration")
+    data = request.app[STATUS](name)
+    if data is None:
+        return _no_integration(name or "")
+    if "proxy" not in data:
+        # Several integrations: the page shows one at a time (its script reads that
+        # one's status.json), with links to the others; the first to begin with.
+        first = next(iter(data["integrations"]))
+        raise web.HTTPFound(f"?integration={first}")
+    page = status.render_html(data)
     headers = {**_NO_STORE, "Content-Security-Policy": status.CONTENT_SECURITY_POLICY}
     return web.Response(text=page, content_type="text/html", charset="utf-8", headers=headers)
 
@@ -67,7 +99,11 @@ async def status_page(request: web.Request) -> web.Response:
 async def status_json(request: web.Request) -> web.Response:
     from proxy.observe import status
 
-    body = status.to_json(request.app[STATUS]())
+    name = request.query.get("integration")
+    data = request.app[STATUS](name)
+    if data is None:
+        return _no_integration(name or "")
+    body = status.to_json(data)
     return web.Response(text=body, content_type="application/json", headers=_JSON_HEADERS)
 
 
@@ -78,12 +114,21 @@ async def _no_server_header(request: web.Request, response: web.StreamResponse) 
 
 
 def create_admin_app(
-    readiness: Readiness, registry: CollectorRegistry, status: Status | None = None
+    readiness: Readiness,
+    registry: CollectorRegistry,
+    status: Status | None = None,
+    integration_readiness: IntegrationReadiness | None = None,
 ) -> web.Application:
-    """`status`: the status page's data (status.snapshot); None serves no page."""
+    """`status`: the status page's data (status.snapshot); None serves no page.
+    `integration_readiness`: /readyz?integration=NAME (default: one named `default`)."""
     app = web.Application()
     app.on_response_prepare.append(_no_server_header)
     app[READINESS] = readiness
+    app[INTEGRATION_READINESS] = (
+        integration_readiness
+        if integration_readiness is not None
+        else lambda name: readiness() if name == "default" else None
+    )
     app[REGISTRY] = registry
     if status is not None:
         app[STATUS] = status

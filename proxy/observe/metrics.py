@@ -24,6 +24,7 @@ default, proxy); never a path.
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ class ReloadState:
     successful: bool
     # Unix time of the last load that applied (start-up counts as one).
     success_time: float
+    # Integrations whose section the last reload refused (the others applied).
+    refused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,6 @@ class StateSources:
     # queue.max_size and queue.max_wait, to judge queue_depth and queue_wait against.
     queue_max_size: Callable[[], int | None] = lambda: None
     queue_max_wait: Callable[[], float | None] = lambda: None
-    # The last config load (start-up or SIGHUP): did it apply, and when did one last apply.
-    reload: Callable[[], ReloadState | None] = lambda: None
     # Requests waiting per client name, in all scopes.
     client_depths: Callable[[], Mapping[str, int]] = dict
 
@@ -190,162 +191,183 @@ class JobsState:
 
 
 class _JobsCollector(Collector):
-    def __init__(self, source: Callable[[], JobsState]) -> None:
-        self.source = source
+    """The durable jobs of every integration that has them on."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], JobsState]] = {}
 
     def collect(self) -> Iterator[Metric]:
-        state = self.source()
+        if not self.sources:
+            return
         jobs = GaugeMetricFamily(
-            f"{PREFIX}_jobs", "Durable jobs stored, by state", labels=["state"]
+            f"{PREFIX}_jobs", "Durable jobs stored, by state", labels=["integration", "state"]
         )
-        for name, count in sorted(state.by_state.items()):
-            jobs.add_metric([name], count)
-        yield jobs
         oldest = GaugeMetricFamily(
             f"{PREFIX}_jobs_oldest_queued_age_seconds",
             "Age of the oldest queued job (0 with none queued)",
-            value=state.oldest_queued_age or 0.0,
+            labels=["integration"],
         )
+        for integration, source in sorted(self.sources.items()):
+            state = source()
+            for name, count in sorted(state.by_state.items()):
+                jobs.add_metric([integration, name], count)
+            oldest.add_metric([integration], state.oldest_queued_age or 0.0)
+        yield jobs
         yield oldest
 
 
+def _gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+    """A per-integration gauge family: its labels follow `integration`."""
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["integration", *labels])
+
+
 class _StateCollector(Collector):
-    def __init__(self, sources: StateSources) -> None:
-        self.sources = sources
+    """The states of every integration, read at scrape time; one family per metric, a
+    series per integration (a family may be exposed only once per registry)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, StateSources] = {}
 
     def collect(self) -> Iterator[Metric]:
-        s = self.sources
-        depth = GaugeMetricFamily(
-            f"{PREFIX}_queue_depth", "Requests waiting for a rate-limit permit", labels=["scope"]
+        depth = _gauge("queue_depth", "Requests waiting for a rate-limit permit", "scope")
+        remaining = _gauge(
+            "rate_limit_remaining", "X-RateLimit-Remaining from the API's latest answer", "scope"
         )
-        remaining = GaugeMetricFamily(
-            f"{PREFIX}_rate_limit_remaining",
-            "X-RateLimit-Remaining from the API's latest answer",
-            labels=["scope"],
+        limit = _gauge(
+            "rate_limit_limit", "X-RateLimit-Limit from the API's latest answer", "scope"
         )
-        limit = GaugeMetricFamily(
-            f"{PREFIX}_rate_limit_limit",
-            "X-RateLimit-Limit from the API's latest answer",
-            labels=["scope"],
-        )
-        by_lane = GaugeMetricFamily(
-            f"{PREFIX}_queue_depth_by_lane",
+        by_lane = _gauge(
+            "queue_depth_by_lane",
             "Requests waiting for a rate-limit permit, by the lane they wait in",
-            labels=["scope", "lane"],
+            "scope",
+            "lane",
         )
-        for scope, state in s.scopes().items():
-            depth.add_metric([scope], state.queue_depth)
-            for lane, count in state.lane_depths.items():
-                by_lane.add_metric([scope, lane], count)
-            if state.rate_limit_remaining is not None:
-                remaining.add_metric([scope], state.rate_limit_remaining)
-            if state.rate_limit_limit is not None:
-                limit.add_metric([scope], state.rate_limit_limit)
-        by_client = GaugeMetricFamily(
-            f"{PREFIX}_queue_depth_by_client",
+        by_client = _gauge(
+            "queue_depth_by_client",
             "Requests waiting for a rate-limit permit, by client (all scopes)",
-            labels=["client"],
+            "client",
         )
-        for client, count in sorted(s.client_depths().items()):
-            by_client.add_metric([client], count)
-        yield depth
-        yield by_lane
-        yield by_client
-        yield remaining
-        yield limit
-        yield GaugeMetricFamily(
-            f"{PREFIX}_inflight_requests", "Requests in flight upstream", value=s.inflight()
+        inflight = _gauge("inflight_requests", "Requests in flight upstream")
+        daily = _gauge(
+            "daily_requests_used", "API requests counted against today's budget (limits.per_day)"
         )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_daily_requests_used",
-            "API requests counted against today's budget (limits.per_day)",
-            value=s.daily_used(),
-        )
-        used = GaugeMetricFamily(
-            f"{PREFIX}_window_requests_used",
+        used = _gauge(
+            "window_requests_used",
             "Requests counted in each rate window's current period (reserve included)",
-            labels=["scope", "per"],
+            "scope",
+            "per",
         )
-        budget = GaugeMetricFamily(
-            f"{PREFIX}_window_requests_limit",
+        budget = _gauge(
+            "window_requests_limit",
             "Each rate window's budget as configured (limits.windows, or the shorthand's)",
-            labels=["scope", "per"],
+            "scope",
+            "per",
         )
-        for window in s.windows():
-            used.add_metric([window.scope, window.per], window.used)
-            budget.add_metric([window.scope, window.per], window.limit)
-        yield used
-        yield budget
-        age = s.code_age()
-        code_age = GaugeMetricFamily(
-            f"{PREFIX}_auth_code_age_seconds", "Age of the newest auth code in use"
+        code_age = _gauge("auth_code_age_seconds", "Age of the newest auth code in use")
+        session = _gauge(
+            "session_valid", "1 while the proxy holds a usable auth session (scheme bearer: always)"
         )
-        if age is not None:
-            code_age.add_metric([], age)
+        for name, s in sorted(self.sources.items()):
+            for scope, state in s.scopes().items():
+                depth.add_metric([name, scope], state.queue_depth)
+                for lane, count in state.lane_depths.items():
+                    by_lane.add_metric([name, scope, lane], count)
+                if state.rate_limit_remaining is not None:
+                    remaining.add_metric([name, scope], state.rate_limit_remaining)
+                if state.rate_limit_limit is not None:
+                    limit.add_metric([name, scope], state.rate_limit_limit)
+            for client, count in sorted(s.client_depths().items()):
+                by_client.add_metric([name, client], count)
+            inflight.add_metric([name], s.inflight())
+            daily.add_metric([name], s.daily_used())
+            for window in s.windows():
+                used.add_metric([name, window.scope, window.per], window.used)
+                budget.add_metric([name, window.scope, window.per], window.limit)
+            age = s.code_age()
+            if age is not None:
+                code_age.add_metric([name], age)
+            session.add_metric([name], 1.0 if s.session_valid() else 0.0)
+        yield from (depth, by_lane, by_client, remaining, limit, inflight, daily, used, budget)
         yield code_age
-        yield GaugeMetricFamily(
-            f"{PREFIX}_session_valid",
-            "1 while the proxy holds a usable auth session (scheme bearer: always)",
-            value=1.0 if s.session_valid() else 0.0,
-        )
+        yield session
         yield from self._operator_gauges()
 
     def _operator_gauges(self) -> Iterator[Metric]:
         """What alerts compare against: configured budgets and the process's own health,
         so no rule has to hard-code a deployment's numbers."""
-        s = self.sources
-        optional: list[tuple[str, str, float | None]] = [
+        optional: list[tuple[str, str, Callable[[StateSources], float | None]]] = [
             (
                 "daily_limit",
                 "The day's budget of API requests (limits.per_day)",
-                s.daily_limit(),
+                lambda s: s.daily_limit(),
             ),
             (
                 "auth_code_lifetime_seconds",
                 "How long an auth code lives (auth.code_lifetime)",
-                s.code_lifetime(),
+                lambda s: s.code_lifetime(),
             ),
             (
                 "queue_max_size",
                 "Requests that may wait in all before queue_full (queue.max_size)",
-                s.queue_max_size(),
+                lambda s: s.queue_max_size(),
             ),
             (
                 "queue_max_wait_seconds",
                 "Longest wait for a permit before queue_timeout (queue.max_wait)",
-                s.queue_max_wait(),
+                lambda s: s.queue_max_wait(),
             ),
+            (
+                "limits_fallback_active",
+                "1 while Redis is unreachable and this process works alone on "
+                "limits.fallback_share of every limit",
+                lambda s: 1.0 if s.limits_fallback() else 0.0,
+            ),
+            ("ready", "1 while /readyz answers 200 for the integration", lambda s: _one(s.ready())),
         ]
-        for name, doc, value in optional:
-            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
-            if value is not None:
-                family.add_metric([], value)
+        for metric, doc, read in optional:
+            family = _gauge(metric, doc)
+            for name, s in sorted(self.sources.items()):
+                value = read(s)
+                if value is not None:
+                    family.add_metric([name], value)
             yield family
-        yield GaugeMetricFamily(
-            f"{PREFIX}_limits_fallback_active",
-            "1 while Redis is unreachable and this process works alone on "
-            "limits.fallback_share of every limit",
-            value=1.0 if s.limits_fallback() else 0.0,
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_ready",
-            "1 while /readyz answers 200",
-            value=1.0 if s.ready() else 0.0,
-        )
-        reload = s.reload()
+
+
+def _one(flag: bool) -> float:
+    return 1.0 if flag else 0.0
+
+
+class _ReloadCollector(Collector):
+    """The last config load: the process's (start-up or SIGHUP), and which integrations'
+    sections it refused."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], ReloadState | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        reload = self.source()
         successful = GaugeMetricFamily(
             f"{PREFIX}_config_last_reload_successful",
-            "1 if the last config load (start-up or SIGHUP) applied, 0 if it was refused",
+            "1 if the last config load (start-up or SIGHUP) applied whole, 0 if it was "
+            "refused or an integration's section was",
         )
         success_time = GaugeMetricFamily(
             f"{PREFIX}_config_last_reload_success_timestamp_seconds",
             "Unix time of the last config load that applied",
         )
+        refused = GaugeMetricFamily(
+            f"{PREFIX}_config_last_reload_refused",
+            "1 for each integration whose section the last reload refused (it runs as before)",
+            labels=["integration"],
+        )
         if reload is not None:
             successful.add_metric([], 1.0 if reload.successful else 0.0)
             success_time.add_metric([], reload.success_time)
+            for name in reload.refused:
+                refused.add_metric([name], 1.0)
         yield successful
         yield success_time
+        yield refused
 
 
 class _Counter:
@@ -362,11 +384,13 @@ class _Counter:
         counts = self.counts
         counts[values] = counts.get(values, 0) + 1
 
-    def family(self) -> Metric:
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+    def family(self, label: str) -> Metric:
+        return CounterMetricFamily(self.name, self.doc, labels=[label, *self.labels])
+
+    def add_to(self, family: Metric, value: str) -> None:
+        assert isinstance(family, CounterMetricFamily)
         for values, count in sorted(self.counts.items()):
-            family.add_metric(list(values), count)
-        return family
+            family.add_metric([value, *values], count)
 
 
 class _Histogram:
@@ -406,34 +430,86 @@ class _Histogram:
         series[bisect_left(self.bounds, amount)] += 1
         series[-1] += amount
 
-    def family(self) -> Metric:
-        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+    def family(self, label: str) -> Metric:
+        return HistogramMetricFamily(self.name, self.doc, labels=[label, *self.labels])
+
+    def add_to(self, family: Metric, integration: str) -> None:
+        assert isinstance(family, HistogramMetricFamily)
         labels = [*(repr(float(b)) for b in self.bounds), "+Inf"]
         for value, series in sorted(self.series.items()):
             cumulative, buckets = 0.0, []
             for le, count in zip(labels, series[:-1], strict=True):
                 cumulative += count
                 buckets.append((le, cumulative))
-            family.add_metric(
-                list(value) if isinstance(value, tuple) else [value], buckets, series[-1]
-            )
-        return family
+            values = list(value) if isinstance(value, tuple) else [value]
+            family.add_metric([integration, *values], buckets, series[-1])
 
 
 class _EventCollector(Collector):
-    def __init__(self, metrics: Sequence[_Counter | _Histogram]) -> None:
-        self.metrics = metrics
+    """Every integration's event counts, merged into one family per metric."""
+
+    def __init__(self) -> None:
+        self.integrations: dict[str, Sequence[_Counter | _Histogram]] = {}
 
     def collect(self) -> Iterator[Metric]:
-        for metric in self.metrics:
-            yield metric.family()
+        if not self.integrations:
+            return
+        parts = sorted(self.integrations.items())
+        for i, metric in enumerate(parts[0][1]):
+            family = metric.family("integration")
+            for name, metrics in parts:
+                metrics[i].add_to(family, name)
+            yield family
 
 
-class Metrics:
-    """Every metric of one proxy service, in its own registry."""
+class ProcessMetrics:
+    """The process's registry: its own families once, each integration's with an
+    `integration` label (integrations come and go with reloads)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._events = _EventCollector()
+        self._states = _StateCollector()
+        self._jobs = _JobsCollector()
+        self._reload = _ReloadCollector()
+        for collector in (self._events, self._states, self._jobs, self._reload):
+            self.registry.register(collector)
+        self._build = Info(
+            f"{PREFIX}_build",
+            "Version and configuration",
+            ["integration"],
+            registry=self.registry,
+        )
+        # The standard process_* (CPU, memory, file descriptors, start time) and python_*
+        # (version, garbage collector) families: what every Prometheus dashboard for a
+        # process expects. The proxy has its own registry, so they are added explicitly.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def watch_reload(self, source: Callable[[], ReloadState | None]) -> None:
+        self._reload.source = source
+
+    def add(self, metrics: Metrics) -> None:
+        self._events.integrations[metrics.integration] = metrics.events
+
+    def remove(self, integration: str) -> None:
+        """An integration a reload removed: its series go from /metrics."""
+        self._events.integrations.pop(integration, None)
+        self._states.sources.pop(integration, None)
+        self._jobs.sources.pop(integration, None)
+        with contextlib.suppress(KeyError):
+            self._build.remove(integration)
+
+
+class Metrics:
+    """One integration's metrics: its events and states, in the process's registry
+    (a registry of its own when none is given)."""
+
+    def __init__(self, integration: str = "default", process: ProcessMetrics | None = None) -> None:
+        self.integration = integration
+        self.process = process if process is not None else ProcessMetrics()
+        self.registry = self.process.registry
         self._requests = _Counter(
             f"{PREFIX}_requests", "Client requests answered", ["method", "scope", "status"]
         )
@@ -490,42 +566,34 @@ class Metrics:
             "Job callback deliveries that failed (each attempt; `gave_up` when the last did)",
             ["result"],
         )
-        self.registry.register(
-            _EventCollector(
-                [
-                    self._requests,
-                    self._request_duration,
-                    self._upstream_duration,
-                    self._queue_wait,
-                    self._lane_wait,
-                    self._upstream_responses,
-                    self._retries,
-                    self._rejected,
-                    self._auth,
-                    self._jobs_submitted,
-                    self._jobs_completed,
-                    self._job_callback_failures,
-                ]
-            )
+        self.events: Sequence[_Counter | _Histogram] = (
+            self._requests,
+            self._request_duration,
+            self._upstream_duration,
+            self._queue_wait,
+            self._lane_wait,
+            self._upstream_responses,
+            self._retries,
+            self._rejected,
+            self._auth,
+            self._jobs_submitted,
+            self._jobs_completed,
+            self._job_callback_failures,
         )
-        self._build = Info(f"{PREFIX}_build", "Version and configuration", registry=self.registry)
-        # The standard process_* (CPU, memory, file descriptors, start time) and python_*
-        # (version, garbage collector) families: what every Prometheus dashboard for a
-        # process expects. The proxy has its own registry, so they are added explicitly.
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+        self.process.add(self)
 
     def describe(self, scheme: str, backend: str) -> None:
-        self._build.info({"version": __version__, "scheme": scheme, "backend": backend})
+        self.process._build.labels(self.integration).info(
+            {"version": __version__, "scheme": scheme, "backend": backend}
+        )
 
     def watch(self, sources: StateSources) -> None:
-        self.registry.register(_StateCollector(sources))
+        self.process._states.sources[self.integration] = sources
 
     def watch_jobs(self, source: Callable[[], JobsState]) -> None:
         """Durable jobs are on: their gauges, and their counters from zero (see the module
         docstring; a proxy without jobs exports none of them)."""
-        self.registry.register(_JobsCollector(source))
+        self.process._jobs.sources[self.integration] = source
         self._jobs_submitted.counts.setdefault((), 0)
         for state in JOB_END_STATES:
             self._jobs_completed.counts.setdefault((state,), 0)

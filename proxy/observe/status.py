@@ -593,6 +593,20 @@ def _errors(d: Mapping[str, Any]) -> str:
     return _section("errors", "Latest proxy-made errors", inner, "wide")
 
 
+def _integration_links(data: Mapping[str, Any]) -> str:
+    """With several integrations: which one the page shows, and links to the others."""
+    names = data.get("integrations")
+    if not names:
+        return ""
+    links = " ".join(
+        _el("strong", name, None, "integration")
+        if name == data.get("integration")
+        else f'<a href="?integration={_e(name)}">{_e(name)}</a>'
+        for name in names
+    )
+    return f'<nav class="meta" id="integrations">integrations: {links}</nav>'
+
+
 def render_html(data: Mapping[str, Any]) -> str:
     """The whole page for `data` (a snapshot): readable as it is, kept fresh by its script."""
     p = data["proxy"]
@@ -618,6 +632,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         + f'<span class="meta" id="meta">{_e(meta)}</span>'
         + f'<span class="meta">data of <span id="updated">{_e(clock(p["time"]))}</span> UTC</span>'
         + f'<span class="live" id="live">reloads every {NOSCRIPT_RELOAD_SECONDS} s</span>'
+        + _integration_links(data)
         + "</header>"
         + f"<main>{sections}</main>"
         + f"<script>{_SCRIPT}</script></body></html>\n"

@@ -282,7 +282,7 @@
   var every = Number(document.body.getAttribute("data-refresh")) || 3;
 
   function tick() {
-    fetch("status.json", {cache: "no-store", headers: {Accept: "application/json"}})
+    fetch("status.json" + location.search, {cache: "no-store", headers: {Accept: "application/json"}})
       .then(function (r) {
         if (!r.ok) throw new Error("HTTP " + r.status);
         return r.json();

@@ -123,6 +123,9 @@ class Forwarder:
         self.recent_errors = RecentErrors()
         self.jobs = jobs
         self.spool = spool
+        # The integration's name on its access lines; None for a config without
+        # `integrations:`, whose lines stay as they were.
+        self.integration: str | None = None
         self.max_body = cfg.listen.max_body_bytes
         self.client_timeout = cfg.listen.client_timeout
         # Replaced whole on reload (SIGHUP), never mutated.
@@ -148,7 +151,7 @@ class Forwarder:
     async def __call__(self, request: Request) -> None:
         started = time.monotonic()
         rid = request_id(request.headers.get("X-Request-ID"))
-        event = AccessRecord(rid, request.method)
+        event = AccessRecord(rid, request.method, integration=self.integration)
         # At debug, every event made while serving this request (a wait for a permit,
         # the code that signed it) carries its id; the connection's task serves one
         # request at a time, so its context holds one id at a time.

@@ -121,8 +121,8 @@ async def test_a_request_preferring_async_is_stored_answered_202_then_run_once(
     assert answer["data"]["json"] == {"note": marker}
     assert sent_to_sandbox(sandbox, "POST", marker) == 1
     text = await metrics(proxy)
-    assert "luxsci_proxy_jobs_submitted_total 1.0" in text
-    assert 'luxsci_proxy_jobs_completed_total{state="succeeded"} 1.0' in text
+    assert 'luxsci_proxy_jobs_submitted_total{integration="default"} 1.0' in text
+    assert 'luxsci_proxy_jobs_completed_total{integration="default",state="succeeded"} 1.0' in text
 
 
 async def test_without_the_preference_nothing_changes(
@@ -485,7 +485,10 @@ async def test_a_finished_job_is_posted_signed_to_its_callback_and_retried(
     assert receiver.got[-1]["state"] == "succeeded"
     assert receiver.got[-1]["response_status"] == 200
     assert any(e["event"] == "job_callback_failed" for e in logs)
-    assert 'luxsci_proxy_job_callback_failures_total{result="retrying"} 1.0' in await metrics(proxy)
+    assert (
+        'luxsci_proxy_job_callback_failures_total{integration="default",result="retrying"} 1.0'
+        in await metrics(proxy)
+    )
     assert secret not in repr(logs)
 
 
@@ -593,10 +596,10 @@ async def test_a_spent_day_budget_makes_jobs_wait_for_the_next_day_not_fail(
     text = ""
     for _ in range(40):  # the counts behind the gauges are taken every 2 s
         text = await metrics(proxy)
-        if 'luxsci_proxy_jobs{state="queued"} 1.0' in text:
+        if 'luxsci_proxy_jobs{integration="default",state="queued"} 1.0' in text:
             break
         await asyncio.sleep(0.1)
-    assert 'luxsci_proxy_jobs{state="queued"} 1.0' in text
+    assert 'luxsci_proxy_jobs{integration="default",state="queued"} 1.0' in text
     age = [ln for ln in text.splitlines() if ln.startswith("luxsci_proxy_jobs_oldest_queued")]
     assert float(age[0].split()[-1]) > 0
     ready, checks = proxy.service.readiness()

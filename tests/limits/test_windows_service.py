@@ -24,13 +24,20 @@ def labels(**values: str) -> frozenset[tuple[str, str]]:
     return frozenset(values.items())
 
 
+def _without_default(labels: dict[str, str]) -> frozenset:
+    """A sample's labels, less `integration="default"`: every per-integration family
+    carries it for the one integration of a config without `integrations:`."""
+    assert labels.get("integration", "default") == "default"
+    return frozenset((k, v) for k, v in labels.items() if k != "integration")
+
+
 async def samples(
     http: aiohttp.ClientSession, admin_url: str
 ) -> dict[tuple[str, frozenset], float]:
     async with http.get(admin_url + "/metrics") as resp:
         text = await resp.text()
     return {
-        (s.name, frozenset(s.labels.items())): s.value
+        (s.name, _without_default(s.labels)): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }

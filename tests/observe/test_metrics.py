@@ -14,6 +14,13 @@ USER_PATH = f"/perl/api/v2/user/{USER}/profile"
 ACCOUNT_PATH = "/perl/api/v2/account/42/things"
 
 
+def _without_default(labels: dict[str, str]) -> frozenset:
+    """A sample's labels, less `integration="default"`: every per-integration family
+    carries it for the one integration of a config without `integrations:`."""
+    assert labels.get("integration", "default") == "default"
+    return frozenset((k, v) for k, v in labels.items() if k != "integration")
+
+
 async def scrape(http: aiohttp.ClientSession, proxy: RunningProxy) -> tuple[str, dict]:
     async with http.get(proxy.admin_url + "/metrics") as resp:
         assert resp.status == 200
@@ -22,7 +29,7 @@ async def scrape(http: aiohttp.ClientSession, proxy: RunningProxy) -> tuple[str,
     samples: dict[tuple[str, frozenset], float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
+            samples[(s.name, _without_default(s.labels))] = s.value
     return text, samples
 
 

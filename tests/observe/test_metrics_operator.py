@@ -25,6 +25,13 @@ from tests.redis_server import free_port
 P = "luxsci_proxy_"
 
 
+def _without_default(labels: dict[str, str]) -> frozenset:
+    """A sample's labels, less `integration="default"`: every per-integration family
+    carries it for the one integration of a config without `integrations:`."""
+    assert labels.get("integration", "default") == "default"
+    return frozenset((k, v) for k, v in labels.items() if k != "integration")
+
+
 async def scrape(
     http: aiohttp.ClientSession, proxy: RunningProxy
 ) -> dict[tuple[str, frozenset], float]:
@@ -32,7 +39,7 @@ async def scrape(
         assert resp.status == 200
         text = await resp.text()
     return {
-        (s.name, frozenset(s.labels.items())): s.value
+        (s.name, _without_default(s.labels)): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }

@@ -168,7 +168,8 @@ async def test_asking_more_than_the_client_may_is_served_in_its_own_lane_and_sai
     async with many.get(proxy.admin_url + "/metrics") as resp:
         text = await resp.text()
     samples = {
-        (s.name, frozenset(s.labels.items())): s.value
+        # Less the one integration's label, which every series here has.
+        (s.name, frozenset((k, v) for k, v in s.labels.items() if k != "integration")): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
@@ -227,17 +228,25 @@ async def test_a_client_over_its_max_queued_gets_queue_full_while_others_still_q
     await eventually(lambda: limiter.client_depths().get("app") == 3)
     async with many.get(proxy.admin_url + "/metrics") as resp:
         text = await resp.text()
-    assert 'luxsci_proxy_queue_depth_by_client{client="batch"} 20.0' in text
-    assert 'luxsci_proxy_queue_depth_by_client{client="app"} 3.0' in text
-    assert 'luxsci_proxy_queue_depth_by_lane{lane="low",scope="user"} 20.0' in text
-    assert 'luxsci_proxy_queue_depth_by_lane{lane="normal",scope="user"} 3.0' in text
-    assert 'luxsci_proxy_queue_depth{scope="user"} 23.0' in text
-    assert 'luxsci_proxy_rejected_total{reason="queue_full"} 1.0' in text
+    assert 'luxsci_proxy_queue_depth_by_client{client="batch",integration="default"} 20.0' in text
+    assert 'luxsci_proxy_queue_depth_by_client{client="app",integration="default"} 3.0' in text
+    assert (
+        'luxsci_proxy_queue_depth_by_lane{integration="default",lane="low",scope="user"} 20.0'
+        in text
+    )
+    assert (
+        'luxsci_proxy_queue_depth_by_lane{integration="default",lane="normal",scope="user"} 3.0'
+        in text
+    )
+    assert 'luxsci_proxy_queue_depth{integration="default",scope="user"} 23.0' in text
+    assert 'luxsci_proxy_rejected_total{integration="default",reason="queue_full"} 1.0' in text
     # Every lane a client may wait in is there from the start, at zero; no other.
     wait = "luxsci_proxy_queue_wait_by_lane_seconds_count"
-    assert f'{wait}{{client="batch",lane="low"}} 0.0' in text
-    assert f'{wait}{{client="app",lane="high"}} 0.0' in text
-    assert f'{wait}{{client="app",lane="normal"}} 1.0' in text  # the request that spent it
+    assert f'{wait}{{client="batch",integration="default",lane="low"}} 0.0' in text
+    assert f'{wait}{{client="app",integration="default",lane="high"}} 0.0' in text
+    assert (
+        f'{wait}{{client="app",integration="default",lane="normal"}} 1.0' in text
+    )  # the request that spent it
     assert 'client="batch",lane="normal"' not in text
     assert sandbox.sandbox.stats.rate_limited == 0
 

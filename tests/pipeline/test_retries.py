@@ -267,4 +267,4 @@ async def test_a_get_on_a_dropped_kept_alive_connection_is_a_counted_attempt(
     assert [e["reason"] for e in logs if e["event"] == "retry"] == ["stale_connection"]
     async with http.get(f"http://127.0.0.1:{fast_proxy.service.admin_port}/metrics") as resp:
         text = await resp.text()
-    assert 'luxsci_proxy_retries_total{reason="stale_connection"} 1.0' in text
+    assert 'luxsci_proxy_retries_total{integration="default",reason="stale_connection"} 1.0' in text
