@@ -120,7 +120,8 @@ local function restate(id, new)
   local k = jk(id)
   local old = redis.call('HGET', k, 'state')
   if old then redis.call('ZREM', P .. ':state:' .. old, id) end
-  redis.call('ZADD', P .. ':state:' .. new, redis.call('HGET', k, 'created_at'), id)
+  -- A corrupt creation time must not stop the script (and every job behind it).
+  redis.call('ZADD', P .. ':state:' .. new, tonumber(redis.call('HGET', k, 'created_at')) or 0, id)
   redis.call('HSET', k, 'state', new)
 end
 -- The job leaves the stream: its entry acknowledged and deleted, nobody holds it.

@@ -164,6 +164,10 @@ async def test_a_corrupt_record_is_reported_by_id_and_skipped(
         assert got is None
         bad = [e for e in logs if e["event"] == "job_record_unreadable"]
         assert bad and all(e["job_id"] == jid(1) for e in bad)
+        # Its transitions still run: an operator can cancel it, and it can be purged.
+        await store.cancel(jid(1), time.time() - 10)
+        assert await store.purge(time.time()) == 1
+        assert await raw.exists(f"{{luxsci-proxy:jobs:{NAME}}}:job:{jid(1)}") == 0
     finally:
         await store.close()
 
