@@ -250,6 +250,15 @@ for _, entry in ipairs(got[2]) do
     end
   end
 end
+-- Consumers silent past the timeout with nothing pending (replicas gone, their jobs
+-- taken over) leave the group; one still alive comes back with its next read.
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', STREAM, GROUP)) do
+  local info = {{}}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] ~= ME and info['pending'] == 0 and info['idle'] > tonumber(ARGV[5]) then
+    redis.call('XGROUP', 'DELCONSUMER', STREAM, GROUP, info['name'])
+  end
+end
 return {{requeued, unknown, #got[2]}}
 """
 

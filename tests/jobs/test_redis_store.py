@@ -84,9 +84,25 @@ async def test_a_dead_replicas_jobs_are_taken_over_by_the_idempotency_rule(
         assert not await dead.finish(jid(1), State.SUCCEEDED, time.time(), status=200)
         assert not await dead.finish(jid(3), State.SUCCEEDED, time.time(), status=200)
         assert await other.finish(jid(3), State.SUCCEEDED, time.time(), status=200)
+        # With nothing pending left, the dead replica's name leaves the group.
+        deadline = time.monotonic() + 20
+        while dead.consumer in await consumers(other):
+            assert time.monotonic() < deadline, "the dead consumer stayed"
+            await other.reclaim(time.time())
+            await asyncio.sleep(0.05)
+        assert other.consumer in await consumers(other)
     finally:
         await dead.close()
         await other.close()
+
+
+async def consumers(store: RedisStore) -> set[str]:
+    client = redis.asyncio.Redis.from_url(store.url)
+    try:
+        found = await client.xinfo_consumers(f"{{luxsci-proxy:jobs:{NAME}}}:stream", "runners")
+        return {c["name"].decode() for c in found}
+    finally:
+        await client.aclose()
 
 
 async def test_a_live_replica_keeps_a_long_attempt_past_the_visibility_timeout(
