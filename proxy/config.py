@@ -709,6 +709,28 @@ def check_integrations(entries: Sequence[IntegrationConfig]) -> None:
                 )
 
 
+def check_scheme_state(
+    views: Sequence[Config], schemes: Mapping[str, SchemeKind] | None = None
+) -> None:
+    """Where each integration's scheme keeps state, its default place included: an entry
+    naming another's default file would rotate its tokens into that one's."""
+    from proxy.schemes.registry import BUILT_IN
+
+    kinds = BUILT_IN if schemes is None else schemes
+    owners: dict[str, str] = {}
+    for view in views:
+        kind = kinds.get(view.auth.scheme)
+        path = kind.state_file(view.auth, view.integration) if kind is not None else None
+        if path is None:
+            continue
+        other = owners.setdefault(os.path.abspath(path), view.name)
+        if other != view.name:
+            raise ConfigError(
+                f"integrations[{view.name}].auth.state_file: {path} is integrations[{other}]'s "
+                "state file already; give each integration its own"
+            )
+
+
 def _validate_integration(cfg: Config, schemes: Mapping[str, SchemeKind] | None) -> None:
     _check_port(cfg.listen.port, "listen.port")
     _check_positive(cfg.listen.max_body_bytes, "listen.max_body_bytes")
@@ -1210,7 +1232,9 @@ def build(
     if not built:
         raise ConfigError(refused[0][1])
     check_integrations(built)
-    return dataclasses.replace(process, integrations=tuple(built), refused=tuple(refused))
+    listed = dataclasses.replace(process, integrations=tuple(built))
+    check_scheme_state(integrations_of(listed), schemes)
+    return dataclasses.replace(listed, refused=tuple(refused))
 
 
 def parse(

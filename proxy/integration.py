@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
@@ -171,6 +172,32 @@ def _window_shape(limits: LimitsConfig) -> tuple[bool, tuple[str, ...]]:
     return bool(limits.windows), tuple(w.name for w in windows_of(limits))
 
 
+def fixed_changes(old: Config, new: Config) -> list[str]:
+    """The keys (unprefixed) whose change a running integration cannot apply: what its
+    listener, pools, limiter backend, jobs store and scheme are built from. A listed
+    integration is replaced for them (ProxyService); the one of a config without the
+    list, and the admin port, need a restart."""
+    fixed = [
+        name
+        for name in ("listen", "admin", "upstream", "jobs")
+        if getattr(new, name) != getattr(old, name)
+    ]
+    fixed += [
+        f"limits.{k}" for k in _RESTART_LIMITS if getattr(new.limits, k) != getattr(old.limits, k)
+    ]
+    if _window_shape(new.limits) != _window_shape(old.limits):
+        # Which windows there are shapes what is counted (Redis keys, the state file,
+        # the limiter's path); their budgets apply at once. A shorthand budget turned
+        # to or from 0 beside limits.windows adds or drops a window too.
+        fixed.append("limits.windows")
+    if new.auth.scheme != old.auth.scheme:
+        fixed.append("auth.scheme")
+    elif new.auth.token != old.auth.token and not old.limits.key:
+        # The shared limits are named after the token: the old name stays till restart.
+        fixed.append("limits.key")
+    return fixed
+
+
 class Integration:
     """One integration's pipeline and listener (see the module docstring).
 
@@ -184,7 +211,9 @@ class Integration:
         logs: Logs,
         process: ProcessMetrics,
         schemes: Mapping[str, SchemeKind],
+        metrics: Metrics | None = None,
     ) -> None:
+        """`metrics`: a predecessor's, when this one replaces it (its counters go on)."""
         self.cfg = cfg
         self.name = cfg.name
         self.logs = logs
@@ -193,7 +222,14 @@ class Integration:
             self.log = self.log.bind(integration=cfg.integration)
         self.clock = ServerClock()
         self.upstream = Upstream(cfg.upstream)
-        self.metrics = Metrics(self.name, process)
+        if metrics is None:
+            metrics = Metrics(self.name, process)
+        else:
+            # The predecessor's counters go on; its gauges' sources (jobs among them,
+            # which this one may not have) are dropped, this one's watched below.
+            process.remove(self.name)
+            process.add(metrics)
+        self.metrics = metrics
         self.limits_key = limits_key(cfg)
         # Follows logging.level (the Logs sets it): the components that explain their
         # decisions at debug read it once per decision.
@@ -211,6 +247,7 @@ class Integration:
             cfg.queue.max_wait,
             redact=logs.redactor.remember,
             debug=debug,
+            integration=cfg.integration,
         )
         self.schemes = schemes
         self.scheme = schemes[cfg.auth.scheme].build(deps)
@@ -505,8 +542,9 @@ class Integration:
         if removed:
             self.log.info("spool_leftovers_removed", directory=str(spool.directory), count=removed)
 
-    async def start(self) -> None:
-        """Open what the integration needs, then its listener, then log in."""
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Open what the integration needs, then its listener (on `sock` when a
+        predecessor handed its socket over), then log in."""
         self.prepare_spool()
         self.state.start()
         await self.upstream.start()
@@ -517,7 +555,7 @@ class Integration:
             await self.jobs.start()
         # Listen before the first login: requests wait for it (single flight) instead
         # of being refused, and /readyz says 503 until it has succeeded.
-        self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port)
+        self.port = await self.listener.start(self.cfg.listen.host, self.cfg.listen.port, sock)
         await self.scheme.start()
 
     async def reload(self, new: Config) -> list[str]:
@@ -532,32 +570,14 @@ class Integration:
         if differences(old, new):
             # Debug: old and new values, every secret (and URL password) masked.
             self.log.debug("config_changes", changes=described_changes(old, new))
-        restart = [
-            name
-            for name in ("listen", "admin", "upstream", "jobs")
-            if getattr(new, name) != getattr(old, name)
-        ]
-        if self.cfg.integration:
-            # The admin port is the process's (ProxyService.reload says so once).
-            restart = [f"integrations[{self.name}].{key}" for key in restart if key != "admin"]
+        fixed = fixed_changes(old, new)
+        # The admin port is the process's (ProxyService.reload says so once).
+        restart = [self._key(key) for key in fixed if key != "admin" or not old.integration]
         fixed_limits: dict[str, Any] = {k: getattr(old.limits, k) for k in _RESTART_LIMITS}
-        restart += [
-            self._key(f"limits.{k}") for k, v in fixed_limits.items() if getattr(new.limits, k) != v
-        ]
-        if _window_shape(new.limits) != _window_shape(old.limits):
-            # Which windows there are shapes what is counted (Redis keys, the state file,
-            # the limiter's path); their budgets apply at once. A shorthand budget turned
-            # to or from 0 beside limits.windows adds or drops a window too.
-            restart.append(self._key("limits.windows"))
+        if "limits.windows" in fixed:
             fixed_limits["windows"] = old.limits.windows
             fixed_limits.update((k, getattr(old.limits, k)) for k in SHORTHAND_BUDGETS)
-        auth = new.auth
-        if auth.scheme != old.auth.scheme:
-            restart.append(self._key("auth.scheme"))
-            auth = old.auth
-        elif auth.token != old.auth.token and not old.limits.key:
-            # The shared limits are named after the token: the old name stays till restart.
-            restart.append(self._key("limits.key"))
+        auth = old.auth if "auth.scheme" in fixed else new.auth
         applied = dataclasses.replace(
             new,
             listen=old.listen,

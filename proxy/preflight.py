@@ -139,7 +139,7 @@ def state_uses(
         folder = Path(limits.state_file).parent if limits.state_file else state_dir(env)
         uses.append(StateUse("limits.state_file", folder, limits.state_file is not None))
     kind = schemes.get(cfg.auth.scheme)
-    path = kind.state_file(cfg.auth) if kind is not None else None
+    path = kind.state_file(cfg.auth, cfg.integration) if kind is not None else None
     if path is not None:
         uses.append(StateUse("auth.state_file", path.parent, True))
     return uses

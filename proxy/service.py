@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import Coroutine, Mapping
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -30,6 +31,7 @@ from proxy.config import (
 from proxy.integration import (
     Integration,
     StateCheck,
+    fixed_changes,
     jobs_store,
     limits_key,
     make_backend,
@@ -267,9 +269,12 @@ class ProxyService:
             context.run(structlog.contextvars.bind_contextvars, integration=integration.name)
         return context
 
-    async def _start_integration(self, integration: Integration) -> None:
+    async def _start_integration(
+        self, integration: Integration, sock: socket.socket | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
-        await loop.create_task(integration.start(), context=self._integration_context(integration))
+        start = integration.start(sock)
+        await loop.create_task(start, context=self._integration_context(integration))
 
     async def start(self) -> None:
         await self._in_context(self._start())
@@ -340,24 +345,28 @@ class ProxyService:
     async def _reload_listed(self, old: Config, new: Config) -> tuple[list[str], list[str]]:
         restart = ["admin"] if new.admin != old.admin else []
         refused = dict(new.refused)
-        for name, error in refused.items():
-            self.log.error("config_reload_rejected", integration=name, error=error)
+        for name, why in refused.items():
+            self.log.error("config_reload_rejected", integration=name, error=why)
         views = {view.name: view for view in integrations_of(new)}
         # Removed first: a new integration may take a removed one's address.
         for name in [n for n in self.integrations if n not in views and n not in refused]:
             await self._remove(name)
         for name, view in views.items():
             current = self.integrations.get(name)
-            if current is not None:
-                restart += await current.reload(dataclasses.replace(view, admin=old.admin))
-                continue
-            try:
-                await self._add(view)
-            except OSError as e:
-                # Its port is taken (or the like): refused like a bad section, the others
-                # applied all the same.
-                where = f"{view.listen.host}:{view.listen.port}"
-                error = f"integrations[{name}].listen: cannot listen on {where}: {e.strerror or e}"
+            view = dataclasses.replace(view, admin=old.admin)
+            error: str | None = None
+            if current is None:
+                try:
+                    await self._add(view)
+                except Exception as e:
+                    # Its port is taken (or the like): refused like a bad section, the
+                    # others applied all the same.
+                    error = _start_error(view, e)
+            elif changed := [k for k in fixed_changes(current.cfg, view) if k != "admin"]:
+                error = await self._replace(current, view, changed)
+            else:
+                restart += await current.reload(view)
+            if error is not None:
                 self.log.error("config_reload_rejected", integration=name, error=error)
                 refused[name] = error
         # The config now in force: every applied entry, and each refused one as it was.
@@ -372,17 +381,81 @@ class ProxyService:
 
     async def _add(self, view: Config) -> None:
         """A new integration: started while the others serve."""
-        integration = Integration(view, self.logs, self.process_metrics, self.schemes)
-        self.integrations[view.name] = integration
         try:
-            await self._start_integration(integration)
+            integration = await self._launch(view)
         except BaseException:
-            del self.integrations[view.name]
             self.process_metrics.remove(view.name)
-            await integration.close(self._hurried)
             raise
+        self.integrations[view.name] = integration
         self._started_event(integration)
         self.log.info("integration_added", integration=view.name, listen=integration.port)
+
+    async def _launch(
+        self, view: Config, metrics: Metrics | None = None, handed: socket.socket | None = None
+    ) -> Integration:
+        """An integration built from `view` and started (on a duplicate of `handed`, a
+        predecessor's listening socket, when given); one that cannot start is closed
+        again, releasing whatever it opened (its jobs store's lock among them)."""
+        integration = Integration(view, self.logs, self.process_metrics, self.schemes, metrics)
+        # A duplicate: a failed start closes its listener's socket, and `handed` must
+        # stay open for whoever starts next.
+        sock = handed.dup() if handed is not None else None
+        try:
+            await self._start_integration(integration, sock)
+        except BaseException:
+            await integration.drain(0)
+            await integration.close(self._hurried)
+            if sock is not None:
+                sock.close()
+            raise
+        return integration
+
+    async def _replace(self, old: Integration, view: Config, changed: list[str]) -> str | None:
+        """A listed integration whose listener, upstream, jobs, limiter backend or scheme
+        changes: the old one is retired, then one built from `view` starts. Returns None,
+        or why the new one could not start (then the old config starts again instead).
+
+        Retired first, whole (stops accepting, drains, closes), because the two would
+        otherwise share what has one owner: the jobs store's lock, the day count's state
+        file, a refresh token that rotates. On the same address the old listener's socket
+        is handed over, so clients that connect during the drain wait in its backlog
+        rather than being refused; the same socket lets the old config resume there.
+        """
+        name = old.name
+        self.log.info("integration_replacing", integration=name, changed=changed)
+        handed = old.listener.handover()
+        try:
+            cut_off = await old.drain(self.cfg.shutdown_timeout)
+            await old.close(self._hurried)
+            same = _address(view) == _address(old.cfg)
+            try:
+                new = await self._launch(view, old.metrics, handed if same else None)
+            except Exception as e:
+                error = _start_error(view, e)
+                await self._resume(old, handed)
+                return error
+        finally:
+            if handed is not None:
+                handed.close()
+        self.integrations[name] = new
+        self._started_event(new)
+        self.log.info("integration_replaced", integration=name, changed=changed, cut_off=cut_off)
+        return None
+
+    async def _resume(self, old: Integration, handed: socket.socket | None) -> None:
+        """The new section could not start: the old config serves again, on its old
+        socket when it was handed over. Should even that fail, the integration is gone
+        (and said so) rather than left half open."""
+        name = old.name
+        try:
+            resumed = await self._launch(old.cfg, old.metrics, handed)
+        except Exception as e:
+            del self.integrations[name]
+            self.process_metrics.remove(name)
+            self.log.error("integration_lost", integration=name, error=_start_error(old.cfg, e))
+            return
+        self.integrations[name] = resumed
+        self.log.warning("integration_resumed", integration=name, listen=resumed.port)
 
     async def _remove(self, name: str) -> None:
         """An integration the new config leaves out: it stops accepting, its in-flight
@@ -425,6 +498,21 @@ class ProxyService:
         await self._admin_runner.cleanup()
         self.log.info("shutdown_complete")
         self.logs.flush()
+
+
+def _address(view: Config) -> tuple[str, int]:
+    return view.listen.host, view.listen.port
+
+
+def _start_error(view: Config, e: Exception) -> str:
+    """Why an integration could not start, naming its entry (never a secret: the
+    messages name keys, addresses and files)."""
+    if isinstance(e, OSError):
+        where = f"{view.listen.host}:{view.listen.port}"
+        return f"integrations[{view.name}].listen: cannot listen on {where}: {e.strerror or e}"
+    text = str(e)
+    prefix = f"integrations[{view.name}]"
+    return text if text.startswith(prefix) else f"{prefix}: cannot start: {text}"
 
 
 def _entry(view: Config) -> IntegrationConfig:

@@ -227,3 +227,69 @@ def test_the_examples_commented_integrations_block_is_a_valid_config(tmp_path: P
         "oauth2",
     )
     assert [w.per for w in crm.limits.windows] == [1.0, 3600.0]
+
+
+OAUTH_ENV = {"CS": "client-secret-0a1b2c", "RT": "refresh-token-3d4e5f", "K": "A" * 43 + "="}
+
+
+def oauth_entry(name: str, port: int, state_file: str | None = None) -> str:
+    """An OAuth 2.0 entry whose rotated refresh tokens are kept (grant refresh_token)."""
+    where = f', state_file: "{state_file}"' if state_file is not None else ""
+    return (
+        f"  - name: {name}\n"
+        f"    listen: {{port: {port}}}\n"
+        "    upstream: {url: http://127.0.0.1:9, allow_insecure: true}\n"
+        "    auth: {scheme: oauth2, token_url: http://127.0.0.1:9/oauth/token, "
+        'client_id: app, client_secret: "${CS}", grant: refresh_token, '
+        f'refresh_token: "${{RT}}", state_key: "${{K}}"{where}}}\n'
+    )
+
+
+def test_two_listed_oauth_integrations_of_one_client_keep_their_tokens_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.schemes.oauth2 import state_path
+    from proxy.schemes.registry import OAUTH2
+
+    monkeypatch.setenv("LUXSCI_PROXY_STATE_DIR", str(tmp_path))
+    cfg = parse(listed(oauth_entry("crm", 8081), oauth_entry("erp", 8082)), OAUTH_ENV)
+    crm, erp = (OAUTH2.state_file(v.auth, v.integration) for v in integrations_of(cfg))
+    assert crm is not None and erp is not None
+    assert crm.parent == erp.parent == tmp_path
+    assert crm.name.startswith("oauth2-crm-") and erp.name.startswith("oauth2-erp-")
+    assert crm.name.removeprefix("oauth2-crm-") == erp.name.removeprefix("oauth2-erp-")
+
+    # The one integration of a config without the list keeps today's name (and its state).
+    single = parse(
+        "upstream: {url: http://127.0.0.1:9, allow_insecure: true}\n"
+        "auth: {scheme: oauth2, token_url: http://127.0.0.1:9/oauth/token, client_id: app, "
+        'client_secret: "${CS}", grant: refresh_token, refresh_token: "${RT}", '
+        'state_key: "${K}"}\n',
+        OAUTH_ENV,
+    )
+    path = OAUTH2.state_file(single.auth, single.integration)
+    assert path is not None and path.parent == tmp_path
+    assert path.name == "oauth2-" + crm.name.removeprefix("oauth2-crm-")
+    assert state_path(single.auth) == path
+
+
+def test_an_entry_naming_anothers_default_oauth_state_file_is_an_error_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.schemes.registry import OAUTH2
+
+    monkeypatch.setenv("LUXSCI_PROXY_STATE_DIR", str(tmp_path))
+    cfg = parse(listed(oauth_entry("crm", 8081)), OAUTH_ENV)
+    (view,) = integrations_of(cfg)
+    default = OAUTH2.state_file(view.auth, view.integration)
+    text = listed(oauth_entry("crm", 8081), oauth_entry("erp", 8082, state_file=str(default)))
+    assert error_of(text, OAUTH_ENV) == (
+        f"integrations[erp].auth.state_file: {default} is integrations[crm]'s state file "
+        "already; give each integration its own"
+    )
+    # The same file given to both by name: the check of named state files says so first.
+    same = str(tmp_path / "shared.state")
+    text = listed(oauth_entry("crm", 8081, same), oauth_entry("erp", 8082, same))
+    assert error_of(text, OAUTH_ENV).startswith(
+        f"integrations[erp].auth.state_file: integrations[crm] uses '{same}' already"
+    )

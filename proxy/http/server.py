@@ -42,6 +42,7 @@ import fcntl
 import itertools
 import os
 import re
+import socket
 import sys
 import termios
 import time
@@ -1129,14 +1130,30 @@ class Listener:
         assert self._loop is not None, "Listener.start() was not called"
         return self._loop
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listen (on `sock` when given: a socket handed over, see handover); returns the
+        bound port."""
         self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(
-            lambda: _Connection(self), host, port, backlog=4096, reuse_address=True
-        )
+        if sock is not None:
+            self._server = await self._loop.create_server(
+                lambda: _Connection(self), sock=sock, backlog=4096
+            )
+        else:
+            self._server = await self._loop.create_server(
+                lambda: _Connection(self), host, port, backlog=4096, reuse_address=True
+            )
         sockname = self._server.sockets[0].getsockname()
         return int(sockname[1])
+
+    def handover(self) -> socket.socket | None:
+        """A duplicate of the listening socket, for a successor on the same address: it
+        keeps the port bound and its backlog queued while this listener closes, so a
+        client that connects meanwhile waits instead of being refused. None when the
+        listener has no socket or several (a host name that resolves to more than one)."""
+        if self._server is None or len(self._server.sockets) != 1:
+            return None
+        bound = self._server.sockets[0]
+        return socket.fromfd(bound.fileno(), bound.family, bound.type)
 
     def stop_accepting(self) -> None:
         """No new connections; kept-alive ones are closed once their answer is out."""

@@ -95,13 +95,18 @@ def endpoint_config(upstream: UpstreamConfig, token_url: str) -> UpstreamConfig:
     )
 
 
-def state_path(auth: AuthConfig) -> Path | None:
+def state_path(auth: AuthConfig, integration: str = "") -> Path | None:
     """Where a rotated refresh token is kept: auth.state_file, else a file in the state
-    directory named after the token URL and client id; None when kept in memory only."""
+    directory named after the token URL and client id, and the integration when the
+    config lists several (two may use one client); None when kept in memory only."""
     if auth.state_file is not None:
         return Path(auth.state_file) if auth.state_file else None
     assert auth.token_url is not None and auth.client_id is not None
-    return state_dir() / f"oauth2-{fingerprint(_binding(auth))[:16]}.state"
+    digest = fingerprint(_binding(auth))[:16]
+    # The one integration of a config without the list keeps today's name, and its state.
+    return state_dir() / (
+        f"oauth2-{integration}-{digest}.state" if integration else f"oauth2-{digest}.state"
+    )
 
 
 def _binding(auth: AuthConfig) -> str:
@@ -109,11 +114,11 @@ def _binding(auth: AuthConfig) -> str:
     return f"{auth.token_url}\n{auth.client_id}"
 
 
-def token_store(auth: AuthConfig) -> TokenStore | None:
+def token_store(auth: AuthConfig, integration: str = "") -> TokenStore | None:
     """The store of rotated refresh tokens, or None (grant client_credentials, or "")."""
     if auth.grant != "refresh_token":
         return None
-    path = state_path(auth)
+    path = state_path(auth, integration)
     if path is None:
         return None
     assert auth.state_key is not None  # the config check demands one
@@ -134,7 +139,11 @@ class OAuth2Session:
         metrics: Metrics | None = None,
         redact: Callable[[Iterable[str]], None] = _ignore,
         monotonic: Callable[[], float] = time.monotonic,
+        integration: str = "",
     ) -> None:
+        # The listed integration it serves ("" for the one of a config without the
+        # list): part of the state file's default name.
+        self.integration = integration
         self._endpoint = endpoint
         self._metrics = metrics or Metrics()
         self._redact = redact
@@ -165,7 +174,7 @@ class OAuth2Session:
         self.cfg = cfg
         parts = urlsplit(cfg.token_url)
         self._path, self._query = parts.path or "/", parts.query
-        self._store = token_store(cfg)
+        self._store = token_store(cfg, self.integration)
         configured = cfg.refresh_token.get() if cfg.refresh_token is not None else None
         # Which configured refresh token the one we hold descends from.
         origin = fingerprint(configured) if configured else ""

@@ -47,9 +47,11 @@ class SchemeDeps:
     redact: Callable[[Iterable[str]], None] = _ignore
     # On while logging.level is debug: the scheme explains which credential signed what.
     debug: DebugFlag = field(default_factory=DebugFlag)
+    # The listed integration served ("" for the one of a config without the list).
+    integration: str = ""
 
 
-def _no_state(auth: AuthConfig) -> Path | None:
+def _no_state(auth: AuthConfig, integration: str) -> Path | None:
     return None
 
 
@@ -59,9 +61,10 @@ class SchemeKind:
     # Raises ConfigError naming the auth.* key and the fix.
     check: Callable[[AuthConfig], None]
     build: Callable[[SchemeDeps], AuthScheme]
-    # The file the scheme keeps across restarts, if any: `check` and /readyz say whether
-    # its folder can be written (proxy/preflight.py).
-    state_file: Callable[[AuthConfig], Path | None] = _no_state
+    # The file the scheme keeps across restarts, if any, for the integration named ("" for
+    # the one of a config without the list): `check` and /readyz say whether its folder
+    # can be written (proxy/preflight.py); two integrations may not share one.
+    state_file: Callable[[AuthConfig, str], Path | None] = _no_state
     # The budgets a limits.windows entry may name: those its scheme's `budget()` returns,
     # and "all" (every request of the integration). A scheme with one budget for its
     # whole API names only "all", so its config cannot name a budget nothing spends.
@@ -197,17 +200,19 @@ def _build_oauth2(deps: SchemeDeps) -> AuthScheme:
 
     assert deps.auth.token_url is not None
     endpoint = Upstream(endpoint_config(deps.upstream.cfg, deps.auth.token_url))
-    session = OAuth2Session(deps.auth, endpoint, deps.metrics, deps.redact)
+    session = OAuth2Session(
+        deps.auth, endpoint, deps.metrics, deps.redact, integration=deps.integration
+    )
     return OAuth2Scheme(session, deps.upstream.cfg)
 
 
-def _oauth2_state(auth: AuthConfig) -> Path | None:
+def _oauth2_state(auth: AuthConfig, integration: str) -> Path | None:
     # Only the refresh-token grant keeps anything: the newest rotated refresh token.
     if auth.grant != "refresh_token":
         return None
     from proxy.schemes.oauth2 import state_path  # imported only for an oauth2 config
 
-    return state_path(auth)
+    return state_path(auth, integration)
 
 
 LUXSCI = SchemeKind("luxsci", _check_luxsci, _build_luxsci, scopes=("user", "account", "all"))

@@ -20,6 +20,7 @@ from deploy_support import (
     tool,
     without_grafana_variables,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.sandbox import SandboxServer
 
@@ -121,6 +122,57 @@ def test_every_query_is_scoped_by_the_job_and_instance_variables() -> None:
         for metric, matchers in selectors:
             scoped = 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers
             assert scoped, (title, metric)
+
+
+# The proxy's families that belong to the process, not to one integration: no
+# `integration` label, so the integration variable cannot filter them.
+PROCESS_WIDE = {
+    "luxsci_proxy_config_last_reload_successful",
+    "luxsci_proxy_config_last_reload_success_timestamp_seconds",
+}
+
+
+def per_integration(metric: str) -> bool:
+    return metric.startswith("luxsci_proxy_") and metric not in PROCESS_WIDE
+
+
+def test_every_per_integration_query_filters_on_the_integration_variable() -> None:
+    chosen = 'integration=~"$integration"'
+    for title, expr in expressions():
+        for metric, matchers in re.findall(r"\b(\w+)\{([^}]*)\}", expr):
+            assert (chosen in matchers) == per_integration(metric), (title, metric)
+    variable = next(v for v in dashboard()["templating"]["list"] if v["name"] == "integration")
+    assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
+    assert variable["definition"].startswith("label_values(luxsci_proxy_build_info{")
+
+
+def test_time_series_of_integrations_name_the_integration_in_their_legend() -> None:
+    for panel in all_panels():
+        if panel["type"] != "timeseries":
+            continue
+        for target in panel.get("targets", []):
+            metrics = promql_metric_names(without_grafana_variables(target["expr"]))
+            if any(per_integration(m) for m in metrics):
+                assert "{{integration}}" in target["legendFormat"], panel["title"]
+
+
+async def test_the_process_wide_families_carry_no_integration_label_and_the_others_do(
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """What PROCESS_WIDE says, checked against a real proxy's /metrics."""
+    proxy = await make_proxy(sandbox.url)
+    async with http.get(proxy.url + "/perl/api/v2/account/1/things") as resp:
+        assert resp.status == 200
+    async with http.get(proxy.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("luxsci_proxy_"):
+                labelled = "integration" in sample.labels
+                assert labelled == per_integration(sample.name), sample.name
 
 
 def test_the_panels_cover_traffic_latency_budgets_queue_auth_and_jobs() -> None:
