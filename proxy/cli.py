@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from proxy import __version__, console, preflight
@@ -29,11 +30,12 @@ from proxy.config import (
     UpstreamConfig,
     differences,
     integrations_of,
+    is_redis_store,
     validate,
 )
 from proxy.jobs.errors import StoreError
 from proxy.observe.log import Logs, route_stdlib
-from proxy.service import ProxyService, jobs_store, make_logs
+from proxy.service import ProxyService, jobs_store, limits_key, make_logs
 from proxy.sources import Inputs, Resolved, annotated_yaml, inputs_from, resolve
 from proxy.sources import add_arguments as add_config_arguments
 
@@ -257,6 +259,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     # Imported here: the jobs package brings cryptography and SQLite, which `run` needs
     # only when jobs are enabled.
     from proxy.jobs import operator as jobs_operator
+    from proxy.jobs.durable import make_store
 
     if args.action == "keygen":
         return jobs_operator.keygen()
@@ -265,10 +268,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for warning in cfg.warnings:
         console.say(f"warning: {warning}", sys.stderr)
     cfg = _integration_named(cfg, args.integration)
-    path = jobs_store(cfg)
-    if not jobs_operator.exists(path):
+    location = jobs_store(cfg)
+    if not is_redis_store(location) and not jobs_operator.exists(Path(location)):
         return EXIT_RUNTIME
-    code: int = asyncio.run(jobs_operator.run(args, path, cfg.jobs.max_age, cfg.jobs.keep_results))
+    store = make_store(cfg.jobs, location, limits_key(cfg), runner=False)
+    code: int = asyncio.run(jobs_operator.run(args, store, cfg.jobs.max_age, cfg.jobs.keep_results))
     return code
 
 

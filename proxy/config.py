@@ -300,8 +300,13 @@ class JobsConfig:
     # ignored (RFC 7240 lets a server ignore a preference) and the request is served as usual.
     enabled: bool = False
     # Where jobs are kept: "" = jobs-<limits key>.db in the state directory
-    # ($LUXSCI_PROXY_STATE_DIR or ~/.local/state/luxsci-proxy); else the SQLite file's path.
+    # ($LUXSCI_PROXY_STATE_DIR or ~/.local/state/luxsci-proxy); a SQLite file's path; or,
+    # for several replicas, a Redis URL (redis://, rediss://, redis+sentinel://,
+    # redis+cluster://, unix://).
     store: str = ""
+    # Redis store: a replica silent this long (seconds) is taken for dead, and the jobs
+    # it held are taken over by the others (a live one keeps its jobs fresh meanwhile).
+    visibility_timeout: float = 60.0
     # Job endpoints on the proxy port: GET <prefix>/<id>, GET <prefix>/<id>/response, DELETE.
     path_prefix: str = "/_proxy/jobs"
     # Stored requests and answers hold message bodies (often health information): they are
@@ -833,6 +838,22 @@ def jobs_keys(jobs: JobsConfig) -> list[bytes]:
     ]
 
 
+REDIS_STORES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
+
+
+def is_redis_store(store: str) -> bool:
+    """jobs.store names a Redis server (else a SQLite file, or the default one)."""
+    return store.startswith(REDIS_STORES)
+
+
 def _validate_jobs(jobs: JobsConfig) -> None:
     # Keys are checked even with encrypt: false: they may still open older records.
     if not jobs_keys(jobs) and jobs.encrypt:
@@ -851,9 +872,25 @@ def _validate_jobs(jobs: JobsConfig) -> None:
             f"jobs.path_prefix: a path such as /_proxy/jobs: plain segments, no trailing "
             f"slash (got {prefix!r})"
         )
-    if jobs.store.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-        raise ConfigError('jobs.store: only SQLite is supported so far: give a file path or ""')
-    for name in ("max_age", "keep_results", "max_jobs", "concurrency", "max_response_bytes"):
+    if "://" in jobs.store and not is_redis_store(jobs.store):
+        raise ConfigError(
+            'jobs.store: a SQLite file\'s path, "", or a Redis URL (redis://, rediss://, '
+            f"redis+sentinel://, redis+cluster://, unix://); got {urlsplit(jobs.store).scheme}://"
+        )
+    if is_redis_store(jobs.store):
+        try:
+            parse_redis_url(jobs.store)
+        except RedisURLError as e:
+            # The URL masked: it may hold a password.
+            raise ConfigError(f"jobs.store: {e} (got {mask_url_password(jobs.store)!r})") from None
+    for name in (
+        "max_age",
+        "keep_results",
+        "max_jobs",
+        "concurrency",
+        "max_response_bytes",
+        "visibility_timeout",
+    ):
         _check_positive(getattr(jobs, name), f"jobs.{name}")
     _check_positive(jobs.callback_timeout, "jobs.callback_timeout")
     _check_positive(jobs.callback_max_attempts, "jobs.callback_max_attempts")

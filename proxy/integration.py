@@ -16,7 +16,6 @@ import hashlib
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy import preflight
@@ -82,11 +81,11 @@ def state_file(cfg: Config, key: str) -> str | None:
     return str(state_dir() / f"limits-{key}.json")
 
 
-def jobs_store(cfg: Config) -> Path:
-    """The jobs' SQLite file (the CLI's `jobs` verb opens the same one)."""
-    from proxy.jobs.durable import store_path  # jobs are opt-in: no SQLite until asked
+def jobs_store(cfg: Config) -> str:
+    """The jobs' SQLite file or Redis URL (the CLI's `jobs` verb opens the same one)."""
+    from proxy.jobs.durable import store_location  # jobs are opt-in: no SQLite until asked
 
-    return store_path(cfg.jobs, state_dir(), limits_key(cfg))
+    return store_location(cfg.jobs, state_dir(), limits_key(cfg))
 
 
 def make_backend(cfg: Config, key: str) -> Backend:
@@ -339,6 +338,7 @@ class Integration:
         jobs = DurableJobs(
             cfg,
             jobs_store(cfg),
+            self.limits_key,
             forwarder.admission,
             forwarder.attempts.sender,
             self.scheme,

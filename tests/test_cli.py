@@ -522,6 +522,7 @@ logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
 jobs:
   enabled: true
   store: {tmp_path / "jobs.db"}
+  visibility_timeout: 30
   path_prefix: /_jobs
   encrypt: true
   keys_file: {keys_file}

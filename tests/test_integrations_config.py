@@ -86,7 +86,7 @@ def test_a_listed_integrations_state_is_named_after_it_and_the_default_keeps_tod
     key = limits_key(single)
     assert len(key) == 16 and "-" not in key  # today's name: the token's digest alone
     assert state_file(single, key) == str(tmp_path / f"limits-{key}.json")
-    assert jobs_store(single) == tmp_path / f"jobs-{key}.db"
+    assert jobs_store(single) == str(tmp_path / f"jobs-{key}.db")
     # Two listed integrations with the same token: never the same state.
     cfg = parse(listed(entry("mail", 8081), entry("crm", 8082)), ENV)
     mail, crm = integrations_of(cfg)

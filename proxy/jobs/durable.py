@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from proxy.clock import ServerClock
-from proxy.config import Config, JobsConfig, jobs_keys
+from proxy.config import Config, JobsConfig, is_redis_store, jobs_keys
 from proxy.jobs.callbacks import Deliverer
 from proxy.jobs.gateway import JobGateway
 from proxy.jobs.runner import Runner
 from proxy.jobs.seal import Sealer
-from proxy.jobs.store import SqliteStore
+from proxy.jobs.store import JobStore, SqliteStore
 from proxy.limits import RateLimiter
 from proxy.observe.metrics import JobsState, Metrics
 from proxy.pipeline.admission import Admission
@@ -25,6 +25,24 @@ def store_path(cfg: JobsConfig, state_dir: Path, key: str) -> Path:
     return Path(cfg.store) if cfg.store else state_dir / f"jobs-{key}.db"
 
 
+def store_location(cfg: JobsConfig, state_dir: Path, key: str) -> str:
+    """jobs.store's Redis URL, or the SQLite file's path."""
+    return cfg.store if is_redis_store(cfg.store) else str(store_path(cfg, state_dir, key))
+
+
+def make_store(cfg: JobsConfig, location: str, key: str, *, runner: bool) -> JobStore:
+    """The store at `location`. `runner`: for a proxy that runs jobs (the SQLite file's
+    lock, Redis's heartbeat); else for the operator's CLI beside a running proxy.
+
+    On Redis the integration's key names the keys (two integrations on one server must
+    never run each other's jobs, as with their separate SQLite files)."""
+    if is_redis_store(location):
+        from proxy.jobs.redis_store import RedisStore  # Redis only when asked
+
+        return RedisStore(location, key, cfg.max_jobs, cfg.visibility_timeout, runner=runner)
+    return SqliteStore(location, cfg.max_jobs if runner else 0, lock=runner)
+
+
 def sealer_of(cfg: JobsConfig) -> Sealer:
     return Sealer(jobs_keys(cfg), encrypt=cfg.encrypt)
 
@@ -33,7 +51,8 @@ class DurableJobs:
     def __init__(
         self,
         cfg: Config,
-        path: Path,
+        location: str,
+        key: str,
         admission: Admission,
         sender: Sender,
         scheme: AuthScheme,
@@ -42,7 +61,7 @@ class DurableJobs:
         metrics: Metrics,
     ) -> None:
         jobs = cfg.jobs
-        self.store = SqliteStore(path, jobs.max_jobs)
+        self.store = make_store(jobs, location, key, runner=True)
         sealer = sealer_of(jobs)
         # The pipeline's own attempts; the runner asks for the limiter's background lane.
         self.attempts = Attempts(

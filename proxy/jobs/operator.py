@@ -1,7 +1,8 @@
 """`luxsci-proxy jobs ...`: the operator's view of the job store.
 
-Works beside a running proxy (SQLite lets a second process read and write; the
-proxy only moves jobs whose state is what it expects) or on a stopped one. It
+Works beside a running proxy (SQLite lets a second process read and write, and so
+does Redis; the proxy only moves jobs whose state is what it expects) or on a
+stopped one. It
 never prints a body, a path or a callback URL: what jobs carry may be protected
 health information, and a terminal is not the place for it. It needs no key.
 """
@@ -20,7 +21,7 @@ from typing import Any
 from proxy import console
 from proxy.jobs.errors import StoreError
 from proxy.jobs.model import TERMINAL, Job, State, iso
-from proxy.jobs.store import JobStore, SqliteStore
+from proxy.jobs.store import JobStore
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -81,9 +82,10 @@ def exists(path: Path) -> bool:
     return False
 
 
-async def run(args: argparse.Namespace, path: Path, max_age: float, keep_results: float) -> int:
-    """One action on the store at `path` (which must exist: see `exists`)."""
-    store = SqliteStore(path, max_jobs=0, lock=False)
+async def run(
+    args: argparse.Namespace, store: JobStore, max_age: float, keep_results: float
+) -> int:
+    """One action on `store` (a SQLite one must exist: see `exists`)."""
     try:
         await store.open()
         return await _act(store, args, max_age, keep_results)

@@ -20,8 +20,9 @@ until `jobs.max_age` expires it; a spent day budget parks every job until the
 next day instead of failing them; a POST whose connection was lost after
 sending ends `outcome_unknown`.
 
-Maintenance runs beside: expiry, purging results older than
-`jobs.keep_results`, and the counts the metrics show. Callbacks are delivered
+Maintenance runs beside: taking over the jobs of a replica gone silent (Redis
+store), expiry, purging results older than `jobs.keep_results`, and the counts
+the metrics show. Callbacks are delivered
 by their own loop (callbacks.py).
 """
 
@@ -140,13 +141,7 @@ class Runner:
 
     async def start(self) -> None:
         """Settle what a previous process left running, then start working."""
-        requeued, unknown = await self.store.recover(time.time())
-        for job_id in unknown:
-            log.warning("job_outcome_unknown", job_id=job_id, reason="in flight when stopped")
-        if unknown:
-            self.metrics.job_completed(State.OUTCOME_UNKNOWN.value, len(unknown))
-        if requeued or unknown:
-            log.info("jobs_recovered", requeued=requeued, outcome_unknown=len(unknown))
+        self._recovered(*await self.store.recover(time.time()))
         await self._refresh_stats()
         self._spawn(self._dispatch())
         self._spawn(self._maintain())
@@ -154,6 +149,17 @@ class Runner:
             self._spawn(self._deliver_callbacks())
         for _ in range(self.cfg.concurrency):
             self._workers.append(asyncio.get_running_loop().create_task(self._work()))
+
+    def _recovered(self, requeued: int, unknown: list[str]) -> None:
+        """Jobs a stopped process (or a replica gone silent) left: named, and counted."""
+        for job_id in unknown:
+            log.warning("job_outcome_unknown", job_id=job_id, reason="in flight when stopped")
+        if unknown:
+            self.metrics.job_completed(State.OUTCOME_UNKNOWN.value, len(unknown))
+            self._callbacks_nudge.set()
+        if requeued or unknown:
+            log.info("jobs_recovered", requeued=requeued, outcome_unknown=len(unknown))
+            self._nudge.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._loops.append(asyncio.get_running_loop().create_task(coro))
@@ -225,10 +231,7 @@ class Runner:
 
     async def _next_due(self) -> float | None:
         # Jobs in the workers' hands are still `queued` until sent: they do not count.
-        if not self._claimed:
-            return await self.store.next_due()
-        due = await self.store.due(time.time() + IDLE_POLL, 1, tuple(self._claimed))
-        return due[0].next_attempt_at if due else None
+        return await self.store.next_due(tuple(self._claimed))
 
     # -- the workers ------------------------------------------------------------------------
 
@@ -436,6 +439,8 @@ class Runner:
             await asyncio.sleep(min(every, STATS_SECONDS))
             now = time.time()
             try:
+                # Several replicas on one store: the jobs of one gone silent are taken over.
+                self._recovered(*await self.store.reclaim(now))
                 expired = await self.store.expire(now)
                 if expired:
                     self.metrics.job_completed(State.EXPIRED.value, expired)

@@ -134,9 +134,9 @@ class JobStore(Protocol):
     """What the gateway, the runner and the operator's CLI need of a job store.
 
     Every transition is conditional on the state it leaves (a job moves only from the
-    state the caller saw), so two parties (the proxy and the CLI; later, replicas)
-    never both act on one job. SqliteStore is the one implementation; a store for
-    several replicas (Redis) would implement the same calls.
+    state the caller saw), so two parties (the proxy and the CLI, or replicas) never
+    both act on one job. SqliteStore serves one process; RedisStore (redis_store.py)
+    serves several replicas with the same calls.
     """
 
     async def open(self) -> None: ...
@@ -155,13 +155,14 @@ class JobStore(Protocol):
     ) -> bool: ...
     async def requeue(self, job_id: str, at: float, error: str | None) -> bool: ...
     async def recover(self, now: float) -> tuple[int, list[str]]: ...
+    async def reclaim(self, now: float) -> tuple[int, list[str]]: ...
     async def expire(self, now: float) -> int: ...
     async def purge(self, before: float, states: frozenset[State] = TERMINAL) -> int: ...
     async def cancel(self, job_id: str, now: float) -> Job | None: ...
     async def retry(self, job_id: str, now: float, max_age: float) -> Job | None: ...
     async def get(self, job_id: str, blobs: bool = False) -> Job | None: ...
     async def due(self, now: float, limit: int, skip: Sequence[str] = ()) -> list[Job]: ...
-    async def next_due(self) -> float | None: ...
+    async def next_due(self, skip: Sequence[str] = ()) -> float | None: ...
     async def callbacks_due(self, now: float, limit: int) -> list[tuple[Job, int]]: ...
     async def next_callback(self) -> float | None: ...
     async def callback_result(self, job_id: str, state: str, attempts: int, at: float) -> None: ...
@@ -444,6 +445,11 @@ class SqliteStore:
 
         return await self._write(op)
 
+    async def reclaim(self, now: float) -> tuple[int, list[str]]:
+        """While running: nothing to take over, this process is the store's one owner
+        (what a dead one left was settled by `recover` at start)."""
+        return 0, []
+
     async def expire(self, now: float) -> int:
         """Queued jobs past their expiry end `expired`; returns how many."""
 
@@ -538,12 +544,16 @@ class SqliteStore:
 
         return await self._read(op)
 
-    async def next_due(self) -> float | None:
-        """When the next queued job is due (None: none queued)."""
+    async def next_due(self, skip: Sequence[str] = ()) -> float | None:
+        """When the next queued job is due, minus those in `skip` (already in the
+        runner's hands: still queued until sent). None: none queued."""
+        marks = ", ".join("?" * len(skip))
+        not_in = f"AND id NOT IN ({marks})" if skip else ""
 
         def op(conn: sqlite3.Connection) -> float | None:
             row = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'"
+                f"SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued' {not_in}",
+                tuple(skip),
             ).fetchone()
             value: float | None = row[0]
             return value

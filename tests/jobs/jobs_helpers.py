@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from proxy.config import Secret
+from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_binary
 
 PREFIX = "/_proxy/jobs"
 ASYNC = {"Prefer": "respond-async"}
@@ -76,3 +77,21 @@ def store_bytes(db: Path) -> bytes:
         if path.exists():
             found += path.read_bytes()
     return found
+
+
+def durable_redis(data_dir: Path) -> RedisServer:
+    """A redis-server as the jobs store needs it: AOF, fsynced before every reply, its
+    files in `data_dir`. Started; the caller stops it."""
+    if redis_server_binary() is None:
+        raise AssertionError(INSTALL_HINT)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(
+        extra_args=["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)]
+    )
+    server.start()
+    return server
+
+
+def redis_files(data_dir: Path) -> bytes:
+    """Everything Redis keeps on disk in `data_dir` (the AOF, and any RDB)."""
+    return b"".join(p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file())

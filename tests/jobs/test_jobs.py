@@ -9,7 +9,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from jobs_helpers import (
     ASYNC,
     KEY,
     PREFIX,
+    durable_redis,
     job,
     jobs_section,
     store_bytes,
@@ -58,6 +59,20 @@ async def jobs_proxy(make_proxy: MakeProxy, url: str, tmp_path: Path, **over: An
     return await make_proxy(url, jobs=jobs_section(tmp_path, **jobs), **sections)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The jobs section's store for tests both stores must pass: the default SQLite file,
+    or a redis-server of the test's own (AOF, fsynced before every reply)."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    server = durable_redis(tmp_path / "redis")
+    try:
+        yield {"store": server.url}
+    finally:
+        server.stop()
+
+
 async def metrics(proxy: RunningProxy) -> str:
     async with aiohttp.ClientSession() as http, http.get(proxy.admin_url + "/metrics") as resp:
         return await resp.text()
@@ -67,9 +82,13 @@ async def metrics(proxy: RunningProxy) -> str:
 
 
 async def test_a_request_preferring_async_is_stored_answered_202_then_run_once(
-    sandbox: SandboxServer, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
+    store_at: dict[str, Any],
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
-    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path)
+    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path, jobs=store_at)
     marker = uuid.uuid4().hex
     status, headers, body = await submit(
         http,
@@ -336,9 +355,13 @@ async def test_a_store_that_cannot_write_acknowledges_nothing(
 
 
 async def test_an_idempotency_key_gives_the_same_job_back_and_sends_once(
-    sandbox: SandboxServer, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
+    store_at: dict[str, Any],
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
-    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path)
+    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path, jobs=store_at)
     marker = uuid.uuid4().hex
     path = f"{ECHO}?m={marker}"
     key = {"Idempotency-Key": '"order-77"'}
@@ -365,9 +388,13 @@ async def test_an_idempotency_key_gives_the_same_job_back_and_sends_once(
 
 
 async def test_concurrent_submissions_with_one_key_make_one_job(
-    sandbox: SandboxServer, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
+    store_at: dict[str, Any],
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
-    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path)
+    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path, jobs=store_at)
     answers = await asyncio.gather(
         *(
             submit(http, proxy.url, "POST", ECHO, {"n": 1}, {"Idempotency-Key": "same"})

@@ -46,6 +46,7 @@ def write_config(
     extra: str = "",
     concurrency: int = CONCURRENCY,
     name: str = "proxy.yaml",
+    store: str | None = None,
 ) -> tuple[Path, int, int]:
     port, admin = free_port(), free_port()
     text = f"""
@@ -64,7 +65,7 @@ limits:
   per_day: 1000000
 jobs:
   enabled: true
-  store: "{tmp_path / "jobs.db"}"
+  store: "{store or tmp_path / "jobs.db"}"
   keys: ["${{LUXSCI_JOBS_KEY}}"]
   concurrency: {concurrency}
 {extra}"""

@@ -229,7 +229,8 @@ def test_keys_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Path)
         ('keys: ["${JOBS_KEY}"], path_prefix: "jobs"', r"jobs\.path_prefix"),
         ('keys: ["${JOBS_KEY}"], path_prefix: "/_proxy/jobs/"', r"jobs\.path_prefix"),
         ('keys: ["${JOBS_KEY}"], max_age: 0', r"jobs\.max_age"),
-        ('keys: ["${JOBS_KEY}"], store: "redis://localhost/0"', r"jobs\.store"),
+        ('keys: ["${JOBS_KEY}"], store: "mysql://localhost/0"', r"jobs\.store"),
+        ('keys: ["${JOBS_KEY}"], visibility_timeout: 0', r"jobs\.visibility_timeout"),
         (
             'keys: ["${JOBS_KEY}"], callback_allow: ["https://a.example/h"]',
             r"jobs\.callback_secret",
@@ -247,3 +248,18 @@ def test_a_literal_key_in_the_file_draws_a_warning() -> None:
     cfg = parse(BASE + f'jobs: {{enabled: true, keys: ["{B64_A}"]}}\n', ENV)
     assert any(w.startswith("jobs.keys:") for w in cfg.warnings)
     assert not any(B64_A in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw@127.0.0.1:6379/0",
+        "rediss://redis.example:6380/0",
+        "redis+sentinel://s1:26379,s2:26379/mymaster/0",
+        "redis+cluster://c1:7000,c2:7000",
+        "unix:///run/redis.sock?db=0",
+    ],
+)
+def test_a_redis_url_selects_the_redis_store(url: str) -> None:
+    cfg = parse(BASE + f'jobs: {{enabled: true, keys: ["${{JOBS_KEY}}"], store: "{url}"}}\n', ENV)
+    assert cfg.jobs.store == url and cfg.jobs.visibility_timeout == 60.0
