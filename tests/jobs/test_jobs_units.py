@@ -231,6 +231,19 @@ def test_keys_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Path)
         ('keys: ["${JOBS_KEY}"], max_age: 0', r"jobs\.max_age"),
         ('keys: ["${JOBS_KEY}"], store: "mysql://localhost/0"', r"jobs\.store"),
         ('keys: ["${JOBS_KEY}"], visibility_timeout: 0', r"jobs\.visibility_timeout"),
+        ('keys: ["${JOBS_KEY}"], redis_min_replicas: 1', r"jobs\.redis_min_replicas: only for"),
+        (
+            'keys: ["${JOBS_KEY}"], redis_min_replicas: 1, store: "redis+cluster://c1:7000"',
+            r"jobs\.redis_min_replicas: not supported with a redis\+cluster",
+        ),
+        (
+            'keys: ["${JOBS_KEY}"], redis_min_replicas: -1, store: "redis://127.0.0.1/0"',
+            r"jobs\.redis_min_replicas: 0 or more",
+        ),
+        (
+            'keys: ["${JOBS_KEY}"], redis_replica_timeout: 0, store: "redis://127.0.0.1/0"',
+            r"jobs\.redis_replica_timeout",
+        ),
         (
             'keys: ["${JOBS_KEY}"], callback_allow: ["https://a.example/h"]',
             r"jobs\.callback_secret",
