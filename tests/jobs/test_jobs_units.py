@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -129,6 +130,19 @@ def test_records_keep_arbitrary_bytes_exactly() -> None:
     assert StoredRequest.decode(req.encode()) == req
     answer = StoredAnswer(299, "Fine Then", b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n", b"\xff")
     assert StoredAnswer.decode(answer.encode()) == answer
+
+
+def test_a_sent_empty_query_is_kept_and_records_stored_before_read_as_without() -> None:
+    req = StoredRequest("GET", "/p", "", b"", b"", "d" * 64, "rid", has_query=True)
+    assert StoredRequest.decode(req.encode()) == req
+    # A record written before the field existed: seven fields, nothing after them.
+    fields = [b"GET", b"/p", b"", b"", b"", b"d" * 64, b"rid"]
+    old = b"\x01" + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    assert StoredRequest.decode(old) == dataclasses.replace(req, has_query=False)
+    # `/p?` and `/p` are different targets to an Idempotency-Key; `/p?a=1` is one.
+    assert not req.same_request(StoredRequest.decode(old))
+    with_query = StoredRequest("GET", "/p", "a=1", b"", b"", "d" * 64, "r2", has_query=True)
+    assert with_query.same_request(dataclasses.replace(with_query, has_query=False))
 
 
 @pytest.mark.parametrize("data", [b"", b"\x07", b"\x01\x00\x00\x00\x09abc", b"\x01" + b"\x00" * 3])
