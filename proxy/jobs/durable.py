@@ -87,7 +87,15 @@ class DurableJobs:
             else None
         )
         self.runner = Runner(
-            jobs, self.store, sealer, self.attempts, scheme, clock, metrics, deliverer
+            jobs,
+            self.store,
+            sealer,
+            self.attempts,
+            scheme,
+            clock,
+            metrics,
+            deliverer,
+            integration=cfg.integration or None,
         )
         self.gateway = JobGateway(jobs, self.store, sealer, admission, metrics, self.runner.wake)
 
