@@ -307,6 +307,12 @@ class JobsConfig:
     # Redis store: a replica silent this long (seconds) is taken for dead, and the jobs
     # it held are taken over by the others (a live one keeps its jobs fresh meanwhile).
     visibility_timeout: float = 60.0
+    # Redis store: a submission is acknowledged (202) only once this many replicas have
+    # it (WAIT), so a failover cannot lose it; 0 trusts the master alone (replication is
+    # asynchronous: a failover may lose the last acknowledged jobs). Not with a Cluster.
+    redis_min_replicas: int = 0
+    # Seconds a submission waits for those replicas before 503 jobs_unavailable.
+    redis_replica_timeout: float = 1.0
     # Job endpoints on the proxy port: GET <prefix>/<id>, GET <prefix>/<id>/response, DELETE.
     path_prefix: str = "/_proxy/jobs"
     # Stored requests and answers hold message bodies (often health information): they are
@@ -883,6 +889,22 @@ def _validate_jobs(jobs: JobsConfig) -> None:
         except RedisURLError as e:
             # The URL masked: it may hold a password.
             raise ConfigError(f"jobs.store: {e} (got {mask_url_password(jobs.store)!r})") from None
+    if jobs.redis_min_replicas < 0:
+        raise ConfigError(
+            f"jobs.redis_min_replicas: 0 or more replicas (got {jobs.redis_min_replicas})"
+        )
+    if jobs.redis_min_replicas and not is_redis_store(jobs.store):
+        raise ConfigError(
+            "jobs.redis_min_replicas: only for a Redis jobs.store (SQLite commits to its own "
+            "disk); remove it or set jobs.store to a Redis URL"
+        )
+    if jobs.redis_min_replicas and parse_redis_url(jobs.store).kind == "cluster":
+        # WAIT counts the replicas of the node a connection is on; a Cluster client does
+        # not send it to the node holding the jobs' slot.
+        raise ConfigError(
+            "jobs.redis_min_replicas: not supported with a redis+cluster:// store; use one "
+            "server or Sentinel, or set it to 0"
+        )
     for name in (
         "max_age",
         "keep_results",
@@ -890,6 +912,7 @@ def _validate_jobs(jobs: JobsConfig) -> None:
         "concurrency",
         "max_response_bytes",
         "visibility_timeout",
+        "redis_replica_timeout",
     ):
         _check_positive(getattr(jobs, name), f"jobs.{name}")
     _check_positive(jobs.callback_timeout, "jobs.callback_timeout")

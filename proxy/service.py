@@ -149,6 +149,11 @@ class ProxyService:
         self.admin_port = 0
         self._hurried = asyncio.Event()
         self._started = False
+        # Held by a reload while it changes the integrations (a replacement retires one
+        # and starts another), and by the stop: the drain starts on the integrations
+        # the reload leaves, never on a list it is still changing.
+        self._changing = asyncio.Lock()
+        self._stopping = False
 
     # -- the one integration of a config without `integrations:` (and the first of a list):
     # what callers of a single-integration service read.
@@ -317,7 +322,7 @@ class ProxyService:
         entry the reload refused (new.refused) stays exactly as it was.
         """
         try:
-            restart, refused = await self._in_context(self._reload(new))
+            restart, refused = await self._in_context(self._reload_once(new))
         except BaseException:
             self.reload_refused()
             raise
@@ -325,6 +330,12 @@ class ProxyService:
             successful=not refused, success_time=time.time(), refused=tuple(refused)
         )
         return restart
+
+    async def _reload_once(self, new: Config) -> tuple[list[str], list[str]]:
+        async with self._changing:
+            if self._stopping:
+                raise ConfigError("the proxy is stopping: the reload is not applied")
+            return await self._reload(new)
 
     async def _reload(self, new: Config) -> tuple[list[str], list[str]]:
         """The keys that need a restart, and the integrations refused."""
@@ -486,8 +497,15 @@ class ProxyService:
 
     async def _stop(self) -> None:
         self.log.info("shutdown_started", timeout_s=self.cfg.shutdown_timeout)
+        self._stopping = True
         grace = self.cfg.shutdown_timeout
-        integrations = list(self.integrations.values())
+        # A reload under way finishes first (its own drain of a replaced integration is
+        # cut short by `hurry` like this one): an integration it starts is drained too.
+        async with self._changing:
+            integrations = list(self.integrations.values())
+        if self._hurried.is_set():
+            for integration in integrations:
+                integration.hurry()  # started after the second signal: no grace either
         cut_off = sum(await asyncio.gather(*(i.drain(grace) for i in integrations)))
         if cut_off:
             self.log.warning(

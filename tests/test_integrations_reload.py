@@ -249,3 +249,39 @@ def test_a_replaced_integration_hands_its_jobs_store_and_queued_jobs_to_the_new_
     assert [e["event"] for e in events].count("integration_replaced") == 1
     assert not [e for e in events if e["event"] == "config_reload_rejected"]
     assert JOBS_KEY not in json.dumps(events)
+
+
+def test_a_stop_signal_during_a_replacement_drains_and_closes_the_new_integration_too(
+    sandbox_process: str, tmp_path: Path
+) -> None:
+    old_api = sandbox_process
+    admin, a = free_port(), free_port()
+    path = tmp_path / "proxy.yaml"
+    path.write_text(config(admin, entry("a", a, old_api)))
+    with another_sandbox() as new_api:
+        proc = start_proxy(path)
+        try:
+            wait_until(lambda: ready(admin) == 200)
+            # The old API holds a request: the replacement is mid-drain when SIGTERM comes.
+            fault = json.dumps({"delay": 3, "path_prefix": PATH})
+            curl("-X", "POST", "--data", fault, f"{old_api}/_sandbox/faults")
+            answers: list[tuple[int, dict[str, Any]]] = []
+            slow = threading.Thread(target=lambda: answers.append(get(a)))
+            slow.start()
+            wait_until(lambda: stats(old_api)["inflight"] == 1)
+            path.write_text(config(admin, entry("a", a, new_api)))
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: ready(admin, "a") != 200)  # the old one is draining
+            assert stats(old_api)["inflight"] == 1
+        finally:
+            events = stop_proxy(proc)
+            slow.join(timeout=30)
+        # The new integration, started by the reload after the signal, was drained and
+        # closed by the shutdown: its session ended at its API.
+        assert stats(new_api)["revocations"] == 1
+    assert answers and answers[0][0] == 200  # finished on the old API during the drain
+    assert stats(old_api)["revocations"] >= 1
+    names = [e["event"] for e in events]
+    assert names.index("shutdown_started") < names.index("integration_replaced")
+    assert names.index("integration_replaced") < names.index("shutdown_complete")
+    assert names[-1] == "shutdown_complete"

@@ -39,7 +39,15 @@ def make_store(cfg: JobsConfig, location: str, key: str, *, runner: bool) -> Job
     if is_redis_store(location):
         from proxy.jobs.redis_store import RedisStore  # Redis only when asked
 
-        return RedisStore(location, key, cfg.max_jobs, cfg.visibility_timeout, runner=runner)
+        return RedisStore(
+            location,
+            key,
+            cfg.max_jobs,
+            cfg.visibility_timeout,
+            runner=runner,
+            min_replicas=cfg.redis_min_replicas,
+            replica_timeout=cfg.redis_replica_timeout,
+        )
     return SqliteStore(location, cfg.max_jobs if runner else 0, lock=runner)
 
 
@@ -79,7 +87,15 @@ class DurableJobs:
             else None
         )
         self.runner = Runner(
-            jobs, self.store, sealer, self.attempts, scheme, clock, metrics, deliverer
+            jobs,
+            self.store,
+            sealer,
+            self.attempts,
+            scheme,
+            clock,
+            metrics,
+            deliverer,
+            integration=cfg.integration or None,
         )
         self.gateway = JobGateway(jobs, self.store, sealer, admission, metrics, self.runner.wake)
 

@@ -136,6 +136,7 @@ class JobGateway:
             else out.body.read(0, out.body.size),
             out.body_digest,
             rid,
+            has_query=out.has_query,
         )
         job_id = secrets.token_hex(16)
         now = time.time()

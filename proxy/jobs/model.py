@@ -88,12 +88,17 @@ def _pack(fields: list[bytes]) -> bytes:
     return bytes([_VERSION]) + b"".join(_LEN.pack(len(f)) + f for f in fields)
 
 
-def _unpack(data: bytes, count: int) -> list[bytes]:
+def _unpack(data: bytes, count: int, added: int = 0) -> list[bytes]:
+    """`count` fields, then up to `added` fields newer versions of the record appended
+    (absent from records stored before them: read as b"")."""
     if not data or data[0] != _VERSION:
         raise UnreadableRecord("unknown record version")
     fields = []
     at = 1
-    for _ in range(count):
+    for i in range(count + added):
+        if i >= count and at == len(data):
+            fields.append(b"")
+            continue
         if at + 4 > len(data):
             raise UnreadableRecord("truncated record")
         (n,) = _LEN.unpack_from(data, at)
@@ -126,6 +131,9 @@ class StoredRequest:
     body: bytes
     body_digest: str
     request_id: str
+    # The client sent a `?` (forwarded even with nothing after it, as the proxy path
+    # does). Appended to the record: one stored before it reads as False.
+    has_query: bool = False
 
     def encode(self) -> bytes:
         return _pack(
@@ -137,13 +145,23 @@ class StoredRequest:
                 self.body,
                 _bytes(self.body_digest),
                 _bytes(self.request_id),
+                b"1" if self.has_query else b"",
             ]
         )
 
     @classmethod
     def decode(cls, data: bytes) -> StoredRequest:
-        m, p, q, lines, body, digest, rid = _unpack(data, 7)
-        return cls(_text(m), _text(p), _text(q), lines, body, _text(digest), _text(rid))
+        m, p, q, lines, body, digest, rid, has_query = _unpack(data, 7, added=1)
+        return cls(
+            _text(m),
+            _text(p),
+            _text(q),
+            lines,
+            body,
+            _text(digest),
+            _text(rid),
+            has_query=has_query == b"1",
+        )
 
     def same_request(self, other: StoredRequest) -> bool:
         """Same method, target and body: what an Idempotency-Key promises."""
@@ -151,6 +169,7 @@ class StoredRequest:
             self.method == other.method
             and self.path == other.path
             and self.query == other.query
+            and (self.has_query or bool(self.query)) == (other.has_query or bool(other.query))
             and self.body == other.body
         )
 

@@ -26,6 +26,9 @@ a job that was `running` goes back in line if its method is idempotent, else it 
 
 Durability is Redis's: with `appendonly yes` and `appendfsync always` a script's
 effects are on disk before its reply, so no 202 goes out for a job Redis could lose.
+Replication is asynchronous: with `min_replicas` (jobs.redis_min_replicas) a submission and a
+`running` mark also wait (WAIT) until that many replicas have them, so a failover cannot
+lose an acknowledged job or send one twice.
 """
 
 from __future__ import annotations
@@ -519,10 +522,14 @@ class RedisStore:
         *,
         runner: bool = True,
         client: Any = None,
+        min_replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self.url = url
         self.max_jobs = max_jobs
         self.visibility_timeout = visibility_timeout
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
         self.consumer = consumer_name()
         self._prefix = f"{{luxsci-proxy:jobs:{name}}}"
         self._stream = f"{self._prefix}:stream"
@@ -623,6 +630,42 @@ class RedisStore:
             except (RedisError, OSError, TimeoutError) as e:
                 raise self._fault(e) from None
 
+    async def _replicated(self, script: str, *args: Any) -> Any:
+        """`_run`, and with `min_replicas` the script's writes confirmed by that many
+        replicas before the reply. WAIT counts what its own connection wrote, so both go
+        in one pipeline (one connection); a shortfall is a StoreError: the write may be
+        on the master alone, and a failover would lose it."""
+        if not self.min_replicas:
+            return await self._run(script, *args)
+        argv = [self._prefix, GROUP, self.consumer, *args]
+        wait_ms = max(1, int(self.replica_timeout * 1000))
+
+        async def both() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            await self._scripts[script](keys=[self._stream], args=argv, client=pipe)
+            pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+            replies: list[Any] = await pipe.execute()
+            return replies
+
+        async with self._calls:
+            try:
+                try:
+                    reply, confirmed = await both()
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    await self._ensure_group()
+                    reply, confirmed = await both()
+            except (RedisError, OSError, TimeoutError) as e:
+                raise self._fault(e) from None
+        if int(confirmed) < self.min_replicas:
+            raise StoreError(
+                f"jobs store {self._where}: {int(confirmed)} of {self.min_replicas} replicas "
+                f"confirmed the write within {self.replica_timeout:g} s "
+                "(jobs.redis_min_replicas)"
+            )
+        return reply
+
     async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
         async with self._calls:
             try:
@@ -642,7 +685,7 @@ class RedisStore:
     # -- submission -----------------------------------------------------------------------
 
     async def submit(self, new: NewJob) -> Submitted:
-        reply = await self._run(
+        reply = await self._replicated(
             "submit",
             new.id,
             new.owner,
@@ -667,7 +710,14 @@ class RedisStore:
     # -- the runner's transitions ---------------------------------------------------------
 
     async def mark_running(self, job_id: str, now: float) -> bool:
-        done = bool(await self._run("mark_running", job_id, _num(now)))
+        """With `min_replicas`, the replicas have `running` before the request goes
+        out: a failover then cannot hand the job out again as queued (a second send)."""
+        try:
+            done = bool(await self._replicated("mark_running", job_id, _num(now)))
+        except StoreError:
+            # Not sent: let go (as in finish), taken over after the visibility timeout.
+            self._held.pop(job_id, None)
+            raise
         if not done:
             self._held.pop(job_id, None)
         return done
@@ -682,21 +732,29 @@ class RedisStore:
         response: bytes | None = None,
         error: str | None = None,
     ) -> bool:
-        done = await self._run(
-            "finish",
-            job_id,
-            state.value,
-            _num(now),
-            "" if status is None else str(status),
-            response or b"",
-            error or "",
-        )
-        self._held.pop(job_id, None)
+        try:
+            done = await self._run(
+                "finish",
+                job_id,
+                state.value,
+                _num(now),
+                "" if status is None else str(status),
+                response or b"",
+                error or "",
+            )
+        finally:
+            # Let go even when Redis did not answer (a failover): kept fresh by the
+            # heartbeat, the job would stay `running` for as long as this process
+            # lives; let go, it is taken over after the visibility timeout by the
+            # crash rule.
+            self._held.pop(job_id, None)
         return bool(done)
 
     async def requeue(self, job_id: str, at: float, error: str | None) -> bool:
-        done = await self._run("requeue", job_id, _num(at), error or "")
-        self._held.pop(job_id, None)
+        try:
+            done = await self._run("requeue", job_id, _num(at), error or "")
+        finally:
+            self._held.pop(job_id, None)  # as in finish
         return bool(done)
 
     async def recover(self, now: float) -> tuple[int, list[str]]:

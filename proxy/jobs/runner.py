@@ -113,8 +113,12 @@ class Runner:
         clock: ServerClock,
         metrics: Metrics,
         deliverer: Deliverer | None,
+        integration: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # On the records of job attempts, as on the proxy path's (None without
+        # `integrations:`).
+        self.integration = integration
         self.store = store
         self.sealer = sealer
         self.attempts = attempts
@@ -272,8 +276,9 @@ class Runner:
             request.lines,
             Body(request.body, len(request.body)),
             request.body_digest,
+            has_query=request.has_query,
         )
-        event = AccessRecord(request.request_id, request.method)
+        event = AccessRecord(request.request_id, request.method, integration=self.integration)
         sent = False
 
         async def before_send() -> None:

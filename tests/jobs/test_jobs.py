@@ -16,7 +16,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import USER, EchoUpstream, MakeProxy, MakeSandbox, RunningProxy, raw_exchange
+from conftest import (
+    USER,
+    EchoUpstream,
+    MakeProxy,
+    MakeSandbox,
+    RunningProxy,
+    parse_raw,
+    raw_exchange,
+)
 from jobs_helpers import (
     ASYNC,
     KEY,
@@ -223,6 +231,30 @@ async def test_what_goes_upstream_has_no_respond_async_and_no_client_credentials
     assert "cookie" not in headers
     assert headers["idempotency-key"] == "k-1"  # end to end: the API may use it too
     assert seen["body"] == '{"a": 1}'
+
+
+async def test_a_job_keeps_an_empty_querys_question_mark_as_the_proxy_path_does(
+    store_at: dict[str, Any],
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path, jobs=store_at)
+    sent = []
+    # Raw bytes: an HTTP client library may drop a `?` with nothing after it.
+    for target in (f"{ECHO}?", ECHO, f"{ECHO}?a=1"):
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nPrefer: respond-async\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        status, _, body = parse_raw(await raw_exchange(proxy.service.port, request))
+        assert status == 202, body
+        done = await until_done(http, proxy.url, body["id"])
+        # The sandbox checked the signature over the target it got (query "" or none).
+        assert done["state"] == "succeeded" and done["response_status"] == 200
+        sent.append(sandbox.sandbox.log[-1]["target"])
+    assert sent == [f"{ECHO}?", ECHO, f"{ECHO}?a=1"]
 
 
 async def test_unknown_jobs_are_404_and_other_methods_405(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -131,6 +132,19 @@ def test_records_keep_arbitrary_bytes_exactly() -> None:
     assert StoredAnswer.decode(answer.encode()) == answer
 
 
+def test_a_sent_empty_query_is_kept_and_records_stored_before_read_as_without() -> None:
+    req = StoredRequest("GET", "/p", "", b"", b"", "d" * 64, "rid", has_query=True)
+    assert StoredRequest.decode(req.encode()) == req
+    # A record written before the field existed: seven fields, nothing after them.
+    fields = [b"GET", b"/p", b"", b"", b"", b"d" * 64, b"rid"]
+    old = b"\x01" + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+    assert StoredRequest.decode(old) == dataclasses.replace(req, has_query=False)
+    # `/p?` and `/p` are different targets to an Idempotency-Key; `/p?a=1` is one.
+    assert not req.same_request(StoredRequest.decode(old))
+    with_query = StoredRequest("GET", "/p", "a=1", b"", b"", "d" * 64, "r2", has_query=True)
+    assert with_query.same_request(dataclasses.replace(with_query, has_query=False))
+
+
 @pytest.mark.parametrize("data", [b"", b"\x07", b"\x01\x00\x00\x00\x09abc", b"\x01" + b"\x00" * 3])
 def test_garbled_records_are_reported_not_crashed_on(data: bytes) -> None:
     with pytest.raises(UnreadableRecord):
@@ -231,6 +245,19 @@ def test_keys_come_from_the_environment_or_a_file_and_are_masked(tmp_path: Path)
         ('keys: ["${JOBS_KEY}"], max_age: 0', r"jobs\.max_age"),
         ('keys: ["${JOBS_KEY}"], store: "mysql://localhost/0"', r"jobs\.store"),
         ('keys: ["${JOBS_KEY}"], visibility_timeout: 0', r"jobs\.visibility_timeout"),
+        ('keys: ["${JOBS_KEY}"], redis_min_replicas: 1', r"jobs\.redis_min_replicas: only for"),
+        (
+            'keys: ["${JOBS_KEY}"], redis_min_replicas: 1, store: "redis+cluster://c1:7000"',
+            r"jobs\.redis_min_replicas: not supported with a redis\+cluster",
+        ),
+        (
+            'keys: ["${JOBS_KEY}"], redis_min_replicas: -1, store: "redis://127.0.0.1/0"',
+            r"jobs\.redis_min_replicas: 0 or more",
+        ),
+        (
+            'keys: ["${JOBS_KEY}"], redis_replica_timeout: 0, store: "redis://127.0.0.1/0"',
+            r"jobs\.redis_replica_timeout",
+        ),
         (
             'keys: ["${JOBS_KEY}"], callback_allow: ["https://a.example/h"]',
             r"jobs\.callback_secret",

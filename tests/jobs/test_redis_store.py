@@ -286,3 +286,66 @@ async def test_the_store_runs_on_a_redis_cluster_every_script_in_one_slot(
     finally:
         await dead.close()
         await other.close()
+
+
+async def test_a_job_whose_end_cannot_be_recorded_is_let_go_for_the_take_over(
+    server: RedisServer,
+) -> None:
+    """Redis gone as a job ends (a failover): the replica stops keeping the job fresh, so
+    the others take it over after the visibility timeout instead of never."""
+    store = await opened(server, visibility=0.5)
+    try:
+        await store.submit(new(1, "POST"))
+        await store.submit(new(2, "GET"))
+        assert [j.id for j in await store.due(time.time(), 10)] == [jid(1), jid(2)]
+        assert await store.mark_running(jid(1), time.time())
+        server.stop()
+        with pytest.raises(StoreError):
+            await store.finish(jid(1), State.SUCCEEDED, time.time(), status=200)
+        with pytest.raises(StoreError):
+            await store.mark_running(jid(2), time.time())
+        assert store.held() == {}
+    finally:
+        await store.close()
+    back = RedisServer(port=server.port, extra_args=server.extra_args)
+    back.start()
+    other = await opened(back, visibility=0.5)
+    try:
+        requeued, unknown = await reclaimed(other)
+        # The POST sent, its end unknown: not sent again. The GET never went out (it was
+        # still queued): back in line, not counted as re-queued from running.
+        assert unknown == [jid(1)] and requeued == 0
+        again = await other.due(time.time(), 10)
+        assert [j.id for j in again] == [jid(2)]
+    finally:
+        await other.close()
+        back.stop()
+
+
+async def test_min_replicas_refuses_a_submission_no_replica_confirms(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    lonely = RedisStore(server.url, NAME, 1000, min_replicas=1, replica_timeout=0.1)
+    await lonely.open()
+    try:
+        with pytest.raises(StoreError, match="0 of 1 replicas confirmed"):
+            await lonely.submit(new(1, "POST"))
+        replica = durable_redis(tmp_path / "replica")
+        try:
+            rc = redis.asyncio.Redis(port=replica.port)
+            try:
+                await rc.replicaof("127.0.0.1", server.port)
+                deadline = time.monotonic() + 20
+                while (await rc.info("replication")).get("master_link_status") != "up":
+                    assert time.monotonic() < deadline, "the replica never synced"
+                    await asyncio.sleep(0.05)
+            finally:
+                await rc.aclose()
+            submitted = await lonely.submit(new(2, "POST"))
+            assert submitted.created and submitted.job is not None
+            assert jid(2) in [j.id for j in await lonely.due(time.time(), 10)]
+            assert await lonely.mark_running(jid(2), time.time())
+        finally:
+            replica.stop()
+    finally:
+        await lonely.close()
