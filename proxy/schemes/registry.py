@@ -77,7 +77,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _check_luxsci(auth: AuthConfig) -> None:
-    _no_state_store(auth)
     for name in ("token", "secret"):
         value = getattr(auth, name)
         if value is None or not value.get():
@@ -126,15 +125,7 @@ def check_header_value(auth: AuthConfig, key: str) -> str:
     return value
 
 
-def _no_state_store(auth: AuthConfig) -> None:
-    if auth.state_store is not None:
-        raise ConfigError(
-            f"auth.state_store: applies to scheme oauth2 only (scheme is {auth.scheme}); remove it"
-        )
-
-
 def _check_bearer(auth: AuthConfig) -> None:
-    _no_state_store(auth)
     if auth.auth_cookie:
         # An error rather than a warning: a luxsci-only key in a bearer config means the
         # file is not the one its author thinks it is, and unknown keys are errors too.

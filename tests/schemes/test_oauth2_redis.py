@@ -396,8 +396,8 @@ def test_state_store_config_errors_name_the_key_and_mask_the_password(
     assert "Pw-Xq9" not in str(caught.value)
 
 
-def test_state_store_takes_every_redis_url_form_and_is_oauth2_only() -> None:
-    from proxy.config import ConfigError, parse
+def test_state_store_takes_every_redis_url_form() -> None:
+    from proxy.config import parse
 
     for url in (
         "redis://:pw@127.0.0.1:6379/2",
@@ -407,5 +407,3 @@ def test_state_store_takes_every_redis_url_form_and_is_oauth2_only() -> None:
     ):
         cfg = parse(CONFIG + f'  state_store: "{url}"\n  state_key: ${{KEY}}\n', CONFIG_ENV)
         assert cfg.auth.state_store == url
-    with pytest.raises(ConfigError, match=r"^auth\.state_store: applies to scheme oauth2 only"):
-        parse("auth: {scheme: bearer, api_key: k, state_store: 'redis://r:6379'}\n", CONFIG_ENV)
