@@ -206,6 +206,7 @@ class OAuth2Session:
         self._unsynced = False
         # The access token the API last refused: a shared one equal to it is no use.
         self._rejected: str | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self._configure(cfg)
 
     def _configure(self, cfg: AuthConfig) -> None:
@@ -269,6 +270,10 @@ class OAuth2Session:
         """An access token to send now, fetching one first when there is none."""
         now = self._monotonic()
         current = self._current
+        if self._unsynced and now >= self._shared_retry_at and self._sync_task is None:
+            # Tokens fetched during an outage: Redis must have them before another replica
+            # refreshes with the refresh token they replaced.
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync())
         if current is not None and now < current.expires_at:
             if now >= current.refresh_at and self._task is None and self._failure is None:
                 # Due for a refresh: fetch the next one while this one still serves.
@@ -318,6 +323,19 @@ class OAuth2Session:
         except SharedStoreUnavailable as e:
             self._shared_down(e)
             return await self._fetch_local(reason)
+
+    async def _sync(self) -> None:
+        """Give Redis the tokens fetched here while it was unreachable, if it answers."""
+        shared = self._shared
+        try:
+            if shared is not None and self._task is None:
+                version, record = await shared.read()
+                self._shared_up()
+                await self._reconcile(shared, version, record)
+        except SharedStoreUnavailable as e:
+            self._shared_down(e)
+        finally:
+            self._sync_task = None
 
     async def _fetch_local(self, reason: str) -> AccessToken:
         token = await self._fetch(reason)
@@ -663,6 +681,10 @@ class OAuth2Session:
     async def stop(self) -> None:
         if self._retry_task is not None:
             self._retry_task.cancel()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
         task = self._task
         if task is not None:
             task.cancel()

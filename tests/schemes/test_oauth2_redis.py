@@ -311,18 +311,30 @@ async def test_redis_down_requests_are_served_on_the_local_path_and_readyz_says_
     assert resp.status == 200
     auth = json.dumps(ready)
     assert "unreachable" in auth, ready
-    # Redis back: the token fetched meanwhile is written there for the others.
+    # Redis back: the next request makes the replica write what it fetched meanwhile.
     redis.start()
-    other = replicas[1]
-    other.start()
-    wait_until(other.ready)
+    async with aiohttp.ClientSession() as http:
+        i = 0
+        while "oauth2_shared_store_synced" not in [e["event"] for e in replica.events()]:
+            i += 1
+            async with http.get(f"{replica.url}/v1/things?back={i}") as resp:
+                assert resp.status == 200, await resp.text()
+        # A replica started now takes that token, and its refresh token: a refresh after
+        # one more revocation presents the newest one, not the one rotated away.
+        other = replicas[1]
+        other.start()
+        await asyncio.to_thread(wait_until, other.ready)
+        await post(http, f"{oauth_sandbox}/_sandbox/oauth/expire")
+        async with http.get(f"{other.url}/v1/things?other=1") as resp:
+            assert resp.status == 200, await resp.text()
     replica.stop()
     other.stop()
     got = stats(oauth_sandbox)
     assert got["errors"] == [] and got["families_revoked"] == 0
-    assert got["token_calls"] == 2  # the start and the refresh during the outage
+    assert got["token_calls"] == 3  # the start, the refresh during the outage, the last one
     events = [e["event"] for e in replica.events()]
     assert events.count("oauth2_shared_store_unreachable") == 1
+    assert "oauth2_shared_store_reachable" in events
     assert "oauth2_token_shared" in [e["event"] for e in other.events()]
 
 
