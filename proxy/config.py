@@ -177,6 +177,9 @@ class AuthConfig:
     state_key: Secret | None = None
     # Where the rotated refresh token is kept; default in the state directory; "" = memory only.
     state_file: str | None = field(default=None, metadata=KEEP_EMPTY)
+    # A Redis URL (any form proxy/redis_connect.py reads): the replicas of the integration
+    # share the access token and the newest refresh token there (sealed with state_key).
+    state_store: str | None = None
 
 
 @dataclass(frozen=True)

@@ -492,6 +492,7 @@ auth:
   client_auth: client_secret_post
   state_key: ${{TEST_STATE_KEY}}
   state_file: {tmp_path}/oauth2.state
+  state_store: redis+sentinel://:{REDIS_PASSWORD}@s1,s2/tokens?sentinel_password={REDIS_PASSWORD}
 access:
   allow_clients: [127.0.0.1/32, 10.1.2.0/24]
   client_token: ${{TEST_CLIENT_TOKEN}}
@@ -630,6 +631,9 @@ def test_check_prints_a_config_with_every_key_set_as_yaml_without_any_secret(
         "redis://app:********@redis.internal:6379/0?password=********"
     )
     assert printed["limits"]["backend"] == "redis"
+    assert printed["auth"]["state_store"] == (
+        "redis+sentinel://:********@s1,s2/tokens?sentinel_password=********"
+    )
     assert printed["listen"]["client_timeout"] == 12.5
     assert printed["shutdown_timeout"] == 15
     assert printed["event_loop"] == "asyncio"

@@ -20,6 +20,11 @@ Life of a token
 - grant refresh_token: a rotated refresh token (§6) is written to the state file
   (oauth2_state.py, encrypted) before its access token is used; a restart starts from
   the newest one.
+- `auth.state_store` (Redis): the replicas of one integration share the access token
+  and the newest refresh token (oauth2_shared.py). A fetch reads Redis first and uses a
+  token another replica got; only the holder of the Redis lock calls the token endpoint,
+  the others poll Redis for what it writes. Redis unreachable: the local path above,
+  said once in the log and in /readyz; Redis is asked again after SHARED_RETRY seconds.
 
 The token endpoint gets a small pool of its own (our HTTP client, TLS verified with
 `upstream.ca_file` like the API): it may be another host, and a busy API pool must
@@ -37,12 +42,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
 from proxy.clock import retry_after
-from proxy.config import AuthConfig, UpstreamConfig, state_dir
+from proxy.config import AuthConfig, UpstreamConfig, state_dir, url_passwords
 from proxy.errors import ProxyError, UpstreamAuthFailed
 from proxy.http.client import Upstream
 from proxy.http.headers import header_line, header_lines
@@ -57,6 +62,7 @@ from proxy.schemes.base import (
     login_reason,
 )
 from proxy.schemes.bearer import judge_rate_limit
+from proxy.schemes.oauth2_shared import SharedRecord, SharedStoreUnavailable, SharedTokens
 from proxy.schemes.oauth2_state import (
     StateUnreadable,
     StoredToken,
@@ -75,6 +81,12 @@ REAUTH = Decision(Action.REAUTH, "auth_401")
 MAX_TOKEN_ANSWER = PARSE_LIMIT
 # The token endpoint's pool: one call at a time (single flight), one spare.
 _POOL_SIZE = 2
+# After Redis failed, how long the local path is used without asking it again: a
+# refresh during an outage should not wait for a timeout every time.
+SHARED_RETRY = 5.0
+# Polling Redis for the token another replica is fetching: first and longest pause.
+_POLL_MIN = 0.02
+_POLL_MAX = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +137,23 @@ def token_store(auth: AuthConfig, integration: str = "") -> TokenStore | None:
     return TokenStore(path, parse_keys(auth.state_key.get()), _binding(auth))
 
 
+def shared_tokens(
+    auth: AuthConfig, upstream: UpstreamConfig, integration: str = ""
+) -> SharedTokens | None:
+    """The Redis store the replicas share, or None (no auth.state_store). The lock outlives
+    the longest token call a holder can make, so no second replica refreshes meanwhile."""
+    if not auth.state_store:
+        return None
+    assert auth.state_key is not None  # the config check demands one
+    return SharedTokens(
+        auth.state_store,
+        parse_keys(auth.state_key.get()),
+        _binding(auth),
+        integration,
+        lock_ttl=upstream.connect_timeout + upstream.read_timeout + 5.0,
+    )
+
+
 def _ignore(secrets: Iterable[str]) -> None:
     pass
 
@@ -166,6 +195,18 @@ class OAuth2Session:
         self.ever_authenticated = False
         self._refresh_token: str | None = None
         self._origin = ""
+        # The shared store (auth.state_store): None when not configured.
+        self._shared: SharedTokens | None = None
+        # Why the shared store is not used now (None: it is), and when to ask it again.
+        self._shared_error: str | None = None
+        self._shared_retry_at = 0.0
+        # The record version this process last read or wrote, and whether it holds
+        # tokens fetched on the local path that Redis has not seen (an outage).
+        self._shared_version = 0
+        self._unsynced = False
+        # The access token the API last refused: a shared one equal to it is no use.
+        self._rejected: str | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self._configure(cfg)
 
     def _configure(self, cfg: AuthConfig) -> None:
@@ -187,6 +228,11 @@ class OAuth2Session:
         self._origin = origin
         self._backoff = cfg.retry_min
         self._blocked = None
+        self._shared = shared_tokens(cfg, self._endpoint.cfg, self.integration)
+        self._shared_error = None
+        self._unsynced = False
+        if cfg.state_store:
+            self._redact([p for w in url_passwords(cfg.state_store) for p in (w, unquote(w))])
 
     # -- state for /readyz and the metrics ------------------------------------------------
 
@@ -194,6 +240,12 @@ class OAuth2Session:
         state: dict[str, Any] = {"scheme": "oauth2", "grant": self.cfg.grant}
         if self._unsaved is not None:
             state["state_file"] = self._unsaved
+        if self._shared is not None:
+            state["state_store"] = (
+                "ok"
+                if self._shared_error is None
+                else f"unreachable ({self._shared_error}): tokens are fetched by this process alone"
+            )
         failure = self._blocked or self._failure
         if failure is not None:
             return {"ok": False, "error": failure.message, **state}
@@ -218,6 +270,10 @@ class OAuth2Session:
         """An access token to send now, fetching one first when there is none."""
         now = self._monotonic()
         current = self._current
+        if self._unsynced and now >= self._shared_retry_at and self._sync_task is None:
+            # Tokens fetched during an outage: Redis must have them before another replica
+            # refreshes with the refresh token they replaced.
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync())
         if current is not None and now < current.expires_at:
             if now >= current.refresh_at and self._task is None and self._failure is None:
                 # Due for a refresh: fetch the next one while this one still serves.
@@ -238,6 +294,7 @@ class OAuth2Session:
     def invalidate(self, used: AccessToken) -> None:
         """The API answered 401 to `used`: never send it again."""
         current = self._current
+        self._rejected = used.value
         if current is not None and current.generation == used.generation:
             log.info("oauth2_token_rejected", generation=used.generation)
             self._current = None
@@ -253,10 +310,187 @@ class OAuth2Session:
         if not task.cancelled():
             task.exception()  # retrieved, so asyncio does not warn when nobody awaited it
 
+    async def _obtain(self, reason: str) -> AccessToken:
+        """A new token: through the shared store when there is one and it answers, else
+        from the token endpoint directly."""
+        shared = self._shared
+        if shared is None or (
+            self._shared_error is not None and self._monotonic() < self._shared_retry_at
+        ):
+            return await self._fetch_local(reason)
+        try:
+            return await self._from_shared(shared, reason)
+        except SharedStoreUnavailable as e:
+            self._shared_down(e)
+            return await self._fetch_local(reason)
+
+    async def _sync(self) -> None:
+        """Give Redis the tokens fetched here while it was unreachable, if it answers."""
+        shared = self._shared
+        try:
+            if shared is not None and self._task is None:
+                version, record = await shared.read()
+                self._shared_up()
+                await self._reconcile(shared, version, record)
+        except SharedStoreUnavailable as e:
+            self._shared_down(e)
+        finally:
+            self._sync_task = None
+
+    async def _fetch_local(self, reason: str) -> AccessToken:
+        token = await self._fetch(reason)
+        if self._shared is not None:
+            self._unsynced = True  # Redis must learn it when it answers again
+        return token
+
+    async def _from_shared(self, shared: SharedTokens, reason: str) -> AccessToken:
+        """Single flight across replicas: use the shared token if it will do, else take
+        the lock and fetch, else wait for the holder's. SharedStoreUnavailable when Redis
+        fails before a token call was made."""
+        deadline = self._monotonic() + shared.lock_ttl + 1.0
+        pause = _POLL_MIN
+        while True:
+            version, record = await shared.read()
+            self._shared_up()
+            record = await self._reconcile(shared, version, record)
+            if self._usable(record, reason):
+                assert record is not None
+                return await self._adopt(record, reason)
+            holder = await shared.lock()
+            if holder is not None:
+                try:
+                    return await self._fetch_shared(shared, reason)
+                finally:
+                    # Expires on its own if this fails.
+                    with contextlib.suppress(SharedStoreUnavailable):
+                        await shared.unlock(holder)
+            if self._monotonic() >= deadline:
+                raise UpstreamAuthFailed(
+                    "OAuth 2.0: another replica holds the token lock and wrote no new token "
+                    f"in {round(shared.lock_ttl)} s"
+                )
+            # Another replica is fetching: what it writes is ours too.
+            await asyncio.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 2, _POLL_MAX)
+
+    async def _fetch_shared(self, shared: SharedTokens, reason: str) -> AccessToken:
+        """As the lock's holder: look once more (the token may have come in between), then
+        call the token endpoint with the newest refresh token and write the answer."""
+        version, record = await shared.read()
+        record = await self._reconcile(shared, version, record)
+        if self._usable(record, reason):
+            assert record is not None
+            return await self._adopt(record, reason)
+        if record is not None and record.refresh_token is not None:
+            await self._take_refresh_token(record.refresh_token)
+        token = await self._fetch(reason)
+        try:
+            written = await shared.write(version, self._record(token))
+        except SharedStoreUnavailable as e:
+            # The token is good: serve with it, and give it to Redis when it answers.
+            self._shared_down(e)
+            self._unsynced = True
+            return token
+        if written:
+            self._shared_version = version + 1
+        else:
+            # Only after the lock ran out under a very slow call: the newer record stays.
+            log.warning("oauth2_shared_write_lost", generation=token.generation)
+        return token
+
+    async def _reconcile(
+        self, shared: SharedTokens, version: int, record: SharedRecord | None
+    ) -> SharedRecord | None:
+        """The record, once tokens fetched here during an outage are in Redis (if nobody
+        wrote meanwhile: then the newest is theirs); None when it is not of our line."""
+        if self._unsynced:
+            current = self._current
+            if version == self._shared_version and current is not None:
+                mine = self._record(current)
+                written = await shared.write(version, mine)
+                self._unsynced = False
+                if written:
+                    self._shared_version = version + 1
+                    log.info("oauth2_shared_store_synced", generation=current.generation)
+                    return mine
+                version, record = await shared.read()
+            self._unsynced = False
+        self._shared_version = version
+        if record is not None and record.origin != self._origin:
+            # The config names another refresh token than the record descends from (an
+            # operator issued a new one): that one rules, as with the state file.
+            return None
+        return record
+
+    def _usable(self, record: SharedRecord | None, reason: str) -> bool:
+        if record is None or record.access_token == self._rejected:
+            return False
+        now = time.time()
+        if reason == "expiring":
+            # Due for a refresh: only a token newer than ours (another replica refreshed).
+            return now < record.refresh_at
+        return now < record.expires_at - 1.0
+
+    async def _adopt(self, record: SharedRecord, reason: str) -> AccessToken:
+        """Use the token another replica fetched, and its line's newest refresh token."""
+        if record.refresh_token is not None:
+            await self._take_refresh_token(record.refresh_token)
+        self._redact([record.access_token])
+        wall, mono = time.time(), self._monotonic()
+        self._generation += 1
+        log.info(
+            "oauth2_token_shared",
+            reason=reason,
+            generation=self._generation,
+            expires_in=round(record.expires_at - wall),
+        )
+        return AccessToken(
+            record.access_token,
+            mono - (wall - record.obtained_at),
+            mono + (record.expires_at - wall),
+            mono + (record.refresh_at - wall),
+            self._generation,
+        )
+
+    async def _take_refresh_token(self, new: str) -> None:
+        """The shared line's newest refresh token becomes ours (kept in the state file too,
+        for a restart while Redis is down)."""
+        if self.cfg.grant != "refresh_token" or new == self._refresh_token:
+            return
+        self._redact([new])
+        self._refresh_token = new
+        await self._save(new, self._origin)
+
+    def _record(self, token: AccessToken) -> SharedRecord:
+        wall, mono = time.time(), self._monotonic()
+        return SharedRecord(
+            token.value,
+            wall - (mono - token.obtained_at),
+            wall + (token.expires_at - mono),
+            wall + (token.refresh_at - mono),
+            self._refresh_token if self.cfg.grant == "refresh_token" else None,
+            self._origin,
+        )
+
+    def _shared_down(self, error: SharedStoreUnavailable) -> None:
+        self._shared_retry_at = self._monotonic() + SHARED_RETRY
+        if self._shared_error is None:
+            log.warning(
+                "oauth2_shared_store_unreachable",
+                error=str(error),
+                note="tokens are fetched by this process alone until it answers",
+            )
+        self._shared_error = str(error)
+
+    def _shared_up(self) -> None:
+        if self._shared_error is not None:
+            log.info("oauth2_shared_store_reachable")
+            self._shared_error = None
+
     async def _refresh(self, reason: str) -> AccessToken:
         epoch = self._epoch
         try:
-            token = await self._fetch(reason)
+            token = await self._obtain(reason)
         except ProxyError as e:
             if epoch == self._epoch:
                 self._fail(e)
@@ -353,9 +587,13 @@ class OAuth2Session:
         if origin != self._origin:
             return False  # a reload named another refresh token meanwhile: that one rules
         self._refresh_token = new
+        await self._save(new, origin)
+        return True
+
+    async def _save(self, new: str, origin: str) -> None:
         store = self._store
         if store is None:
-            return True
+            return
         try:
             await asyncio.to_thread(store.save, new, origin)
         except OSError as e:
@@ -366,7 +604,6 @@ class OAuth2Session:
         else:
             self._unsaved = None
             log.info("oauth2_refresh_token_saved", path=str(store.path))
-        return True
 
     def _fail(self, error: ProxyError) -> None:
         self._failure = error
@@ -444,12 +681,18 @@ class OAuth2Session:
     async def stop(self) -> None:
         if self._retry_task is not None:
             self._retry_task.cancel()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
         task = self._task
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, ProxyError):
                 await task
         await self._endpoint.close()
+        if self._shared is not None:
+            await self._shared.close()
 
     async def change(self, cfg: AuthConfig, endpoint: Upstream | None) -> None:
         """A reload with other token settings: forget the old token, fetch a new one."""
@@ -460,7 +703,10 @@ class OAuth2Session:
             await endpoint.start()
             self._endpoint = endpoint
         self._epoch += 1
+        shared = self._shared
         self._configure(cfg)
+        if shared is not None:
+            await shared.close()
         self._current = None
         self._failure = None
         self.ever_authenticated = False
@@ -547,4 +793,5 @@ def _token_settings(auth: AuthConfig) -> tuple[object, ...]:
         auth.client_auth,
         auth.state_key,
         auth.state_file,
+        auth.state_store,
     )

@@ -86,18 +86,43 @@ class StoredToken:
     saved_at: float
 
 
-class TokenStore:
-    def __init__(self, path: Path, keys: list[bytes], binding: str) -> None:
+class Sealer:
+    """AES-256-GCM with `auth.state_key`: the first key seals, every one is tried to open;
+    `context` is the associated data (what the sealed text belongs to)."""
+
+    def __init__(self, keys: list[bytes], context: bytes) -> None:
         if not keys:
             raise ValueError("a token store needs a key")
         # Imported here: `cryptography` costs ~7 MiB of RSS and ~20 ms at start-up, and
-        # only a refresh-token grant with a state file encrypts anything; parse_keys and
-        # the rest of this module are needed by every oauth2 config check.
+        # only a refresh-token grant with a state file (or a shared store) encrypts
+        # anything; parse_keys and the rest of this module are needed by every oauth2
+        # config check.
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        self.path = path
         self._keys = [AESGCM(k) for k in keys]
-        self._aad = _MAGIC + binding.encode()
+        self.context = context
+
+    def seal(self, plain: bytes) -> bytes:
+        """Nonce, then ciphertext and tag."""
+        nonce = secrets.token_bytes(_NONCE)
+        return nonce + self._keys[0].encrypt(nonce, plain, self.context)
+
+    def open(self, blob: bytes) -> bytes | None:
+        """The plain text; None when no key opens it (another key, another context, damage)."""
+        if len(blob) < _NONCE + 16:
+            return None
+        from cryptography.exceptions import InvalidTag  # loaded with AESGCM in __init__
+
+        for key in self._keys:
+            with contextlib.suppress(InvalidTag):
+                return bytes(key.decrypt(blob[:_NONCE], blob[_NONCE:], self.context))
+        return None
+
+
+class TokenStore:
+    def __init__(self, path: Path, keys: list[bytes], binding: str) -> None:
+        self.path = path
+        self._sealer = Sealer(keys, _MAGIC + binding.encode())
 
     def load(self) -> StoredToken | None:
         """The stored token; None when there is no file; StateUnreadable when it is unusable."""
@@ -111,15 +136,8 @@ class TokenStore:
         # The magic, a nonce and at least GCM's 16-byte tag, or it is not ours.
         if not blob.startswith(_MAGIC) or not len(_MAGIC) + _NONCE + 16 <= len(blob) <= _MAX_FILE:
             raise StateUnreadable(f"{self.path} is not an oauth2 state file")
-        nonce = blob[len(_MAGIC) : len(_MAGIC) + _NONCE]
-        sealed = blob[len(_MAGIC) + _NONCE :]
-        from cryptography.exceptions import InvalidTag  # loaded with AESGCM in __init__
-
-        for key in self._keys:
-            with contextlib.suppress(InvalidTag):
-                plain = key.decrypt(nonce, sealed, self._aad)
-                break
-        else:
+        plain = self._sealer.open(blob[len(_MAGIC) :])
+        if plain is None:
             raise StateUnreadable(
                 f"{self.path} does not decrypt with auth.state_key (another key, or another "
                 "integration's file)"
@@ -134,8 +152,7 @@ class TokenStore:
         """Write the token atomically (temporary file, fsync, rename; mode 0600). OSError
         when the disk refuses."""
         record = json.dumps({"refresh_token": refresh_token, "origin": origin, "at": time.time()})
-        nonce = secrets.token_bytes(_NONCE)
-        blob = _MAGIC + nonce + self._keys[0].encrypt(nonce, record.encode(), self._aad)
+        blob = _MAGIC + self._sealer.seal(record.encode())
         folder = self.path.parent
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkstemp creates the file 0600: the token is never readable by others, not even

@@ -16,11 +16,13 @@ from pathlib import Path
 from types import MappingProxyType
 
 from proxy.clock import ServerClock
-from proxy.config import AuthConfig, ConfigError, WindowConfig
+from proxy.config import AuthConfig, ConfigError, WindowConfig, mask_url_password
 from proxy.debugflag import DebugFlag
 from proxy.http.client import Upstream
 from proxy.limits import RateLimiter
 from proxy.observe.metrics import Metrics
+from proxy.redis_connect import RedisURLError
+from proxy.redis_connect import parse_url as parse_redis_url
 from proxy.schemes.base import AuthScheme
 
 # Each scheme's own module is imported by its check and build functions, not here: a
@@ -142,7 +144,6 @@ def _build_bearer(deps: SchemeDeps) -> AuthScheme:
 
 def _check_oauth2(auth: AuthConfig) -> None:
     from proxy.schemes.oauth2 import state_path
-    from proxy.schemes.oauth2_state import parse_keys
 
     if auth.auth_cookie:
         raise ConfigError(
@@ -167,6 +168,7 @@ def _check_oauth2(auth: AuthConfig) -> None:
         )
     if not (math.isfinite(auth.refresh_margin) and auth.refresh_margin >= 0):
         raise ConfigError(f"auth.refresh_margin: must be at least 0 (got {auth.refresh_margin})")
+    _check_state_store(auth)
     if auth.grant == "client_credentials":
         if auth.refresh_token is not None:
             raise ConfigError(
@@ -179,8 +181,35 @@ def _check_oauth2(auth: AuthConfig) -> None:
             "auth.refresh_token: required with auth.grant: refresh_token "
             "(set auth.refresh_token or auth.refresh_token_file)"
         )
-    if state_path(auth) is None:
+    if state_path(auth) is None and auth.state_store is None:
         return  # auth.state_file: "": kept in memory only, no key needed
+    _check_state_key(auth)
+
+
+def _check_state_store(auth: AuthConfig) -> None:
+    """auth.state_store: a Redis URL, and a key to seal what goes there."""
+    if auth.state_store is None:
+        return
+    try:
+        parse_redis_url(auth.state_store)
+    except RedisURLError as e:
+        # The URL masked: it may hold a password.
+        raise ConfigError(
+            f"auth.state_store: {e} (got {mask_url_password(auth.state_store)!r})"
+        ) from None
+    if auth.state_key is None or not auth.state_key.get():
+        # Tokens are secrets: nothing goes to Redis (its dump, its AOF) in clear.
+        raise ConfigError(
+            "auth.state_key: required with auth.state_store, to keep the shared tokens "
+            "encrypted in Redis (set auth.state_key, auth.state_key_file or "
+            "LUXSCI_PROXY_STATE_KEY; make one with: openssl rand -base64 32)"
+        )
+    _check_state_key(auth)
+
+
+def _check_state_key(auth: AuthConfig) -> None:
+    from proxy.schemes.oauth2_state import parse_keys
+
     if auth.state_key is None or not auth.state_key.get():
         # A rotated refresh token is a long-lived credential: never on disk in clear.
         raise ConfigError(
