@@ -87,8 +87,10 @@ def secrets_of(cfg: Config) -> list[str]:
     if cfg.access.client_token is not None:
         found.append(cfg.access.client_token.get())
     found += [c.token.get() for c in cfg.access.clients if c.token is not None]
-    for password in url_passwords(cfg.limits.redis_url):
-        found += [password, unquote(password)]
+    # Every Redis URL's passwords: the shared limits', the jobs store's, the OAuth tokens'.
+    for url in (cfg.limits.redis_url, cfg.jobs.store, auth.state_store):
+        for password in url_passwords(url or ""):
+            found += [password, unquote(password)]
     # The jobs' sealing keys and the callbacks' signing secret.
     found += [key.get() for key in cfg.jobs.keys if key.get()]
     if cfg.jobs.callback_secret is not None:

@@ -265,3 +265,28 @@ async def test_connect_makes_the_client_for_each_kind() -> None:
     assert sorted(cluster.nodes_manager.startup_nodes) == ["n1:7000", "n2:7001"]
     assert cluster.nodes_manager.connection_kwargs["password"] == "pw"
     await cluster.aclose()
+
+
+def test_secrets_of_collects_the_jobs_store_passwords() -> None:
+    cfg = parse(
+        MINIMAL + f"jobs: {{enabled: true, encrypt: false, store: '{SENTINEL_URL}'}}",
+        ENV,
+    )
+    assert {PASSWORD, "s3cr@t-pw", SENTINEL_PASSWORD} <= set(secrets_of(cfg))
+
+
+def test_secrets_of_collects_the_oauth_state_store_passwords() -> None:
+    key = "A" * 43 + "="
+    cfg = parse(
+        """
+upstream: {url: "https://api.example.com"}
+auth:
+  scheme: oauth2
+  token_url: https://auth.example.com/token
+  client_id: app
+  client_secret: client-secret-value
+"""
+        + f"  state_store: '{SENTINEL_URL}'\n  state_key: '{key}'\n",
+        ENV,
+    )
+    assert {PASSWORD, "s3cr@t-pw", SENTINEL_PASSWORD} <= set(secrets_of(cfg))
