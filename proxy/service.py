@@ -154,6 +154,9 @@ class ProxyService:
         # the reload leaves, never on a list it is still changing.
         self._changing = asyncio.Lock()
         self._stopping = False
+        # Integrations a reload removed, while they drain: out of the list (readiness,
+        # status), still within reach of a second stop signal.
+        self._retiring: set[Integration] = set()
 
     # -- the one integration of a config without `integrations:` (and the first of a list):
     # what callers of a single-integration service read.
@@ -472,8 +475,14 @@ class ProxyService:
         """An integration the new config leaves out: it stops accepting, its in-flight
         requests get shutdown_timeout to finish, then it closes."""
         integration = self.integrations.pop(name)
-        cut_off = await integration.drain(self.cfg.shutdown_timeout)
-        await integration.close(self._hurried)
+        self._retiring.add(integration)
+        if self._hurried.is_set():
+            integration.hurry()  # removed after the second signal: no grace either
+        try:
+            cut_off = await integration.drain(self.cfg.shutdown_timeout)
+            await integration.close(self._hurried)
+        finally:
+            self._retiring.discard(integration)
         self.process_metrics.remove(name)
         self.log.info("integration_removed", integration=name, cut_off=cut_off)
 
@@ -490,7 +499,7 @@ class ProxyService:
             return
         self._hurried.set()
         count = queued = inflight = 0
-        for integration in self.integrations.values():
+        for integration in [*self.integrations.values(), *self._retiring]:
             c, q, i = integration.hurry()
             count, queued, inflight = count + c, queued + q, inflight + i
         self.log.warning("shutdown_hurried", count=count, queued=queued, inflight=inflight)

@@ -265,3 +265,38 @@ async def test_a_reload_removes_one_after_draining_and_refuses_an_address_in_use
     rejected = [e for e in events if e["event"] == "config_reload_rejected"]
     assert [e["integration"] for e in rejected] == ["extra"]
     assert rejected[0]["error"].startswith("integrations[extra].listen: cannot listen on")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_a_second_stop_signal_cuts_short_the_drain_of_an_integration_a_reload_removes(
+    sandboxes: tuple[SandboxServer, SandboxServer],
+) -> None:
+    luxsci, oauth = sandboxes
+    text = "shutdown_timeout: 120\n" + two_integrations(luxsci, oauth)
+    stream = io.StringIO()
+    service = ProxyService(parse(text, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    crm = service.integrations["crm"]
+    # The API holds crm's request far longer than the test waits: only a cut ends it early.
+    oauth.sandbox.add_fault(delay=60.0, times=1, path_prefix=OAUTH_PATH)
+    async with aiohttp.ClientSession() as http:
+        slow = asyncio.create_task(fetch(http, f"http://127.0.0.1:{crm.port}{OAUTH_PATH}"))
+        await eventually(lambda: oauth.sandbox.stats.inflight == 1, within=10)
+        mail_only = text[: text.index("  - name: crm")]
+        reload = asyncio.create_task(service.reload(parse(mail_only, ENV)))
+        await eventually(lambda: crm.forwarder.draining, within=10)
+        stop = asyncio.create_task(service.stop())  # the first signal: waits for the reload
+        await eventually(lambda: service._stopping, within=10)
+        service.hurry()  # the second: cuts off what is still in any pipeline
+        status, body = await asyncio.wait_for(slow, timeout=30)
+        await asyncio.wait_for(asyncio.gather(reload, stop), timeout=30)
+    assert status == 503 and body["success"] == 0
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+    removed = [e for e in events if e["event"] == "integration_removed"]
+    assert [(e["integration"], e["cut_off"]) for e in removed] == [("crm", 1)]
