@@ -442,6 +442,12 @@ class ProxyService:
             cut_off = await old.drain(self.cfg.shutdown_timeout)
             await old.close(self._hurried)
             same = _address(view) == _address(old.cfg)
+            if not same and handed is not None and view.listen.port == old.port:
+                # The same port on another host (127.0.0.1 -> 0.0.0.0, or -> localhost):
+                # the old socket, kept for a resume, would hold the port the new one binds.
+                # Released first; a resume then binds the old address afresh.
+                handed.close()
+                handed = None
             try:
                 new = await self._launch(view, old.metrics, handed if same else None)
             except Exception as e:

@@ -274,6 +274,37 @@ def _free_port() -> int:
         return port
 
 
+async def test_a_host_change_on_the_same_port_replaces_the_integration(
+    sandboxes: tuple[SandboxServer, SandboxServer],
+) -> None:
+    # 127.0.0.1 -> localhost on one port: the new listener binds what the old socket, kept
+    # for a resume, still held, so the move was always refused (EADDRINUSE).
+    luxsci, oauth = sandboxes
+    port = _free_port()
+    text = two_integrations(luxsci, oauth).replace(
+        "  - name: mail\n    listen: {port: 0}",
+        f"  - name: mail\n    listen: {{host: 127.0.0.1, port: {port}}}",
+    )
+    stream = io.StringIO()
+    service = ProxyService(parse(text, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    try:
+        moved = text.replace(f"host: 127.0.0.1, port: {port}", f"host: localhost, port: {port}")
+        await service.reload(parse(moved, ENV))
+        assert service.last_reload.refused == ()
+        assert service.last_reload.successful is True
+        mail = service.integrations["mail"]
+        assert mail.cfg.listen.host == "localhost" and mail.port == port
+        async with aiohttp.ClientSession() as http:
+            status, body = await fetch(http, f"http://127.0.0.1:{port}{LUXSCI_PATH}")
+        assert status == 200 and body["success"] == 1
+    finally:
+        await service.stop()
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+    assert not [e for e in events if e["event"] == "config_reload_rejected"]
+    assert [e["changed"] for e in events if e["event"] == "integration_replaced"] == [["listen"]]
+
+
 async def test_a_second_stop_signal_cuts_short_the_drain_of_an_integration_a_reload_removes(
     sandboxes: tuple[SandboxServer, SandboxServer],
 ) -> None:
