@@ -25,6 +25,8 @@ from proxy.config import (
     Config,
     ConfigError,
     IntegrationConfig,
+    check_integrations,
+    check_scheme_state,
     integrations_of,
     url_passwords,
 )
@@ -348,6 +350,8 @@ class ProxyService:
                 "integrations: a reload cannot turn a config without integrations: into "
                 "one with it, or back (the one integration's state would move); restart"
             )
+        if new.refused:
+            self._check_beside_refused(new)
         # Logging first, so the reload's own events follow the new settings.
         self.logs.configure(new.logging.level, new.logging.format, secrets_of(new))
         if not new.integrations:
@@ -355,6 +359,20 @@ class ProxyService:
             self.cfg = self.first.cfg
             return restart, []
         return await self._reload_listed(old, new)
+
+    def _check_beside_refused(self, new: Config) -> None:
+        """The entries a reload applies, checked beside the refused ones that keep running
+        as they were (config.build checked them only among themselves): no address or
+        state of a running integration may go to another."""
+        kept = [
+            _entry(self.integrations[name].cfg)
+            for name, _ in new.refused
+            if name in self.integrations
+        ]
+        # The running ones first: an error names the new entry that would take their own.
+        entries = (*kept, *new.integrations)
+        check_integrations(entries)
+        check_scheme_state(integrations_of(dataclasses.replace(new, integrations=entries)))
 
     async def _reload_listed(self, old: Config, new: Config) -> tuple[list[str], list[str]]:
         restart = ["admin"] if new.admin != old.admin else []

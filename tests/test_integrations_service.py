@@ -8,6 +8,7 @@ import io
 import json
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ import pytest
 from conftest import SECRET, TOKEN, USER, MakeSandbox, eventually
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, parse
+from proxy.config import Config, ConfigError, parse
 from proxy.observe.log import Logs
 from proxy.sandbox import SandboxServer, SandboxWindow
 from proxy.sandbox.config import OAuthSettings
@@ -331,3 +332,44 @@ async def test_a_second_stop_signal_cuts_short_the_drain_of_an_integration_a_rel
     events = [json.loads(line) for line in stream.getvalue().splitlines() if line]
     removed = [e for e in events if e["event"] == "integration_removed"]
     assert [(e["integration"], e["cut_off"]) for e in removed] == [("crm", 1)]
+
+
+def lenient(text: str) -> Config:
+    """A reload's config (cli.cmd_run: build(..., lenient=True)): bad entries refused."""
+    from proxy.config import build, file_values, read_yaml
+
+    return build(file_values(read_yaml(text, "reload"), ENV, None), lenient=True)
+
+
+async def test_a_new_entry_may_not_take_the_state_of_one_whose_section_was_refused(
+    sandboxes: tuple[SandboxServer, SandboxServer], tmp_path: Path
+) -> None:
+    # crm keeps running on its old section when its new one is refused: a new entry naming
+    # crm's day-count file would count into the file crm still writes.
+    luxsci, oauth = sandboxes
+    day_file = tmp_path / "crm-day.json"
+    text = two_integrations(luxsci, oauth)
+    crm_at = text.index("  - name: crm")
+    crm = text[crm_at:].replace('state_file: ""', f'state_file: "{day_file}"')
+    start = text[:crm_at] + crm
+    stream = io.StringIO()
+    service = ProxyService(parse(start, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    try:
+        billing = (
+            "  - name: billing\n"
+            "    listen: {port: 0}\n"
+            f'    upstream: {{url: "{luxsci.url}", allow_insecure: true}}\n'
+            '    auth: {token: "${TOKEN}", secret: "${SECRET}"}\n'
+            f'    limits: {{state_file: "{day_file}"}}\n'
+        )
+        bad_crm = crm.replace("queue: {max_wait: 60}", "queue: {max_wait: 60, max_size: 0}")
+        new = lenient(text[:crm_at] + bad_crm + billing)
+        assert new.refused and new.refused[0][0] == "crm"
+        with pytest.raises(ConfigError, match=r"integrations\[billing\]\.limits\.state_file"):
+            await service.reload(new)
+        assert set(service.integrations) == {"mail", "crm"}
+        assert service.integrations["crm"].cfg.limits.state_file == str(day_file)
+        assert service.last_reload.successful is False
+    finally:
+        await service.stop()
