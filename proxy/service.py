@@ -372,7 +372,8 @@ class ProxyService:
         # The running ones first: an error names the new entry that would take their own.
         entries = (*kept, *new.integrations)
         check_integrations(entries)
-        check_scheme_state(integrations_of(dataclasses.replace(new, integrations=entries)))
+        views = integrations_of(dataclasses.replace(new, integrations=entries))
+        check_scheme_state(views, self.schemes)
 
     async def _reload_listed(self, old: Config, new: Config) -> tuple[list[str], list[str]]:
         restart = ["admin"] if new.admin != old.admin else []
