@@ -242,10 +242,11 @@ class ProxyService:
         }
         return {"ready": all(d["ready"] for d in every.values()), "integrations": every}
 
-    def reload_refused(self, refused: tuple[str, ...] = ()) -> None:
-        """A SIGHUP's config did not load (or some integrations' sections did not): what
-        was refused stays as it was, and the metrics say so."""
-        self.last_reload = dataclasses.replace(self.last_reload, successful=False, refused=refused)
+    def reload_refused(self) -> None:
+        """A SIGHUP's config did not load, or was refused whole: nothing changed, and the
+        metrics say so. Integrations an earlier reload refused alone still run their old
+        sections: they stay flagged until a reload applies whole."""
+        self.last_reload = dataclasses.replace(self.last_reload, successful=False)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every integration is. Without `integrations:`, the one integration's

@@ -373,3 +373,42 @@ async def test_a_new_entry_may_not_take_the_state_of_one_whose_section_was_refus
         assert service.last_reload.successful is False
     finally:
         await service.stop()
+
+
+async def test_an_integration_refused_alone_stays_flagged_through_a_reload_refused_whole(
+    sandboxes: tuple[SandboxServer, SandboxServer],
+) -> None:
+    # README: refused{integration} stays 1 until a reload applies whole. A reload refused
+    # whole changes nothing, so crm still runs its old section and must stay flagged.
+    luxsci, oauth = sandboxes
+    text = two_integrations(luxsci, oauth)
+    stream = io.StringIO()
+    service = ProxyService(parse(text, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    flagged = 'luxsci_proxy_config_last_reload_refused{integration="crm"} 1.0'
+
+    async def scrape() -> str:
+        url = f"http://127.0.0.1:{service.admin_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            return await resp.text()
+
+    try:
+        bad_crm = text.replace(
+            "client_id: crm-client\n", "client_id: crm-client\n      client_auth: bogus\n"
+        )
+        await service.reload(lenient(bad_crm))
+        assert service.last_reload.refused == ("crm",)
+        assert flagged in await scrape()
+        # A reload refused whole (here: switching forms), then a file that does not load.
+        single = parse('admin: {port: 0}\nauth: {token: "${TOKEN}", secret: "${SECRET}"}\n', ENV)
+        with pytest.raises(ConfigError, match="restart"):
+            await service.reload(single)
+        assert flagged in await scrape()
+        service.reload_refused()
+        assert flagged in await scrape()
+        assert "luxsci_proxy_config_last_reload_successful 0.0" in await scrape()
+        # A reload that applies whole clears it.
+        await service.reload(parse(text, ENV))
+        assert flagged not in await scrape()
+    finally:
+        await service.stop()
