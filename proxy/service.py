@@ -25,6 +25,8 @@ from proxy.config import (
     Config,
     ConfigError,
     IntegrationConfig,
+    check_integrations,
+    check_scheme_state,
     integrations_of,
     url_passwords,
 )
@@ -156,6 +158,9 @@ class ProxyService:
         # the reload leaves, never on a list it is still changing.
         self._changing = asyncio.Lock()
         self._stopping = False
+        # Integrations a reload removed, while they drain: out of the list (readiness,
+        # status), still within reach of a second stop signal.
+        self._retiring: set[Integration] = set()
 
     # -- the one integration of a config without `integrations:` (and the first of a list):
     # what callers of a single-integration service read.
@@ -239,10 +244,11 @@ class ProxyService:
         }
         return {"ready": all(d["ready"] for d in every.values()), "integrations": every}
 
-    def reload_refused(self, refused: tuple[str, ...] = ()) -> None:
-        """A SIGHUP's config did not load (or some integrations' sections did not): what
-        was refused stays as it was, and the metrics say so."""
-        self.last_reload = dataclasses.replace(self.last_reload, successful=False, refused=refused)
+    def reload_refused(self) -> None:
+        """A SIGHUP's config did not load, or was refused whole: nothing changed, and the
+        metrics say so. Integrations an earlier reload refused alone still run their old
+        sections: they stay flagged until a reload applies whole."""
+        self.last_reload = dataclasses.replace(self.last_reload, successful=False)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every integration is. Without `integrations:`, the one integration's
@@ -347,6 +353,8 @@ class ProxyService:
                 "integrations: a reload cannot turn a config without integrations: into "
                 "one with it, or back (the one integration's state would move); restart"
             )
+        if new.refused:
+            self._check_beside_refused(new)
         # Logging first, so the reload's own events follow the new settings.
         self.logs.configure(new.logging.level, new.logging.format, secrets_of(new))
         if not new.integrations:
@@ -354,6 +362,21 @@ class ProxyService:
             self.cfg = self.first.cfg
             return restart, []
         return await self._reload_listed(old, new)
+
+    def _check_beside_refused(self, new: Config) -> None:
+        """The entries a reload applies, checked beside the refused ones that keep running
+        as they were (config.build checked them only among themselves): no address or
+        state of a running integration may go to another."""
+        kept = [
+            _entry(self.integrations[name].cfg)
+            for name, _ in new.refused
+            if name in self.integrations
+        ]
+        # The running ones first: an error names the new entry that would take their own.
+        entries = (*kept, *new.integrations)
+        check_integrations(entries)
+        views = integrations_of(dataclasses.replace(new, integrations=entries))
+        check_scheme_state(views, self.schemes)
 
     async def _reload_listed(self, old: Config, new: Config) -> tuple[list[str], list[str]]:
         restart = ["admin"] if new.admin != old.admin else []
@@ -441,6 +464,12 @@ class ProxyService:
             cut_off = await old.drain(self.cfg.shutdown_timeout)
             await old.close(self._hurried)
             same = _address(view) == _address(old.cfg)
+            if not same and handed is not None and view.listen.port == old.port:
+                # The same port on another host (127.0.0.1 -> 0.0.0.0, or -> localhost):
+                # the old socket, kept for a resume, would hold the port the new one binds.
+                # Released first; a resume then binds the old address afresh.
+                handed.close()
+                handed = None
             try:
                 new = await self._launch(view, old.metrics, handed if same else None)
             except Exception as e:
@@ -474,8 +503,14 @@ class ProxyService:
         """An integration the new config leaves out: it stops accepting, its in-flight
         requests get shutdown_timeout to finish, then it closes."""
         integration = self.integrations.pop(name)
-        cut_off = await integration.drain(self.cfg.shutdown_timeout)
-        await integration.close(self._hurried)
+        self._retiring.add(integration)
+        if self._hurried.is_set():
+            integration.hurry()  # removed after the second signal: no grace either
+        try:
+            cut_off = await integration.drain(self.cfg.shutdown_timeout)
+            await integration.close(self._hurried)
+        finally:
+            self._retiring.discard(integration)
         self.process_metrics.remove(name)
         self.log.info("integration_removed", integration=name, cut_off=cut_off)
 
@@ -492,7 +527,7 @@ class ProxyService:
             return
         self._hurried.set()
         count = queued = inflight = 0
-        for integration in self.integrations.values():
+        for integration in [*self.integrations.values(), *self._retiring]:
             c, q, i = integration.hurry()
             count, queued, inflight = count + c, queued + q, inflight + i
         self.log.warning("shutdown_hurried", count=count, queued=queued, inflight=inflight)

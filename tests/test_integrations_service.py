@@ -8,6 +8,7 @@ import io
 import json
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ import pytest
 from conftest import SECRET, TOKEN, USER, MakeSandbox, eventually
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, parse
+from proxy.config import Config, ConfigError, parse
 from proxy.observe.log import Logs
 from proxy.sandbox import SandboxServer, SandboxWindow
 from proxy.sandbox.config import OAuthSettings
@@ -265,3 +266,149 @@ async def test_a_reload_removes_one_after_draining_and_refuses_an_address_in_use
     rejected = [e for e in events if e["event"] == "config_reload_rejected"]
     assert [e["integration"] for e in rejected] == ["extra"]
     assert rejected[0]["error"].startswith("integrations[extra].listen: cannot listen on")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_a_host_change_on_the_same_port_replaces_the_integration(
+    sandboxes: tuple[SandboxServer, SandboxServer],
+) -> None:
+    # 127.0.0.1 -> localhost on one port: the new listener binds what the old socket, kept
+    # for a resume, still held, so the move was always refused (EADDRINUSE).
+    luxsci, oauth = sandboxes
+    port = _free_port()
+    text = two_integrations(luxsci, oauth).replace(
+        "  - name: mail\n    listen: {port: 0}",
+        f"  - name: mail\n    listen: {{host: 127.0.0.1, port: {port}}}",
+    )
+    stream = io.StringIO()
+    service = ProxyService(parse(text, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    try:
+        moved = text.replace(f"host: 127.0.0.1, port: {port}", f"host: localhost, port: {port}")
+        await service.reload(parse(moved, ENV))
+        assert service.last_reload.refused == ()
+        assert service.last_reload.successful is True
+        mail = service.integrations["mail"]
+        assert mail.cfg.listen.host == "localhost" and mail.port == port
+        async with aiohttp.ClientSession() as http:
+            status, body = await fetch(http, f"http://127.0.0.1:{port}{LUXSCI_PATH}")
+        assert status == 200 and body["success"] == 1
+    finally:
+        await service.stop()
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+    assert not [e for e in events if e["event"] == "config_reload_rejected"]
+    assert [e["changed"] for e in events if e["event"] == "integration_replaced"] == [["listen"]]
+
+
+async def test_a_second_stop_signal_cuts_short_the_drain_of_an_integration_a_reload_removes(
+    sandboxes: tuple[SandboxServer, SandboxServer],
+) -> None:
+    luxsci, oauth = sandboxes
+    text = "shutdown_timeout: 120\n" + two_integrations(luxsci, oauth)
+    stream = io.StringIO()
+    service = ProxyService(parse(text, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    crm = service.integrations["crm"]
+    # The API holds crm's request far longer than the test waits: only a cut ends it early.
+    oauth.sandbox.add_fault(delay=60.0, times=1, path_prefix=OAUTH_PATH)
+    async with aiohttp.ClientSession() as http:
+        slow = asyncio.create_task(fetch(http, f"http://127.0.0.1:{crm.port}{OAUTH_PATH}"))
+        await eventually(lambda: oauth.sandbox.stats.inflight == 1, within=10)
+        mail_only = text[: text.index("  - name: crm")]
+        reload = asyncio.create_task(service.reload(parse(mail_only, ENV)))
+        await eventually(lambda: crm.forwarder.draining, within=10)
+        stop = asyncio.create_task(service.stop())  # the first signal: waits for the reload
+        await eventually(lambda: service._stopping, within=10)
+        service.hurry()  # the second: cuts off what is still in any pipeline
+        status, body = await asyncio.wait_for(slow, timeout=30)
+        await asyncio.wait_for(asyncio.gather(reload, stop), timeout=30)
+    assert status == 503 and body["success"] == 0
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+    removed = [e for e in events if e["event"] == "integration_removed"]
+    assert [(e["integration"], e["cut_off"]) for e in removed] == [("crm", 1)]
+
+
+def lenient(text: str) -> Config:
+    """A reload's config (cli.cmd_run: build(..., lenient=True)): bad entries refused."""
+    from proxy.config import build, file_values, read_yaml
+
+    return build(file_values(read_yaml(text, "reload"), ENV, None), lenient=True)
+
+
+async def test_a_new_entry_may_not_take_the_state_of_one_whose_section_was_refused(
+    sandboxes: tuple[SandboxServer, SandboxServer], tmp_path: Path
+) -> None:
+    # crm keeps running on its old section when its new one is refused: a new entry naming
+    # crm's day-count file would count into the file crm still writes.
+    luxsci, oauth = sandboxes
+    day_file = tmp_path / "crm-day.json"
+    text = two_integrations(luxsci, oauth)
+    crm_at = text.index("  - name: crm")
+    crm = text[crm_at:].replace('state_file: ""', f'state_file: "{day_file}"')
+    start = text[:crm_at] + crm
+    stream = io.StringIO()
+    service = ProxyService(parse(start, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    try:
+        billing = (
+            "  - name: billing\n"
+            "    listen: {port: 0}\n"
+            f'    upstream: {{url: "{luxsci.url}", allow_insecure: true}}\n'
+            '    auth: {token: "${TOKEN}", secret: "${SECRET}"}\n'
+            f'    limits: {{state_file: "{day_file}"}}\n'
+        )
+        bad_crm = crm.replace("queue: {max_wait: 60}", "queue: {max_wait: 60, max_size: 0}")
+        new = lenient(text[:crm_at] + bad_crm + billing)
+        assert new.refused and new.refused[0][0] == "crm"
+        with pytest.raises(ConfigError, match=r"integrations\[billing\]\.limits\.state_file"):
+            await service.reload(new)
+        assert set(service.integrations) == {"mail", "crm"}
+        assert service.integrations["crm"].cfg.limits.state_file == str(day_file)
+        assert service.last_reload.successful is False
+    finally:
+        await service.stop()
+
+
+async def test_an_integration_refused_alone_stays_flagged_through_a_reload_refused_whole(
+    sandboxes: tuple[SandboxServer, SandboxServer],
+) -> None:
+    # README: refused{integration} stays 1 until a reload applies whole. A reload refused
+    # whole changes nothing, so crm still runs its old section and must stay flagged.
+    luxsci, oauth = sandboxes
+    text = two_integrations(luxsci, oauth)
+    stream = io.StringIO()
+    service = ProxyService(parse(text, ENV), Logs("info", "json", [SECRET, CLIENT_SECRET], stream))
+    await service.start()
+    flagged = 'luxsci_proxy_config_last_reload_refused{integration="crm"} 1.0'
+
+    async def scrape() -> str:
+        url = f"http://127.0.0.1:{service.admin_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            return await resp.text()
+
+    try:
+        bad_crm = text.replace(
+            "client_id: crm-client\n", "client_id: crm-client\n      client_auth: bogus\n"
+        )
+        await service.reload(lenient(bad_crm))
+        assert service.last_reload.refused == ("crm",)
+        assert flagged in await scrape()
+        # A reload refused whole (here: switching forms), then a file that does not load.
+        single = parse('admin: {port: 0}\nauth: {token: "${TOKEN}", secret: "${SECRET}"}\n', ENV)
+        with pytest.raises(ConfigError, match="restart"):
+            await service.reload(single)
+        assert flagged in await scrape()
+        service.reload_refused()
+        assert flagged in await scrape()
+        assert "luxsci_proxy_config_last_reload_successful 0.0" in await scrape()
+        # A reload that applies whole clears it.
+        await service.reload(parse(text, ENV))
+        assert flagged not in await scrape()
+    finally:
+        await service.stop()

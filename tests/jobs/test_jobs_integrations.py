@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 from conftest import SECRET, TOKEN, USER, MakeSandbox
-from jobs_helpers import KEY, submit, until_done
+from jobs_helpers import KEY, durable_redis, submit, until_done
 
 from proxy.config import parse
 from proxy.observe.access_record import AccessRecord
@@ -20,7 +20,7 @@ from proxy.service import ProxyService
 NAMES = ("mail", "bulk")
 
 
-def config(upstream: str, tmp_path: Path) -> str:
+def config(upstream: str, tmp_path: Path, store: str | None = None) -> str:
     sections = "".join(
         f"""
   - name: {name}
@@ -29,7 +29,7 @@ def config(upstream: str, tmp_path: Path) -> str:
     auth: {{token: "${{TOKEN}}", secret: "${{SECRET}}"}}
     limits: {{state_file: ""}}
     retry: {{backoff_base: 0.01, backoff_max: 0.05}}
-    jobs: {{enabled: true, keys: ["${{JOBS_KEY}}"], store: "{tmp_path / name}.db"}}
+    jobs: {{enabled: true, keys: ["${{JOBS_KEY}}"], store: "{store or f"{tmp_path / name}.db"}"}}
 """
         for name in NAMES
     )
@@ -82,3 +82,41 @@ async def test_a_jobs_attempts_carry_the_integration_that_runs_it(
         finished = [e for e in events if e.get("job_id") == ids[name]]
         assert retries and {e.get("integration") for e in retries} == {name}
         assert finished and {e.get("integration") for e in finished} == {name}
+
+
+async def test_integrations_keep_their_jobs_apart_on_one_redis_server(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    # The Redis store names its keys after each integration: one server (a Cluster has no
+    # other database to give each) holds both integrations' jobs, each seeing its own.
+    sandbox = await make_sandbox()
+    redis = durable_redis(tmp_path / "redis")
+    try:
+        text = config(sandbox.url, tmp_path, store=redis.url)
+        cfg = parse(text, {"TOKEN": TOKEN, "SECRET": SECRET, "JOBS_KEY": KEY})
+        service = ProxyService(cfg, Logs("info", "json", [SECRET, KEY], io.StringIO()))
+        await service.start()
+        try:
+            bases = {name: f"http://127.0.0.1:{service.integrations[name].port}" for name in NAMES}
+            ids = {}
+            async with aiohttp.ClientSession() as http:
+                for name in NAMES:
+                    path = f"/perl/api/v2/user/{USER}/profile?from={name}"
+                    status, _, body = await submit(http, bases[name], "GET", path)
+                    assert status == 202, body
+                    ids[name] = body["id"]
+                    done = await until_done(http, bases[name], body["id"])
+                    assert done["state"] == "succeeded"
+                # Each integration finds its own job and not the other's.
+                mail, bulk = NAMES
+                for name, other in ((mail, bulk), (bulk, mail)):
+                    own = f"{bases[name]}/_proxy/jobs/{ids[name]}"
+                    theirs = f"{bases[name]}/_proxy/jobs/{ids[other]}"
+                    async with http.get(own) as resp:
+                        assert resp.status == 200
+                    async with http.get(theirs) as resp:
+                        assert resp.status == 404
+        finally:
+            await service.stop()
+    finally:
+        redis.stop()
