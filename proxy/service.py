@@ -256,7 +256,9 @@ class ProxyService:
         if not self.cfg.integrations:
             return self.first.readiness()
         checks: dict[str, Any] = {}
-        ready = True
+        # None left (a failed replacement whose old section could not resume either):
+        # nothing serves, so not ready.
+        ready = bool(self.integrations)
         for name, integration in self.integrations.items():
             ok, its = integration.readiness()
             checks[name] = {"ready": ok, "checks": its}

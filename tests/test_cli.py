@@ -522,8 +522,10 @@ retry: {{max_attempts: 3, max_time: 20, backoff_base: 0.5, backoff_max: 4}}
 logging: {{level: debug, format: console, log_bodies: true, redact_paths: true}}
 jobs:
   enabled: true
-  store: {tmp_path / "jobs.db"}
+  store: redis://app:{REDIS_PASSWORD}@redis.internal:6379/1
   visibility_timeout: 30
+  redis_min_replicas: 1
+  redis_replica_timeout: 0.5
   path_prefix: /_jobs
   encrypt: true
   keys_file: {keys_file}

@@ -208,6 +208,19 @@ async def test_readyz_lists_each_integration_and_answers_for_one_alone(
     finally:
         running.service.integrations["mail"].forwarder.drain.draining = False
 
+    # None left running (a replacement whose old section could not resume either): the
+    # process serves nothing, so it is not ready, whatever `all()` of no checks would say.
+    kept = dict(running.service.integrations)
+    running.service.integrations.clear()
+    try:
+        status, body = await fetch(http, running.admin + "/readyz")
+        assert status == 503 and body["ready"] is False
+        async with http.get(running.admin + "/", allow_redirects=False) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error_message"] == "no integration runs"
+    finally:
+        running.service.integrations.update(kept)
+
 
 async def test_status_json_shows_each_integration_and_the_page_one_at_a_time(
     running: Running, http: aiohttp.ClientSession

@@ -71,7 +71,10 @@ async def metrics(request: web.Request) -> web.Response:
 def _no_integration(name: str) -> web.Response:
     # The proxy's usual error shape (proxy/errors.py), as on the proxy port.
     return web.json_response(
-        {"success": 0, "error_message": f"no integration named {name!r}"},
+        {
+            "success": 0,
+            "error_message": f"no integration named {name!r}" if name else "no integration runs",
+        },
         status=404,
         headers={"X-Proxy-Error": "unknown_integration"},
     )
@@ -89,7 +92,9 @@ async def status_page(request: web.Request) -> web.Response:
     if "proxy" not in data:
         # Several integrations: the page shows one at a time (its script reads that
         # one's status.json), with links to the others; the first to begin with.
-        first = next(iter(data["integrations"]))
+        first = next(iter(data["integrations"]), None)
+        if first is None:
+            return _no_integration("")
         raise web.HTTPFound(f"?integration={first}")
     page = status.render_html(data)
     headers = {**_NO_STORE, "Content-Security-Policy": status.CONTENT_SECURITY_POLICY}
