@@ -161,6 +161,8 @@ class ProxyService:
         # Integrations a reload removed, while they drain: out of the list (readiness,
         # status), still within reach of a second stop signal.
         self._retiring: set[Integration] = set()
+        # Integrations a reload is replacing (old one draining, new one not started yet).
+        self._replacing: set[str] = set()
 
     # -- the one integration of a config without `integrations:` (and the first of a list):
     # what callers of a single-integration service read.
@@ -261,6 +263,12 @@ class ProxyService:
         ready = bool(self.integrations)
         for name, integration in self.integrations.items():
             ok, its = integration.readiness()
+            if name in self._replacing:
+                # A deliberate pause of one integration (its clients wait in the listen
+                # backlog) must not make the whole process unready: an orchestrator would
+                # take every integration out of service for it. It says so on its own.
+                checks[name] = {"ready": False, "replacing": True, "checks": its}
+                continue
             checks[name] = {"ready": ok, "checks": its}
             ready = ready and ok
         return ready, checks
@@ -462,6 +470,7 @@ class ProxyService:
         name = old.name
         self.log.info("integration_replacing", integration=name, changed=changed)
         handed = old.listener.handover()
+        self._replacing.add(name)
         try:
             cut_off = await old.drain(self.cfg.shutdown_timeout)
             await old.close(self._hurried)
@@ -479,6 +488,7 @@ class ProxyService:
                 await self._resume(old, handed)
                 return error
         finally:
+            self._replacing.discard(name)
             if handed is not None:
                 handed.close()
         self.integrations[name] = new

@@ -94,6 +94,8 @@ def test_a_new_upstream_takes_new_requests_while_the_one_in_flight_finishes_on_t
 
             path.write_text(config(admin, entry("a", a, new_api), entry("b", b, old_api)))
             proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: ready(admin, "a") != 200)  # a drains for its replacement...
+            assert ready(admin) == 200  # ...a deliberate pause: the process stays ready
             slow.join(timeout=30)
             assert answers and answers[0][0] == 200  # finished, on the old API
 
