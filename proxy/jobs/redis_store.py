@@ -601,7 +601,10 @@ class RedisStore:
                 log.error("jobs_store_failed", operation="heartbeat", error=str(e))
                 continue
             for raw in lost:
-                self._held.pop(bytes(raw).decode(), None)
+                job_id = bytes(raw).decode()
+                # Only the entry asked about: `due` may have taken it again meanwhile.
+                if self._held.get(job_id) == held.get(job_id):
+                    self._held.pop(job_id, None)
 
     @staticmethod
     def _pairs(held: dict[str, bytes]) -> list[Any]:
@@ -813,7 +816,10 @@ class RedisStore:
 
     async def due(self, now: float, limit: int, skip: Sequence[str] = ()) -> list[Job]:
         """Jobs for this replica to run, oldest first: it holds them until it settles or
-        re-queues them (`skip` is moot: the group never hands an entry out twice)."""
+        re-queues them. The group never hands an entry out twice, but a job taken over
+        (its heartbeat lost past the timeout) is put in line under a new entry and may
+        come back here while `skip` (the runner's hands) still has it: held under the
+        new entry, not returned, or two workers would send it."""
         if limit <= 0:
             return []
         reply = await self._run("take", _num(now), limit)
@@ -823,7 +829,8 @@ class RedisStore:
             if job is None:
                 continue  # reported; it stays with this replica until reclaimed
             self._held[job.id] = bytes(entry)
-            jobs.append(job)
+            if job.id not in skip:
+                jobs.append(job)
         return jobs
 
     async def next_due(self, skip: Sequence[str] = ()) -> float | None:

@@ -349,3 +349,31 @@ async def test_min_replicas_refuses_a_submission_no_replica_confirms(
             replica.stop()
     finally:
         await lonely.close()
+
+
+async def test_a_job_taken_over_while_in_this_replicas_hands_is_not_handed_to_it_twice(
+    server: RedisServer, raw: redis.asyncio.Redis
+) -> None:
+    """The heartbeat lost past the visibility timeout (Redis away that long) while a job
+    waits in this replica's queue: the take-over puts it back in line, and this replica may
+    read it again. The runner passes the jobs in its hands as `skip`; returning one of them
+    again made two workers send it (both marks pass: the holder is this replica)."""
+    # No heartbeat: as if every one had failed while Redis was away.
+    store = await opened(server, visibility=0.3, runner=False)
+    try:
+        await store.submit(new(1, "POST"))
+        [job] = await store.due(time.time(), 10)
+        key = f"{{luxsci-proxy:jobs:{NAME}}}:job:{job.id}"
+        first = await raw.hget(key, "entry")
+        deadline = time.monotonic() + 20
+        while await raw.hget(key, "entry") == first:
+            assert time.monotonic() < deadline, "the job was never taken over"
+            await store.reclaim(time.time())
+            await asyncio.sleep(0.05)
+        # Back in line, and this replica reads it again: held under its new entry (kept
+        # fresh from now on), not handed out a second time.
+        assert await store.due(time.time(), 10, skip=(job.id,)) == []
+        assert store.held() == {job.id: await raw.hget(key, "entry")}
+        assert await store.mark_running(job.id, time.time())
+    finally:
+        await store.close()
