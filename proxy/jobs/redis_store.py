@@ -44,7 +44,7 @@ from urllib.parse import quote
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from proxy.jobs.errors import StoreError
+from proxy.jobs.errors import StoreError, Unconfirmed
 from proxy.jobs.model import TERMINAL, Job, State
 from proxy.jobs.store import PURGE_SLICE, NewJob, Stats, Submitted
 from proxy.pipeline.retry import IDEMPOTENT
@@ -86,6 +86,12 @@ _BLOBS = ("request", "response", "callback")
 _UNKNOWN_AFTER_CRASH = (
     "the replica running this request stopped while it was in flight; it may or may not "
     "have been carried out, so it is not sent again (luxsci-proxy jobs retry sends it again)"
+)
+
+
+_UNCONFIRMED = (
+    "not sent: too few Redis replicas confirmed it was running (jobs.redis_min_replicas); "
+    "it goes again"
 )
 
 
@@ -313,6 +319,24 @@ redis.call('HSET', k, 'next_attempt_at', ARGV[5])
 return 1
 """
 
+# ARGV: id, now, error. A running mark the replicas did not confirm: the request was not
+# sent, so the job goes back in line (as not attempted) rather than waiting, `running`,
+# for the take-over, which would end a POST `outcome_unknown`.
+_UNMARK = """
+local id = ARGV[4]
+local k = jk(id)
+if redis.call('HGET', k, 'state') ~= 'running' or redis.call('HGET', k, 'holder') ~= ME then
+  return 0
+end
+restate(id, 'queued')
+redis.call('HINCRBY', k, 'attempts', -1)
+unentry(id)
+redis.call('HSET', k, 'next_attempt_at', ARGV[5])
+put(k, 'last_error', ARGV[6])
+redis.call('ZADD', P .. ':delayed', ARGV[5], id)
+return 1
+"""
+
 # ARGV: id, state, now, status, response, error.
 _FINISH = """
 local id = ARGV[4]
@@ -450,6 +474,7 @@ _SCRIPTS = {
     "heartbeat": _HEARTBEAT,
     "release": _RELEASE,
     "mark_running": _MARK_RUNNING,
+    "unmark": _UNMARK,
     "finish": _FINISH,
     "requeue": _REQUEUE,
     "expire": _EXPIRE,
@@ -662,7 +687,7 @@ class RedisStore:
             except (RedisError, OSError, TimeoutError) as e:
                 raise self._fault(e) from None
         if int(confirmed) < self.min_replicas:
-            raise StoreError(
+            raise Unconfirmed(
                 f"jobs store {self._where}: {int(confirmed)} of {self.min_replicas} replicas "
                 f"confirmed the write within {self.replica_timeout:g} s "
                 "(jobs.redis_min_replicas)"
@@ -717,6 +742,13 @@ class RedisStore:
         out: a failover then cannot hand the job out again as queued (a second send)."""
         try:
             done = bool(await self._replicated("mark_running", job_id, _num(now)))
+        except Unconfirmed:
+            # Not sent, though the master has it `running`: back in line now. Should that
+            # fail too, the take-over settles it after the visibility timeout.
+            self._held.pop(job_id, None)
+            with contextlib.suppress(StoreError):
+                await self._run("unmark", job_id, _num(now), _UNCONFIRMED)
+            raise
         except StoreError:
             # Not sent: let go (as in finish), taken over after the visibility timeout.
             self._held.pop(job_id, None)

@@ -377,3 +377,30 @@ async def test_a_job_taken_over_while_in_this_replicas_hands_is_not_handed_to_it
         assert await store.mark_running(job.id, time.time())
     finally:
         await store.close()
+
+
+async def test_a_running_mark_no_replica_confirms_puts_the_unsent_job_back_in_line(
+    server: RedisServer,
+) -> None:
+    """With jobs.redis_min_replicas, a mark the replicas do not confirm stops the send,
+    but the master has the job `running`: left so, the take-over ended a POST that never
+    went out `outcome_unknown` (an operator's `jobs retry` to get it sent at all)."""
+    plain = await opened(server, visibility=0.3)
+    lonely = RedisStore(
+        server.url, NAME, 1000, visibility_timeout=0.3, min_replicas=1, replica_timeout=0.1
+    )
+    await lonely.open()
+    try:
+        await plain.submit(new(1, "POST"))
+        [job] = await lonely.due(time.time(), 10)
+        with pytest.raises(StoreError, match="0 of 1 replicas confirmed"):
+            await lonely.mark_running(job.id, time.time())
+        assert lonely.held() == {}
+        after = await plain.get(job.id)
+        assert after is not None and after.state is State.QUEUED and after.attempts == 0
+        # Back in line at once for any replica, not after the visibility timeout.
+        assert [j.id for j in await plain.due(time.time(), 10)] == [job.id]
+        assert await plain.mark_running(job.id, time.time())
+    finally:
+        await lonely.close()
+        await plain.close()
