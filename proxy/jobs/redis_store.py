@@ -566,7 +566,10 @@ class RedisStore:
             for secret in (target.password, target.sentinel_password):
                 if secret:
                     self._secrets |= {secret, quote(secret, safe="")}
-        self._client: Any = client if client is not None else connect(url, op_timeout=OP_TIMEOUT)
+        # A call with WAIT may take the replica timeout on top: the socket must not give
+        # up first (a cut-short WAIT reads as a lost connection, not as not confirmed).
+        op_timeout = OP_TIMEOUT + (replica_timeout if min_replicas else 0.0)
+        self._client: Any = client if client is not None else connect(url, op_timeout=op_timeout)
         self._scripts = {
             name: self._client.register_script(_PRELUDE + s) for name, s in _SCRIPTS.items()
         }

@@ -404,3 +404,20 @@ async def test_a_running_mark_no_replica_confirms_puts_the_unsent_job_back_in_li
     finally:
         await lonely.close()
         await plain.close()
+
+
+async def test_a_replica_timeout_longer_than_a_calls_timeout_is_waited_for_whole(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jobs.redis_replica_timeout past the store's per-call socket timeout: the socket gave
+    up first, so WAIT was cut short (the key silently capped) and the shortfall came back
+    as a lost connection instead of as not confirmed."""
+    # The call timeout made short, so the test need not wait the real one out.
+    monkeypatch.setattr("proxy.jobs.redis_store.OP_TIMEOUT", 0.2)
+    lonely = RedisStore(server.url, NAME, 1000, min_replicas=1, replica_timeout=0.6)
+    await lonely.open()
+    try:
+        with pytest.raises(StoreError, match=r"0 of 1 replicas confirmed the write within 0\.6 s"):
+            await lonely.submit(new(1, "POST"))
+    finally:
+        await lonely.close()
