@@ -624,7 +624,7 @@ class RedisStore:
             if not held:
                 continue
             try:
-                lost = await self._run("heartbeat", *self._pairs(held))
+                lost = await self._run("heartbeat", *self._pairs(held), gated=False)
             except StoreError as e:
                 log.error("jobs_store_failed", operation="heartbeat", error=str(e))
                 continue
@@ -646,9 +646,11 @@ class RedisStore:
             why = why.replace(secret, "***")
         return StoreError(f"jobs store {self._where}: {why}")
 
-    async def _run(self, script: str, *args: Any) -> Any:
+    async def _run(self, script: str, *args: Any, gated: bool = True) -> Any:
+        """`gated=False`: not queued behind the other calls for a slot (the heartbeat: held
+        back by a burst of slow submissions, it would let a live replica's jobs go)."""
         argv = [self._prefix, GROUP, self.consumer, *args]
-        async with self._calls:
+        async with self._calls if gated else contextlib.nullcontext():
             try:
                 try:
                     return await self._scripts[script](keys=[self._stream], args=argv)

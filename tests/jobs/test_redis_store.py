@@ -16,7 +16,7 @@ from test_store import jid, new
 
 from proxy.jobs.errors import StoreError
 from proxy.jobs.model import State
-from proxy.jobs.redis_store import RedisStore
+from proxy.jobs.redis_store import MAX_CALLS, RedisStore
 from tests.redis_server import RedisServer, cluster_node, create_cluster
 
 NAME = "test"
@@ -421,3 +421,54 @@ async def test_a_replica_timeout_longer_than_a_calls_timeout_is_waited_for_whole
             await lonely.submit(new(1, "POST"))
     finally:
         await lonely.close()
+
+
+async def test_the_heartbeat_does_not_wait_behind_a_burst_of_slow_calls(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The heartbeat queued for the store's call slots behind every submission: with the
+    replicas lagging (each call then takes jobs.redis_replica_timeout), a burst of
+    submissions held it back past the visibility timeout, and another replica took over
+    a job this live one was sending (a POST ended `outcome_unknown`, a GET sent twice)."""
+    visibility = 1.5
+    busy = RedisStore(
+        server.url, NAME, 1000, visibility_timeout=visibility, min_replicas=1, replica_timeout=1.0
+    )
+    await busy.open()
+    other = await opened(server, visibility=visibility)
+    replica = durable_redis(tmp_path / "replica")
+    master = redis.asyncio.Redis(port=server.port)
+    rc = redis.asyncio.Redis(port=replica.port)
+    try:
+        await rc.replicaof("127.0.0.1", server.port)
+        deadline = time.monotonic() + 20
+        while (await rc.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            await asyncio.sleep(0.05)
+        await busy.submit(new(1, "POST"))
+        [job] = await busy.due(time.time(), 10)
+        assert await busy.mark_running(job.id, time.time())
+        # The replica gone: from now on every replicated call waits the replica timeout.
+        await rc.replicaof("NO", "ONE")
+        while (await master.info("replication")).get("connected_slaves") != 0:
+            assert time.monotonic() < deadline, "the master still counts the replica"
+            await asyncio.sleep(0.05)
+        # Five rounds of every call slot, one replica timeout each: past three visibility
+        # timeouts in all.
+        burst = [
+            asyncio.ensure_future(busy.submit(new(100 + i, "POST"))) for i in range(5 * MAX_CALLS)
+        ]
+        while not all(f.done() for f in burst):
+            assert await other.reclaim(time.time()) == (0, [])
+            await asyncio.sleep(0.1)
+        results = await asyncio.gather(*burst, return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results)
+        still = await other.get(job.id)
+        assert still is not None and still.state is State.RUNNING
+        assert await busy.finish(job.id, State.SUCCEEDED, time.time(), status=200)
+    finally:
+        await rc.aclose()
+        await master.aclose()
+        await busy.close()
+        await other.close()
+        replica.stop()
