@@ -204,8 +204,9 @@ enqueue(id)
 return {1, view(id, {})}
 """
 
-# ARGV: now, count. Due delayed jobs into the stream, then new entries for this replica:
-# {entry id, job with its request and callback} for each job it now holds.
+# ARGV: now, count, ids in the runner's hands. Due delayed jobs into the stream, then new
+# entries for this replica: {entry id, job with its request and callback} for each job it
+# now holds.
 _TAKE = f"""
 local now = ARGV[4]
 local ready = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', now, 'LIMIT', 0,
@@ -214,6 +215,8 @@ for _, id in ipairs(ready) do
   redis.call('ZREM', P .. ':delayed', id)
   if redis.call('HGET', jk(id), 'state') == 'queued' then enqueue(id) end
 end
+local skip = {{}}
+for i = 6, #ARGV do skip[ARGV[i]] = true end
 local out = {{}}
 local got = redis.call('XREADGROUP', 'GROUP', GROUP, ME, 'COUNT', ARGV[5],
                        'STREAMS', STREAM, '>')
@@ -222,8 +225,16 @@ for _, entry in ipairs(got[1][2]) do
   local e, id = entry[1], entry[2][2]
   local k = jk(id)
   if redis.call('HGET', k, 'state') == 'queued' and redis.call('HGET', k, 'entry') == e then
-    redis.call('HSET', k, 'holder', ME)
-    out[#out + 1] = {{e, view(id, {{request = true, callback = true}})}}
+    if skip[id] then
+      -- Taken over while still in this replica's hands (its heartbeat lost), and read
+      -- back here: held, its older copy's mark would pass too and it would go out twice.
+      -- Back in line instead; that copy finds it no longer held and leaves it.
+      unentry(id)
+      enqueue(id)
+    else
+      redis.call('HSET', k, 'holder', ME)
+      out[#out + 1] = {{e, view(id, {{request = true, callback = true}})}}
+    end
   else
     drop(e)  -- the job moved on (cancelled, expired, purged) since it was put in line
   end
@@ -855,19 +866,18 @@ class RedisStore:
         """Jobs for this replica to run, oldest first: it holds them until it settles or
         re-queues them. The group never hands an entry out twice, but a job taken over
         (its heartbeat lost past the timeout) is put in line under a new entry and may
-        come back here while `skip` (the runner's hands) still has it: held under the
-        new entry, not returned, or two workers would send it."""
+        come back here while `skip` (the runner's hands) still has it: the script puts
+        such a one back in line rather than hand it to a second worker."""
         if limit <= 0:
             return []
-        reply = await self._run("take", _num(now), limit)
+        reply = await self._run("take", _num(now), limit, *skip)
         jobs = []
         for entry, values in reply:
             job = self._parse(values)
             if job is None:
                 continue  # reported; it stays with this replica until reclaimed
             self._held[job.id] = bytes(entry)
-            if job.id not in skip:
-                jobs.append(job)
+            jobs.append(job)
         return jobs
 
     async def next_due(self, skip: Sequence[str] = ()) -> float | None:

@@ -370,10 +370,14 @@ async def test_a_job_taken_over_while_in_this_replicas_hands_is_not_handed_to_it
             assert time.monotonic() < deadline, "the job was never taken over"
             await store.reclaim(time.time())
             await asyncio.sleep(0.05)
-        # Back in line, and this replica reads it again: held under its new entry (kept
-        # fresh from now on), not handed out a second time.
+        # Back in line, and this replica reads it again while its first copy is still in
+        # hand: not handed out a second time, but put back in line, so the first copy's
+        # mark fails (nothing is sent by it).
         assert await store.due(time.time(), 10, skip=(job.id,)) == []
-        assert store.held() == {job.id: await raw.hget(key, "entry")}
+        assert not await store.mark_running(job.id, time.time())
+        # Out of the runner's hands, it is taken once and sent once.
+        [again] = await store.due(time.time(), 10, skip=())
+        assert again.id == job.id and store.held() == {job.id: await raw.hget(key, "entry")}
         assert await store.mark_running(job.id, time.time())
     finally:
         await store.close()
