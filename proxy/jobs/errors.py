@@ -12,5 +12,10 @@ class StoreError(Exception):
     names the store's file and the fault, never a record's content."""
 
 
+class Unconfirmed(StoreError):
+    """Redis made the write, but fewer replicas than jobs.redis_min_replicas confirmed it
+    in time: it is on the master, and a failover may lose it."""
+
+
 class UnreadableRecord(Exception):
     """A stored record that cannot be opened: no key for it, tampered, or corrupt."""

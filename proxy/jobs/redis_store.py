@@ -44,7 +44,7 @@ from urllib.parse import quote
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from proxy.jobs.errors import StoreError
+from proxy.jobs.errors import StoreError, Unconfirmed
 from proxy.jobs.model import TERMINAL, Job, State
 from proxy.jobs.store import PURGE_SLICE, NewJob, Stats, Submitted
 from proxy.pipeline.retry import IDEMPOTENT
@@ -86,6 +86,12 @@ _BLOBS = ("request", "response", "callback")
 _UNKNOWN_AFTER_CRASH = (
     "the replica running this request stopped while it was in flight; it may or may not "
     "have been carried out, so it is not sent again (luxsci-proxy jobs retry sends it again)"
+)
+
+
+_UNCONFIRMED = (
+    "not sent: too few Redis replicas confirmed it was running (jobs.redis_min_replicas); "
+    "it goes again"
 )
 
 
@@ -198,8 +204,9 @@ enqueue(id)
 return {1, view(id, {})}
 """
 
-# ARGV: now, count. Due delayed jobs into the stream, then new entries for this replica:
-# {entry id, job with its request and callback} for each job it now holds.
+# ARGV: now, count, ids in the runner's hands. Due delayed jobs into the stream, then new
+# entries for this replica: {entry id, job with its request and callback} for each job it
+# now holds.
 _TAKE = f"""
 local now = ARGV[4]
 local ready = redis.call('ZRANGEBYSCORE', P .. ':delayed', '-inf', now, 'LIMIT', 0,
@@ -208,6 +215,8 @@ for _, id in ipairs(ready) do
   redis.call('ZREM', P .. ':delayed', id)
   if redis.call('HGET', jk(id), 'state') == 'queued' then enqueue(id) end
 end
+local skip = {{}}
+for i = 6, #ARGV do skip[ARGV[i]] = true end
 local out = {{}}
 local got = redis.call('XREADGROUP', 'GROUP', GROUP, ME, 'COUNT', ARGV[5],
                        'STREAMS', STREAM, '>')
@@ -216,8 +225,16 @@ for _, entry in ipairs(got[1][2]) do
   local e, id = entry[1], entry[2][2]
   local k = jk(id)
   if redis.call('HGET', k, 'state') == 'queued' and redis.call('HGET', k, 'entry') == e then
-    redis.call('HSET', k, 'holder', ME)
-    out[#out + 1] = {{e, view(id, {{request = true, callback = true}})}}
+    if skip[id] then
+      -- Taken over while still in this replica's hands (its heartbeat lost), and read
+      -- back here: held, its older copy's mark would pass too and it would go out twice.
+      -- Back in line instead; that copy finds it no longer held and leaves it.
+      unentry(id)
+      enqueue(id)
+    else
+      redis.call('HSET', k, 'holder', ME)
+      out[#out + 1] = {{e, view(id, {{request = true, callback = true}})}}
+    end
   else
     drop(e)  -- the job moved on (cancelled, expired, purged) since it was put in line
   end
@@ -310,6 +327,24 @@ end
 restate(id, 'running')
 redis.call('HINCRBY', k, 'attempts', 1)
 redis.call('HSET', k, 'next_attempt_at', ARGV[5])
+return 1
+"""
+
+# ARGV: id, now, error. A running mark the replicas did not confirm: the request was not
+# sent, so the job goes back in line (as not attempted) rather than waiting, `running`,
+# for the take-over, which would end a POST `outcome_unknown`.
+_UNMARK = """
+local id = ARGV[4]
+local k = jk(id)
+if redis.call('HGET', k, 'state') ~= 'running' or redis.call('HGET', k, 'holder') ~= ME then
+  return 0
+end
+restate(id, 'queued')
+redis.call('HINCRBY', k, 'attempts', -1)
+unentry(id)
+redis.call('HSET', k, 'next_attempt_at', ARGV[5])
+put(k, 'last_error', ARGV[6])
+redis.call('ZADD', P .. ':delayed', ARGV[5], id)
 return 1
 """
 
@@ -450,6 +485,7 @@ _SCRIPTS = {
     "heartbeat": _HEARTBEAT,
     "release": _RELEASE,
     "mark_running": _MARK_RUNNING,
+    "unmark": _UNMARK,
     "finish": _FINISH,
     "requeue": _REQUEUE,
     "expire": _EXPIRE,
@@ -541,7 +577,10 @@ class RedisStore:
             for secret in (target.password, target.sentinel_password):
                 if secret:
                     self._secrets |= {secret, quote(secret, safe="")}
-        self._client: Any = client if client is not None else connect(url, op_timeout=OP_TIMEOUT)
+        # A call with WAIT may take the replica timeout on top: the socket must not give
+        # up first (a cut-short WAIT reads as a lost connection, not as not confirmed).
+        op_timeout = OP_TIMEOUT + (replica_timeout if min_replicas else 0.0)
+        self._client: Any = client if client is not None else connect(url, op_timeout=op_timeout)
         self._scripts = {
             name: self._client.register_script(_PRELUDE + s) for name, s in _SCRIPTS.items()
         }
@@ -596,12 +635,15 @@ class RedisStore:
             if not held:
                 continue
             try:
-                lost = await self._run("heartbeat", *self._pairs(held))
+                lost = await self._run("heartbeat", *self._pairs(held), gated=False)
             except StoreError as e:
                 log.error("jobs_store_failed", operation="heartbeat", error=str(e))
                 continue
             for raw in lost:
-                self._held.pop(bytes(raw).decode(), None)
+                job_id = bytes(raw).decode()
+                # Only the entry asked about: `due` may have taken it again meanwhile.
+                if self._held.get(job_id) == held.get(job_id):
+                    self._held.pop(job_id, None)
 
     @staticmethod
     def _pairs(held: dict[str, bytes]) -> list[Any]:
@@ -615,9 +657,11 @@ class RedisStore:
             why = why.replace(secret, "***")
         return StoreError(f"jobs store {self._where}: {why}")
 
-    async def _run(self, script: str, *args: Any) -> Any:
+    async def _run(self, script: str, *args: Any, gated: bool = True) -> Any:
+        """`gated=False`: not queued behind the other calls for a slot (the heartbeat: held
+        back by a burst of slow submissions, it would let a live replica's jobs go)."""
         argv = [self._prefix, GROUP, self.consumer, *args]
-        async with self._calls:
+        async with self._calls if gated else contextlib.nullcontext():
             try:
                 try:
                     return await self._scripts[script](keys=[self._stream], args=argv)
@@ -659,7 +703,7 @@ class RedisStore:
             except (RedisError, OSError, TimeoutError) as e:
                 raise self._fault(e) from None
         if int(confirmed) < self.min_replicas:
-            raise StoreError(
+            raise Unconfirmed(
                 f"jobs store {self._where}: {int(confirmed)} of {self.min_replicas} replicas "
                 f"confirmed the write within {self.replica_timeout:g} s "
                 "(jobs.redis_min_replicas)"
@@ -714,6 +758,13 @@ class RedisStore:
         out: a failover then cannot hand the job out again as queued (a second send)."""
         try:
             done = bool(await self._replicated("mark_running", job_id, _num(now)))
+        except Unconfirmed:
+            # Not sent, though the master has it `running`: back in line now. Should that
+            # fail too, the take-over settles it after the visibility timeout.
+            self._held.pop(job_id, None)
+            with contextlib.suppress(StoreError):
+                await self._run("unmark", job_id, _num(now), _UNCONFIRMED)
+            raise
         except StoreError:
             # Not sent: let go (as in finish), taken over after the visibility timeout.
             self._held.pop(job_id, None)
@@ -813,10 +864,13 @@ class RedisStore:
 
     async def due(self, now: float, limit: int, skip: Sequence[str] = ()) -> list[Job]:
         """Jobs for this replica to run, oldest first: it holds them until it settles or
-        re-queues them (`skip` is moot: the group never hands an entry out twice)."""
+        re-queues them. The group never hands an entry out twice, but a job taken over
+        (its heartbeat lost past the timeout) is put in line under a new entry and may
+        come back here while `skip` (the runner's hands) still has it: the script puts
+        such a one back in line rather than hand it to a second worker."""
         if limit <= 0:
             return []
-        reply = await self._run("take", _num(now), limit)
+        reply = await self._run("take", _num(now), limit, *skip)
         jobs = []
         for entry, values in reply:
             job = self._parse(values)

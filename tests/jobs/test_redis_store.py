@@ -16,7 +16,7 @@ from test_store import jid, new
 
 from proxy.jobs.errors import StoreError
 from proxy.jobs.model import State
-from proxy.jobs.redis_store import RedisStore
+from proxy.jobs.redis_store import MAX_CALLS, RedisStore
 from tests.redis_server import RedisServer, cluster_node, create_cluster
 
 NAME = "test"
@@ -349,3 +349,130 @@ async def test_min_replicas_refuses_a_submission_no_replica_confirms(
             replica.stop()
     finally:
         await lonely.close()
+
+
+async def test_a_job_taken_over_while_in_this_replicas_hands_is_not_handed_to_it_twice(
+    server: RedisServer, raw: redis.asyncio.Redis
+) -> None:
+    """The heartbeat lost past the visibility timeout (Redis away that long) while a job
+    waits in this replica's queue: the take-over puts it back in line, and this replica may
+    read it again. The runner passes the jobs in its hands as `skip`; returning one of them
+    again made two workers send it (both marks pass: the holder is this replica)."""
+    # No heartbeat: as if every one had failed while Redis was away.
+    store = await opened(server, visibility=0.3, runner=False)
+    try:
+        await store.submit(new(1, "POST"))
+        [job] = await store.due(time.time(), 10)
+        key = f"{{luxsci-proxy:jobs:{NAME}}}:job:{job.id}"
+        first = await raw.hget(key, "entry")
+        deadline = time.monotonic() + 20
+        while await raw.hget(key, "entry") == first:
+            assert time.monotonic() < deadline, "the job was never taken over"
+            await store.reclaim(time.time())
+            await asyncio.sleep(0.05)
+        # Back in line, and this replica reads it again while its first copy is still in
+        # hand: not handed out a second time, but put back in line, so the first copy's
+        # mark fails (nothing is sent by it).
+        assert await store.due(time.time(), 10, skip=(job.id,)) == []
+        assert not await store.mark_running(job.id, time.time())
+        # Out of the runner's hands, it is taken once and sent once.
+        [again] = await store.due(time.time(), 10, skip=())
+        assert again.id == job.id and store.held() == {job.id: await raw.hget(key, "entry")}
+        assert await store.mark_running(job.id, time.time())
+    finally:
+        await store.close()
+
+
+async def test_a_running_mark_no_replica_confirms_puts_the_unsent_job_back_in_line(
+    server: RedisServer,
+) -> None:
+    """With jobs.redis_min_replicas, a mark the replicas do not confirm stops the send,
+    but the master has the job `running`: left so, the take-over ended a POST that never
+    went out `outcome_unknown` (an operator's `jobs retry` to get it sent at all)."""
+    plain = await opened(server, visibility=0.3)
+    lonely = RedisStore(
+        server.url, NAME, 1000, visibility_timeout=0.3, min_replicas=1, replica_timeout=0.1
+    )
+    await lonely.open()
+    try:
+        await plain.submit(new(1, "POST"))
+        [job] = await lonely.due(time.time(), 10)
+        with pytest.raises(StoreError, match="0 of 1 replicas confirmed"):
+            await lonely.mark_running(job.id, time.time())
+        assert lonely.held() == {}
+        after = await plain.get(job.id)
+        assert after is not None and after.state is State.QUEUED and after.attempts == 0
+        # Back in line at once for any replica, not after the visibility timeout.
+        assert [j.id for j in await plain.due(time.time(), 10)] == [job.id]
+        assert await plain.mark_running(job.id, time.time())
+    finally:
+        await lonely.close()
+        await plain.close()
+
+
+async def test_a_replica_timeout_longer_than_a_calls_timeout_is_waited_for_whole(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jobs.redis_replica_timeout past the store's per-call socket timeout: the socket gave
+    up first, so WAIT was cut short (the key silently capped) and the shortfall came back
+    as a lost connection instead of as not confirmed."""
+    # The call timeout made short, so the test need not wait the real one out.
+    monkeypatch.setattr("proxy.jobs.redis_store.OP_TIMEOUT", 0.2)
+    lonely = RedisStore(server.url, NAME, 1000, min_replicas=1, replica_timeout=0.6)
+    await lonely.open()
+    try:
+        with pytest.raises(StoreError, match=r"0 of 1 replicas confirmed the write within 0\.6 s"):
+            await lonely.submit(new(1, "POST"))
+    finally:
+        await lonely.close()
+
+
+async def test_the_heartbeat_does_not_wait_behind_a_burst_of_slow_calls(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The heartbeat queued for the store's call slots behind every submission: with the
+    replicas lagging (each call then takes jobs.redis_replica_timeout), a burst of
+    submissions held it back past the visibility timeout, and another replica took over
+    a job this live one was sending (a POST ended `outcome_unknown`, a GET sent twice)."""
+    visibility = 1.5
+    busy = RedisStore(
+        server.url, NAME, 1000, visibility_timeout=visibility, min_replicas=1, replica_timeout=1.0
+    )
+    await busy.open()
+    other = await opened(server, visibility=visibility)
+    replica = durable_redis(tmp_path / "replica")
+    master = redis.asyncio.Redis(port=server.port)
+    rc = redis.asyncio.Redis(port=replica.port)
+    try:
+        await rc.replicaof("127.0.0.1", server.port)
+        deadline = time.monotonic() + 20
+        while (await rc.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            await asyncio.sleep(0.05)
+        await busy.submit(new(1, "POST"))
+        [job] = await busy.due(time.time(), 10)
+        assert await busy.mark_running(job.id, time.time())
+        # The replica gone: from now on every replicated call waits the replica timeout.
+        await rc.replicaof("NO", "ONE")
+        while (await master.info("replication")).get("connected_slaves") != 0:
+            assert time.monotonic() < deadline, "the master still counts the replica"
+            await asyncio.sleep(0.05)
+        # Five rounds of every call slot, one replica timeout each: past three visibility
+        # timeouts in all.
+        burst = [
+            asyncio.ensure_future(busy.submit(new(100 + i, "POST"))) for i in range(5 * MAX_CALLS)
+        ]
+        while not all(f.done() for f in burst):
+            assert await other.reclaim(time.time()) == (0, [])
+            await asyncio.sleep(0.1)
+        results = await asyncio.gather(*burst, return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results)
+        still = await other.get(job.id)
+        assert still is not None and still.state is State.RUNNING
+        assert await busy.finish(job.id, State.SUCCEEDED, time.time(), status=200)
+    finally:
+        await rc.aclose()
+        await master.aclose()
+        await busy.close()
+        await other.close()
+        replica.stop()
