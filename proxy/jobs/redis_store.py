@@ -242,11 +242,12 @@ end
 return out
 """
 
-# ARGV: now, idle ms, count. Entries idle past the visibility timeout: their replica is
-# gone. Returns {re-queued running jobs, {ids ended outcome_unknown}, entries looked at}.
+# ARGV: now, idle ms, count, cursor. Entries idle past the visibility timeout: their
+# replica is gone. Returns {re-queued running jobs, {ids ended outcome_unknown}, the next
+# cursor ('0-0': the whole pending list was scanned)}.
 _RECLAIM = f"""
 local now = ARGV[4]
-local got = redis.call('XAUTOCLAIM', STREAM, GROUP, ME, ARGV[5], '0-0', 'COUNT', ARGV[6])
+local got = redis.call('XAUTOCLAIM', STREAM, GROUP, ME, ARGV[5], ARGV[7], 'COUNT', ARGV[6])
 local requeued, unknown = 0, {{}}
 for _, entry in ipairs(got[2]) do
   -- Redis 6.2 lists an entry deleted meanwhile as nil: nothing to take over.
@@ -279,7 +280,7 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', STREAM, GROUP)) do
     redis.call('XGROUP', 'DELCONSUMER', STREAM, GROUP, info['name'])
   end
 end
-return {{requeued, unknown, #got[2]}}
+return {{requeued, unknown, got[1]}}
 """
 
 # ARGV: (id, entry) pairs this replica holds. Keeps them fresh; returns those it lost.
@@ -818,11 +819,17 @@ class RedisStore:
         requeued = 0
         unknown: list[str] = []
         idle_ms = int(self.visibility_timeout * 1000)
+        # XAUTOCLAIM looks at a bounded stretch of the pending list per call and says where
+        # to go on: followed to the end, idle entries behind many fresh ones are found too.
+        cursor = "0-0"
         while True:
-            count, ids, seen = await self._run("reclaim", _num(now), idle_ms, RECLAIM_SLICE)
+            count, ids, after = await self._run(
+                "reclaim", _num(now), idle_ms, RECLAIM_SLICE, cursor
+            )
             requeued += int(count)
             unknown += [bytes(i).decode() for i in ids]
-            if int(seen) < RECLAIM_SLICE:
+            cursor = bytes(after).decode()
+            if cursor == "0-0":
                 return requeued, unknown
 
     async def expire(self, now: float) -> int:

@@ -16,7 +16,7 @@ from test_store import jid, new
 
 from proxy.jobs.errors import StoreError
 from proxy.jobs.model import State
-from proxy.jobs.redis_store import MAX_CALLS, RedisStore
+from proxy.jobs.redis_store import MAX_CALLS, RECLAIM_SLICE, RedisStore
 from tests.redis_server import RedisServer, cluster_node, create_cluster
 
 NAME = "test"
@@ -91,6 +91,43 @@ async def test_a_dead_replicas_jobs_are_taken_over_by_the_idempotency_rule(
             await other.reclaim(time.time())
             await asyncio.sleep(0.05)
         assert other.consumer in await consumers(other)
+    finally:
+        await dead.close()
+        await other.close()
+
+
+async def test_an_idle_entry_behind_more_fresh_ones_than_one_scan_looks_at_is_found(
+    server: RedisServer, raw: redis.asyncio.Redis
+) -> None:
+    # XAUTOCLAIM looks at ten times COUNT pending entries per call: an idle one behind more
+    # fresh ones than that is found only by following the cursor it returns.
+    fresh = RECLAIM_SLICE * 10 + 50
+    dead = RedisStore(server.url, NAME, 2 * fresh, runner=False)
+    await dead.open()
+    other = await opened(server, visibility=0.5)
+    try:
+        await asyncio.gather(*(dead.submit(new(i, "GET")) for i in range(fresh)))
+        await dead.submit(new(fresh, "POST"))
+        taken: list[str] = []
+        while len(taken) < fresh + 1:
+            got = await dead.due(time.time(), fresh + 1 - len(taken))
+            assert got, "jobs went missing"
+            taken += [j.id for j in got]
+        assert await dead.mark_running(jid(fresh), time.time())
+        stream, group = f"{{luxsci-proxy:jobs:{NAME}}}:stream", "runners"
+        pending = await raw.xpending_range(stream, group, "-", "+", fresh + 1)
+        last = pending[-1]["message_id"]
+        # Wait until the last entry is idle past the timeout, then keep every other fresh.
+        while True:
+            (entry,) = await raw.xpending_range(stream, group, last, last, 1)
+            if entry["time_since_delivered"] >= 600:
+                break
+            await asyncio.sleep(0.05)
+        await raw.xclaim(
+            stream, group, dead.consumer, 0, [p["message_id"] for p in pending[:-1]], justid=True
+        )
+        requeued, unknown = await other.reclaim(time.time())
+        assert (requeued, unknown) == (0, [jid(fresh)])
     finally:
         await dead.close()
         await other.close()
