@@ -832,6 +832,11 @@ class RedisStore:
             if cursor == "0-0":
                 return requeued, unknown
 
+    def let_go(self, job_id: str) -> None:
+        """A worker dropped the job (a bug): no longer kept fresh, so after the visibility
+        timeout a replica (this one too) takes it over by the crash rule."""
+        self._held.pop(job_id, None)
+
     async def expire(self, now: float) -> int:
         total = 0
         while (n := int(await self._run("expire", _num(now)))) > 0:

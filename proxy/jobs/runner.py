@@ -247,9 +247,12 @@ class Runner:
             try:
                 await self._run(job)
             except Exception:
-                # A bug: the job keeps whatever state the store has (a `running` one is
-                # settled at the next start); the worker carries on.
+                # A bug: the job keeps whatever state the store has, and the store lets
+                # it go to its crash rule (SQLite: at the next start; Redis: the take-over
+                # after the visibility timeout), rather than hold it while the process
+                # lives; the worker carries on.
                 log.exception("job_runner_error", job_id=job.id)
+                self.store.let_go(job.id)
             finally:
                 self._sending.discard(me)
                 self._claimed.discard(job.id)

@@ -38,6 +38,7 @@ from jobs_helpers import (
 )
 from structlog.testing import capture_logs
 
+import proxy.jobs.runner as runner_module
 from proxy.config import AccessRule, Secret
 from proxy.jobs.callbacks import verify
 from proxy.jobs.model import StoredRequest, aad
@@ -812,3 +813,37 @@ async def test_a_reload_keeps_the_jobs_section_and_says_it_needs_a_restart(
     assert service.cfg.jobs.max_age == 7 * 86400
     assert service.jobs is not None
     assert service.jobs.attempts.retries.max_attempts == 2  # retry settings apply to jobs too
+
+
+async def test_a_job_a_worker_drops_on_a_bug_is_taken_over_not_held_for_ever(
+    sandbox: SandboxServer,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On Redis a held job is kept fresh by the heartbeat: one a worker dropped on an
+    # unexpected error would stay `queued` in this replica's hands while it lives.
+    real = runner_module.Outbound
+    bugs = []
+
+    def buggy(*args: Any, **kwargs: Any) -> Any:
+        if not bugs:
+            bugs.append(1)
+            raise RuntimeError("a bug in the runner")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "Outbound", buggy)
+    server = durable_redis(tmp_path / "redis")
+    try:
+        jobs = {"store": server.url, "visibility_timeout": 0.5}
+        with capture_logs() as logs:
+            proxy = await jobs_proxy(make_proxy, sandbox.url, tmp_path, jobs=jobs)
+            _, _, body = await submit(http, proxy.url, "GET", USER_PATH)
+            done = await until_done(http, proxy.url, body["id"], within=30)
+        assert bugs == [1]
+        assert any(e["event"] == "job_runner_error" and e["job_id"] == body["id"] for e in logs)
+        # Taken over (it was never sent: back in line) and run once, after the bug.
+        assert (done["state"], done["response_status"]) == ("succeeded", 200)
+    finally:
+        server.stop()
