@@ -148,7 +148,8 @@ async def test_three_replicas_on_one_redis_one_killed_no_post_goes_twice(
     logged = [
         json.loads(line)
         for log in logs[1:]
-        for line in log.read_text().splitlines()
+        # The survivors still write: a last line without its newline is not whole yet.
+        for line in log.read_text().split("\n")[:-1]
         if line.startswith("{")
     ]
     named = {e["job_id"] for e in logged if e.get("event") == "job_outcome_unknown"}

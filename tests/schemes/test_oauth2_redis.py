@@ -132,7 +132,9 @@ shutdown_timeout: 5
         assert proc.wait(timeout=20) == 0
 
     def events(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        # Read while the process writes: a last line without its newline is not whole yet.
+        lines = self.log.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 @pytest.fixture
