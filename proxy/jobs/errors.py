@@ -14,7 +14,11 @@ class StoreError(Exception):
 
 class Unconfirmed(StoreError):
     """Redis made the write, but fewer replicas than jobs.redis_min_replicas confirmed it
-    in time: it is on the master, and a failover may lose it."""
+    in time: it is on the master, and a failover may lose it. `reply`: the script's."""
+
+    def __init__(self, message: str, reply: object = None) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 
 class UnreadableRecord(Exception):

@@ -415,6 +415,25 @@ end
 return n
 """
 
+# ARGV: id. A submission the replicas did not confirm (its client was answered 503):
+# gone again, unless a replica took it meanwhile (then it runs: the README's case).
+_WITHDRAW = """
+local id = ARGV[4]
+local k = jk(id)
+if redis.call('HGET', k, 'state') ~= 'queued' or redis.call('HGET', k, 'holder') ~= '' then
+  return 0
+end
+unentry(id)
+local idem, owner = redis.call('HGET', k, 'idem'), redis.call('HGET', k, 'owner')
+if idem and owner and redis.call('HGET', P .. ':idem', owner .. '\\n' .. idem) == id then
+  redis.call('HDEL', P .. ':idem', owner .. '\\n' .. idem)
+end
+redis.call('ZREM', P .. ':state:queued', id)
+for _, z in ipairs({'all', 'expiry', 'delayed'}) do redis.call('ZREM', P .. ':' .. z, id) end
+redis.call('DEL', k)
+return 1
+"""
+
 # ARGV: id, now.
 _CANCEL = """
 local id = ARGV[4]
@@ -481,6 +500,7 @@ return 1
 
 _SCRIPTS = {
     "submit": _SUBMIT,
+    "withdraw": _WITHDRAW,
     "take": _TAKE,
     "reclaim": _RECLAIM,
     "heartbeat": _HEARTBEAT,
@@ -707,7 +727,8 @@ class RedisStore:
             raise Unconfirmed(
                 f"jobs store {self._where}: {int(confirmed)} of {self.min_replicas} replicas "
                 f"confirmed the write within {self.replica_timeout:g} s "
-                "(jobs.redis_min_replicas)"
+                "(jobs.redis_min_replicas)",
+                reply,
             )
         return reply
 
@@ -730,7 +751,27 @@ class RedisStore:
     # -- submission -----------------------------------------------------------------------
 
     async def submit(self, new: NewJob) -> Submitted:
-        reply = await self._replicated(
+        try:
+            reply = await self._submit(new)
+        except Unconfirmed as e:
+            # The client is told 503: the job made here is withdrawn unless a replica has
+            # taken it meanwhile, so a retry without an Idempotency-Key does not make a
+            # second job beside one that runs (the README's "not confirmed" case).
+            if isinstance(e.reply, list) and e.reply and e.reply[0] == 1:
+                with contextlib.suppress(StoreError):
+                    await self._run("withdraw", new.id)
+            raise
+        if reply[0] == 2:
+            return Submitted(None, created=False, full=True)
+        job = self._parse(reply[1])
+        if job is None:
+            # The job an idempotency key names cannot be read (reported above): neither
+            # it nor a second job can be answered for; the gateway says unavailable.
+            raise StoreError(f"jobs store {self._where}: the job under this key is unreadable")
+        return Submitted(job, created=reply[0] == 1)
+
+    async def _submit(self, new: NewJob) -> Any:
+        return await self._replicated(
             "submit",
             new.id,
             new.owner,
@@ -743,14 +784,6 @@ class RedisStore:
             new.callback or b"",
             self.max_jobs,
         )
-        if reply[0] == 2:
-            return Submitted(None, created=False, full=True)
-        job = self._parse(reply[1])
-        if job is None:
-            # The job an idempotency key names cannot be read (reported above): neither
-            # it nor a second job can be answered for; the gateway says unavailable.
-            raise StoreError(f"jobs store {self._where}: the job under this key is unreadable")
-        return Submitted(job, created=reply[0] == 1)
 
     # -- the runner's transitions ---------------------------------------------------------
 

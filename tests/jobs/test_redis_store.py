@@ -366,7 +366,12 @@ async def test_min_replicas_refuses_a_submission_no_replica_confirms(
     await lonely.open()
     try:
         with pytest.raises(StoreError, match="0 of 1 replicas confirmed"):
-            await lonely.submit(new(1, "POST"))
+            await lonely.submit(new(1, "POST", idem="k1"))
+        # Answered 503, so withdrawn: no job runs beside the client's retry, and the key
+        # is free for it.
+        assert await lonely.get(jid(1)) is None
+        assert await lonely.list() == []
+        assert (await lonely.stats()).by_state.get("queued", 0) == 0
         replica = durable_redis(tmp_path / "replica")
         try:
             rc = redis.asyncio.Redis(port=replica.port)
@@ -378,9 +383,9 @@ async def test_min_replicas_refuses_a_submission_no_replica_confirms(
                     await asyncio.sleep(0.05)
             finally:
                 await rc.aclose()
-            submitted = await lonely.submit(new(2, "POST"))
+            submitted = await lonely.submit(new(2, "POST", idem="k1"))
             assert submitted.created and submitted.job is not None
-            assert jid(2) in [j.id for j in await lonely.due(time.time(), 10)]
+            assert [j.id for j in await lonely.due(time.time(), 10)] == [jid(2)]
             assert await lonely.mark_running(jid(2), time.time())
         finally:
             replica.stop()
