@@ -133,10 +133,14 @@ async def test_three_processes_share_one_limit_with_no_rejection_at_85_percent(
     per_window = served_per_window(sandbox, started)
     windows = sorted(per_window)
     assert all(per_window[w] <= LIMIT for w in windows)
-    # Full windows between the first and the last ran at >= 85% of the shared limit.
+    # Full windows between the first and the last ran at >= 85% of the shared limit. One
+    # may fall short when the machine stalls this process (it hosts the sandbox and the
+    # clients) for a window: seen once in a full CI run on 2 loaded cores, 15, 15, 15, 15,
+    # 1, 14. A limiter that underuses the budget falls short in every window.
     inner = windows[1:-1]
-    assert inner, per_window
-    assert all(per_window[w] >= 0.85 * LIMIT for w in inner), per_window
+    assert len(inner) >= 2, per_window
+    short = [w for w in inner if per_window[w] < 0.85 * LIMIT]
+    assert len(short) <= 1, per_window
 
 
 async def test_the_proxies_keep_answering_when_redis_dies_and_recover_when_it_returns(
