@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 
 # How many refused requests the page shows (the newest; older ones drop off).
 ERRORS_KEPT = 20
@@ -16,28 +17,17 @@ ERRORS_KEPT = 20
 PATH_SHOWN = 160
 
 
+@dataclass(frozen=True, slots=True)
 class RefusedRequest:
     """One answer the proxy made itself (an X-Proxy-Error), as the page shows it."""
 
-    __slots__ = ("client", "method", "path", "reason", "request_id", "status", "time")
-
-    def __init__(
-        self,
-        time: float,
-        status: int,
-        reason: str,
-        method: str,
-        path: str,
-        client: str | None,
-        request_id: str,
-    ) -> None:
-        self.time = time  # Unix time
-        self.status = status
-        self.reason = reason  # the X-Proxy-Error reason: a fixed word (proxy/errors.py)
-        self.method = method
-        self.path = path  # masked by the caller: no user login, no query string
-        self.client = client  # the configured client's name, once it was admitted
-        self.request_id = request_id
+    time: float  # Unix time
+    status: int
+    reason: str  # the X-Proxy-Error reason: a fixed word (proxy/errors.py)
+    method: str
+    path: str  # masked by the caller: no user login, no query string
+    client: str | None  # the configured client's name, once it was admitted
+    request_id: str
 
 
 class RecentErrors:
