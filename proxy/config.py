@@ -27,7 +27,7 @@ import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import SplitResult, unquote_plus, urlsplit
@@ -342,9 +342,6 @@ class JobsConfig:
     callback_max_attempts: int = 10
 
 
-# The sections each integration has its own of (`integrations:` entries); the others
-# (admin, logging, shutdown_timeout, event_loop) belong to the process.
-INTEGRATION_SECTIONS = ("listen", "upstream", "auth", "access", "limits", "queue", "retry", "jobs")
 # The one integration of a config without `integrations:`.
 DEFAULT_INTEGRATION = "default"
 _INTEGRATION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -363,6 +360,11 @@ class IntegrationConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+
+
+# The sections each integration has its own of (`integrations:` entries); the others
+# (admin, logging, shutdown_timeout, event_loop) belong to the process.
+INTEGRATION_SECTIONS = tuple(f.name for f in fields(IntegrationConfig) if f.name != "name")
 
 
 @dataclass(frozen=True)
