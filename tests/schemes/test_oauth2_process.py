@@ -6,6 +6,7 @@ the real log output of full debug-level runs holds no token and no secret.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -20,8 +21,10 @@ CLIENT_SECRET = "proc-client-secret-Xy7Wq"
 STATE_KEY = "Y2hhbmdlLW1lLXRoaXMtaXMtYS10ZXN0LWtleS0zMmI="  # 32 bytes, base64
 
 
-@pytest.fixture
-def oauth_sandbox() -> Iterator[str]:
+@contextlib.contextmanager
+def oauth_sandbox_process(*options: str) -> Iterator[tuple[str, str]]:
+    """A real `luxsci-proxy sandbox --oauth` on a free port, with this module's client:
+    its URL and the line it printed when listening. Stopped (SIGTERM) on leaving."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -34,19 +37,27 @@ def oauth_sandbox() -> Iterator[str]:
             CLIENT_ID,
             "--client-secret",
             CLIENT_SECRET,
+            *options,
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
         env=env_with(),
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "sandbox (OAuth 2.0) listening on" in line and "/oauth/token" in line, line
-    assert CLIENT_SECRET not in line
-    yield f"http://127.0.0.1:{port}"
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=10)
+    try:
+        assert proc.stdout is not None
+        yield f"http://127.0.0.1:{port}", proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def oauth_sandbox() -> Iterator[str]:
+    with oauth_sandbox_process() as (url, line):
+        assert "sandbox (OAuth 2.0) listening on" in line and "/oauth/token" in line, line
+        assert CLIENT_SECRET not in line
+        yield url
 
 
 def _ready(url: str) -> bool:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from redis_server import INSTALL_HINT, RedisServer, redis_server_binary
 from test_cli import PROXY, curl, env_with, free_port, wait_until
-from test_oauth2_process import CLIENT_ID, CLIENT_SECRET, STATE_KEY
+from test_oauth2_process import CLIENT_ID, CLIENT_SECRET, STATE_KEY, oauth_sandbox_process
 
 from proxy.schemes.oauth2_shared import SharedRecord, SharedTokens
 from proxy.schemes.oauth2_state import parse_keys
@@ -43,35 +43,11 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def oauth_sandbox() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            *PROXY,
-            "sandbox",
-            "--oauth",
-            "--port",
-            str(port),
-            "--client-id",
-            CLIENT_ID,
-            "--client-secret",
-            CLIENT_SECRET,
-            "--user-per-window",
-            "1000000",
-            "--account-per-window",
-            "1000000",
-            "--per-day",
-            "10000000",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env_with(),
-    )
-    assert proc.stdout is not None
-    assert "listening on" in proc.stdout.readline()
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.communicate(timeout=10)
+    # Budgets far above the load: these tests are about tokens, not rate limits.
+    budgets = ("--user-per-window", "1000000", "--account-per-window", "1000000")
+    with oauth_sandbox_process(*budgets, "--per-day", "10000000") as (url, line):
+        assert "listening on" in line
+        yield url
 
 
 class Replica:
